@@ -1,0 +1,112 @@
+"""Sample grids during training: fixed prompts and seeds, every N steps, rank zero only.
+
+Each grid is a PNG in ``<run>/samples/step_XXXXXX.png`` (one row per prompt, labelled) and is
+logged to W&B as an image. Only generated images are ever logged: real MIMIC-CXR images stay on
+the machine (the MIMIC data-use agreement).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def labelled_grid(images: torch.Tensor, prompts: Sequence[str], per_prompt: int, title: str = ""):
+    """A PIL image: one row of ``per_prompt`` images per prompt, the prompt written above each row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n, _, h, w = images.shape
+    rows = n // per_prompt
+    font = ImageFont.load_default()
+    label_h = 14
+    pad = 2
+    text_w = max(int(font.getlength(p)) for p in [title, *prompts]) + 2 * pad
+    width = max(per_prompt * (w + pad) + pad, text_w)
+    canvas = Image.new("RGB", (width, rows * (h + label_h + pad) + pad + (label_h if title else 0)), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    if title:
+        draw.text((pad, y), title, fill="black", font=font)
+        y += label_h
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
+    for r in range(rows):
+        draw.text((pad, y), prompts[r * per_prompt], fill="black", font=font)
+        y += label_h
+        for c in range(per_prompt):
+            canvas.paste(Image.fromarray(arr[r * per_prompt + c]), (pad + c * (w + pad), y))
+        y += h + pad
+    return canvas
+
+
+class SampleGrid(Callback):
+    """Generate a labelled grid for fixed prompts and seeds every ``every_n_steps`` steps.
+
+    Args:
+        prompts: the prompts, one grid row each (defaults: the paper's three prompts).
+        n_per_prompt: images per prompt (seeds ``seed .. seed+n-1``, the same every time).
+        every_n_steps: cadence in optimizer steps; a grid is also made when training ends.
+        steps, guidance: sampling settings.
+        seed: first seed.
+        dirpath: where PNGs go (default ``<run>/samples``, set by train.py).
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str] = (
+            "a photo of a lung xray",
+            "a photo of a lung xray with a visible pleural effusion",
+            "a photo in the style of a lung xray",
+        ),
+        n_per_prompt: int = 4,
+        every_n_steps: int = 100,
+        steps: int = 25,
+        guidance: float = 7.5,
+        seed: int = 0,
+        dirpath: Optional[str] = None,
+        on_train_end: bool = True,
+    ):
+        super().__init__()
+        if not prompts:
+            raise ValueError("SampleGrid needs at least one prompt")
+        self.prompts = list(prompts)
+        self.n_per_prompt = n_per_prompt
+        self.every_n_steps = every_n_steps
+        self.steps = steps
+        self.guidance = guidance
+        self.seed = seed
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.make_on_train_end = on_train_end
+        self._last_step = -1
+
+    def _dir(self, trainer: Trainer) -> Path:
+        return self.dirpath or Path(trainer.default_root_dir) / "samples"
+
+    @rank_zero_only
+    def make_grid(self, trainer: Trainer, pl_module: LightningModule) -> Optional[Path]:
+        step = trainer.global_step
+        if step == self._last_step:
+            return None
+        self._last_step = step
+        prompts = [p for p in self.prompts for _ in range(self.n_per_prompt)]
+        seeds = [self.seed + i for _ in self.prompts for i in range(self.n_per_prompt)]
+        images = pl_module.generate(prompts, seeds=seeds, steps=self.steps, guidance=self.guidance)
+        grid = labelled_grid(images, prompts, self.n_per_prompt, title=f"step {step}")
+        out = self._dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"step_{step:06d}.png"
+        grid.save(path)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[grid], step=step, caption=[" | ".join(self.prompts)])
+        return path
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.make_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.make_on_train_end:
+            self.make_grid(trainer, pl_module)

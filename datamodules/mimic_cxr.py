@@ -1,0 +1,538 @@
+"""MIMIC-CXR-JPG v2.0.0 image–prompt pairs for fine-tuning Stable Diffusion.
+
+Reads the real layout (REFERENCE §1)::
+
+    ROOT/mimic-cxr-2.0.0-metadata.csv.gz   dicom_id, subject_id, study_id, ..., ViewPosition, ...
+    ROOT/mimic-cxr-2.0.0-chexpert.csv.gz   subject_id, study_id, <14 CheXpert columns>
+    ROOT/mimic-cxr-2.0.0-split.csv.gz      dicom_id, study_id, subject_id, split
+    ROOT/files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg
+    REPORTS/files/pXX/pSUBJECT/sSTUDY.txt  (only for prompt_source="impression")
+
+Selection: frontal views (ViewPosition PA or AP), studies positive (1.0) for any of ``findings``
+(uncertain -1.0 handled by ``uncertain``), the official split, or an explicit list of dicom_ids.
+Images are converted to grayscale, resized (shorter side) and centre-cropped once, cached as PNG,
+and served as 3-channel tensors in [-1, 1]. No horizontal flips unless asked: a flipped chest
+X-ray puts the heart on the wrong side.
+
+Batches are dicts ``{"pixel_values", "prompt", "labels", "dicom_id"}``; with prior preservation
+the training batch is ``{"instance": <batch>, "prior": <batch of class images>}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.reports import extract_impression, report_path
+from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
+
+METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
+CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv.gz"
+SPLIT_CSV = "mimic-cxr-2.0.0-split.csv.gz"
+CHEXPERT_CLASSES = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+)
+REQUIRED_COLUMNS = {
+    METADATA_CSV: ("dicom_id", "subject_id", "study_id", "ViewPosition"),
+    CHEXPERT_CSV: ("subject_id", "study_id") + CHEXPERT_CLASSES,
+    SPLIT_CSV: ("dicom_id", "study_id", "subject_id", "split"),
+}
+FRONTAL_VIEWS = ("PA", "AP")
+SPLITS = ("train", "validate", "test")
+# The paper's prompts (section 2.1 / Table 4); other findings get "... with <finding>".
+DEFAULT_TEMPLATES = {
+    "No Finding": "a photo of a lung xray",
+    "Pleural Effusion": "a photo of a lung xray with a visible pleural effusion",
+    "Cardiomegaly": "a photo of a lung xray with cardiomegaly",
+}
+
+
+class MIMICDataError(ValueError):
+    """The MIMIC-CXR folder or one of its files is not as expected."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CXR_DIFFUSION_CACHE", Path.home() / ".cache" / "cxr-diffusion"))
+
+
+def image_path(root: Path, subject_id: int, study_id: int, dicom_id: str) -> Path:
+    sid = str(int(subject_id))
+    return Path(root) / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{int(study_id)}" / f"{dicom_id}.jpg"
+
+
+def read_csv_checked(root: Path, name: str) -> pd.DataFrame:
+    path = Path(root) / name
+    if not path.exists():
+        raise MIMICDataError(
+            f"{path}: file not found. A MIMIC-CXR-JPG v2.0.0 root holds {METADATA_CSV}, {CHEXPERT_CSV}, "
+            f"{SPLIT_CSV} and files/ (https://physionet.org/content/mimic-cxr-jpg/2.0.0/, credentialed access)."
+        )
+    try:
+        df = pd.read_csv(path, dtype={"dicom_id": str})
+    except Exception as err:  # pandas raises many types for a broken file
+        raise MIMICDataError(f"{path}: cannot be read as a CSV ({err})") from None
+    missing = [c for c in REQUIRED_COLUMNS[name] if c not in df.columns]
+    if missing:
+        raise MIMICDataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    for col in ("subject_id", "study_id"):
+        bad = pd.to_numeric(df[col], errors="coerce").isna()
+        if bad.any():
+            raise MIMICDataError(f"{path}: column {col!r} has non-integer values, e.g. {df.loc[bad, col].iloc[0]!r}")
+        df[col] = df[col].astype("int64")
+    if name == CHEXPERT_CSV:
+        for col in CHEXPERT_CLASSES:
+            values = pd.to_numeric(df[col], errors="coerce")
+            bad = ~(values.isna() | values.isin([1.0, 0.0, -1.0])) | (values.isna() & df[col].notna())
+            if bad.any():
+                raise MIMICDataError(
+                    f"{path}: column {col!r} has value {df.loc[bad, col].iloc[0]!r}; expected 1.0, 0.0, -1.0 or empty"
+                )
+            df[col] = values
+    if name == SPLIT_CSV:
+        bad = ~df["split"].isin(SPLITS)
+        if bad.any():
+            raise MIMICDataError(f"{path}: column 'split' has value {df.loc[bad, 'split'].iloc[0]!r}; expected one of {SPLITS}")
+    return df
+
+
+def load_grayscale(path: Path, size: int) -> np.ndarray:
+    """Decode ``path`` to uint8 grayscale, resize the shorter side to ``size`` and centre-crop.
+
+    8-bit L/RGB are converted; 16-bit images are scaled to 8 bits; RGBA is composited on black.
+    Raises ``OSError``/``ValueError`` naming the path when the file cannot be decoded.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("L", (size * 2, size * 2))  # decode big JPEGs at a reduced scale: much faster
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+            elif img.mode in ("RGBA", "LA", "PA"):
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, img.convert("RGBA")).convert("L")
+            elif img.mode != "L":
+                img = img.convert("L")
+            w, h = img.size
+            scale = size / min(w, h)
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
+            w, h = img.size
+            left, top_ = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top_, left + size, top_ + size))
+            return np.asarray(img, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise OSError(f"{path}: cannot read image ({err})") from None
+
+
+@dataclass
+class PriorPreservation:
+    """DreamBooth-style prior preservation: class images from the frozen base model.
+
+    Args:
+        class_prompt: the prompt the base model generates class images from (our choice for the
+            paper's runs; the paper does not give it).
+        num_class_images: how many class images to generate once, before training.
+        class_images_dir: where they are cached; default ``<cache>/class_images/<hash>``.
+        steps, guidance_scale, scheduler: sampling settings for generating them.
+    """
+
+    class_prompt: str = "a photo of a chest xray"
+    num_class_images: int = 100
+    class_images_dir: Optional[str] = None
+    steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "pndm"
+
+
+@dataclass
+class ClassImageRequest:
+    """What the model must generate for prior preservation (filled by the datamodule)."""
+
+    directory: Path
+    prompt: str
+    count: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    resolution: int
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"class_{index:05d}.png"
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.count) if not self.path(i).exists()]
+
+    def seed(self, index: int) -> int:
+        return 10_000 + index
+
+
+class CXRImageDataset(Dataset):
+    """Cached grayscale images as 3-channel tensors in [-1, 1] with their prompts and labels."""
+
+    def __init__(self, records: pd.DataFrame, cache_dir: Path, hflip_probability: float = 0.0, seed: int = 0):
+        self.records = records.reset_index(drop=True)
+        self.cache_dir = Path(cache_dir)
+        self.hflip_probability = hflip_probability
+        self.seed = seed
+        self.labels = torch.tensor(self.records[list(CHEXPERT_CLASSES)].fillna(0.0).to_numpy(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, i = divmod(int(index), len(self.records))
+        row = self.records.iloc[i]
+        with Image.open(self.cache_dir / f"{row.dicom_id}.png") as img:
+            arr = np.array(img, dtype=np.uint8)
+        x = torch.from_numpy(arr).float().div(127.5).sub(1.0)
+        if self.hflip_probability > 0 and random.Random(hash((self.seed, epoch, i))).random() < self.hflip_probability:
+            x = x.flip(-1)
+        return {
+            "pixel_values": x.unsqueeze(0).expand(3, -1, -1).contiguous(),
+            "prompt": row.prompt,
+            "labels": self.labels[i],
+            "dicom_id": row.dicom_id,
+        }
+
+
+class ClassImageDataset(Dataset):
+    def __init__(self, request: ClassImageRequest):
+        self.request = request
+
+    def __len__(self) -> int:
+        return self.request.count
+
+    def __getitem__(self, index: int) -> dict:
+        i = int(index) % self.request.count
+        path = self.request.path(i)
+        arr = load_grayscale(path, self.request.resolution)
+        x = torch.from_numpy(arr).float().div(127.5).sub(1.0)
+        return {
+            "pixel_values": x.unsqueeze(0).expand(3, -1, -1).contiguous(),
+            "prompt": self.request.prompt,
+            "labels": torch.zeros(len(CHEXPERT_CLASSES)),
+            "dicom_id": path.stem,
+        }
+
+
+class MIMICCXRDataModule(LightningDataModule):
+    """MIMIC-CXR-JPG image–prompt pairs.
+
+    Args:
+        root: MIMIC-CXR-JPG v2.0.0 root (holds the three ``.csv.gz`` files and ``files/``).
+        findings: CheXpert classes to select; an image is used if its study is positive for any.
+        uncertain: how an uncertain (-1.0) label of a selected finding counts: ``exclude`` (the image
+            is not used at all), ``positive`` (it counts as that finding) or ``negative`` (it counts
+            as absent, so the image may still be selected for another finding).
+        dicom_ids: an explicit list of training images (e.g. the paper's hand-picked 5 + 5); they
+            must be frontal; the split is then not used for training.
+        prompt_source: ``template`` (``prompt_templates[finding]``) or ``impression`` (the report's
+            impression section; prompts longer than the text encoder's window are counted and
+            warned about by the model).
+        prompt_templates: finding -> prompt. An image takes the template of the first finding in
+            ``findings`` it is positive for.
+        reports_root: folder holding ``files/pXX/pSUBJECT/sSTUDY.txt`` (default: ``root``).
+        resolution: square training size; images are resized on the shorter side and centre-cropped.
+        hflip_probability: horizontal flip probability (default 0: flips put the heart on the right).
+        on_bad_image: ``fail`` (raise, naming the file) or ``skip`` (warn with the count and paths).
+        max_train_images, max_val_images: cap the sets (a seeded random subset).
+        train_images_per_finding: a seeded random sample of this many training images per finding
+            (e.g. 5, like the paper's 5 + 5, when no explicit ``dicom_ids`` are given).
+        cache_dir: where resized images go (default ``$CXR_DIFFUSION_CACHE`` or ``~/.cache/cxr-diffusion``).
+        prior_preservation: generate class images with the base model and serve them beside each batch.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        findings: list[str] = ["No Finding"],
+        uncertain: Literal["exclude", "positive", "negative"] = "exclude",
+        dicom_ids: Optional[list[str]] = None,
+        train_split: str = "train",
+        val_split: str = "validate",
+        prompt_source: Literal["template", "impression"] = "template",
+        prompt_templates: dict[str, str] = DEFAULT_TEMPLATES,
+        reports_root: Optional[str] = None,
+        resolution: int = 512,
+        batch_size: int = 1,
+        val_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        hflip_probability: float = 0.0,
+        on_bad_image: Literal["fail", "skip"] = "fail",
+        max_train_images: Optional[int] = None,
+        max_val_images: Optional[int] = None,
+        train_images_per_finding: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        prior_preservation: Optional[PriorPreservation] = None,
+    ):
+        super().__init__()
+        unknown = [f for f in findings if f not in CHEXPERT_CLASSES]
+        if unknown:
+            raise ValueError(f"findings: unknown CheXpert class(es) {unknown}; expected some of {list(CHEXPERT_CLASSES)}")
+        for split in (train_split, val_split):
+            if split not in SPLITS:
+                raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        if prompt_source == "template":
+            no_template = [f for f in findings if f not in prompt_templates]
+            if no_template:
+                raise ValueError(f"prompt_templates has no prompt for finding(s) {no_template}")
+        self.root = Path(root).expanduser()
+        self.findings = list(findings)
+        self.uncertain = uncertain
+        self.dicom_ids = list(dicom_ids) if dicom_ids else None
+        self.train_split, self.val_split = train_split, val_split
+        self.prompt_source = prompt_source
+        self.prompt_templates = dict(prompt_templates)
+        self.reports_root = Path(reports_root).expanduser() if reports_root else self.root
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.seed = seed
+        self.hflip_probability = hflip_probability
+        self.on_bad_image = on_bad_image
+        self.max_train_images, self.max_val_images = max_train_images, max_val_images
+        self.train_images_per_finding = train_images_per_finding
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.prior_preservation = prior_preservation
+        self.train_records: Optional[pd.DataFrame] = None
+        self.val_records: Optional[pd.DataFrame] = None
+
+    # ------------------------------------------------------------------ records
+    @property
+    def image_cache_dir(self) -> Path:
+        key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
+        return self.cache_root / "images" / f"{key}-{self.resolution}px-centercrop"
+
+    def _ensure_data(self) -> None:
+        """Hook for subclasses that create their data on first use."""
+
+    def _selected_positive(self, df: pd.DataFrame, finding: str) -> pd.Series:
+        value = df[finding]
+        if self.uncertain == "positive":
+            return value.isin([1.0, -1.0])
+        return value == 1.0
+
+    def build_records(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Training and validation records: one row per frontal image with its prompt and labels."""
+        self._ensure_data()
+        if not self.root.is_dir():
+            raise MIMICDataError(
+                f"{self.root}: MIMIC-CXR-JPG root not found. Download MIMIC-CXR-JPG v2.0.0 "
+                "(https://physionet.org/content/mimic-cxr-jpg/2.0.0/, credentialed access) or use the phantom demo data."
+            )
+        meta = read_csv_checked(self.root, METADATA_CSV)
+        labels = read_csv_checked(self.root, CHEXPERT_CSV)
+        split = read_csv_checked(self.root, SPLIT_CSV)
+        df = meta[meta["ViewPosition"].isin(FRONTAL_VIEWS)][["dicom_id", "subject_id", "study_id", "ViewPosition"]]
+        df = df.merge(labels, on=["subject_id", "study_id"], how="inner")
+        df = df.merge(split[["dicom_id", "split"]], on="dicom_id", how="left")
+        df["finding"] = None
+        for finding in reversed(self.findings):  # the first listed finding wins
+            df.loc[self._selected_positive(df, finding), "finding"] = finding
+        if self.uncertain == "exclude":
+            # an image uncertain for any selected finding is neither positive nor a clean negative
+            df.loc[(df[self.findings] == -1.0).any(axis=1), "finding"] = None
+        if self.dicom_ids:
+            frontal_ids = set(meta.loc[meta["ViewPosition"].isin(FRONTAL_VIEWS), "dicom_id"])
+            missing = [d for d in self.dicom_ids if d not in set(meta["dicom_id"])]
+            if missing:
+                raise MIMICDataError(f"dicom_ids: {missing} not in {self.root / METADATA_CSV}")
+            lateral = [d for d in self.dicom_ids if d not in frontal_ids]
+            if lateral:
+                raise MIMICDataError(f"dicom_ids: {lateral} are not frontal (ViewPosition PA/AP)")
+            train = df[df["dicom_id"].isin(self.dicom_ids)].copy()
+            unlabeled = train[train["finding"].isna()]["dicom_id"].tolist()
+            if unlabeled:
+                raise MIMICDataError(f"dicom_ids: {unlabeled} are not positive for any of {self.findings}")
+            val = df[(df["split"] == self.val_split) & df["finding"].notna() & ~df["dicom_id"].isin(self.dicom_ids)].copy()
+        else:
+            selected = df[df["finding"].notna()]
+            train = selected[selected["split"] == self.train_split].copy()
+            if self.train_images_per_finding is not None:
+                train = pd.concat(
+                    [self._cap(part, self.train_images_per_finding) for _, part in train.groupby("finding", sort=True)]
+                )
+            val = selected[selected["split"] == self.val_split].copy()
+        train = self._cap(train, self.max_train_images)
+        val = self._cap(val, self.max_val_images)
+        if len(train) == 0:
+            raise MIMICDataError(
+                f"{self.root}: no frontal {self.train_split!r} images positive for {self.findings} (uncertain={self.uncertain})"
+            )
+        for part in (train, val):
+            part["prompt"] = self._prompts(part)
+        return train.reset_index(drop=True), val.reset_index(drop=True)
+
+    def _cap(self, df: pd.DataFrame, n: Optional[int]) -> pd.DataFrame:
+        df = df.sort_values("dicom_id")
+        if n is not None and len(df) > n:
+            df = df.sample(n=n, random_state=self.seed).sort_values("dicom_id")
+        return df
+
+    def _prompts(self, df: pd.DataFrame) -> list[str]:
+        if self.prompt_source == "template":
+            return [self.prompt_templates[f] for f in df["finding"]]
+        prompts = []
+        for row in df.itertuples():
+            path = report_path(self.reports_root, row.subject_id, row.study_id)
+            if not path.exists():
+                raise MIMICDataError(f"{path}: report not found (prompt_source='impression'; set reports_root)")
+            _, text = extract_impression(path.read_text(encoding="utf-8", errors="replace"))
+            if not text:
+                raise MIMICDataError(f"{path}: no impression, findings or last paragraph to use as the prompt")
+            prompts.append(text)
+        return prompts
+
+    # ------------------------------------------------------------------ cache
+    def _build_cache(self, records: pd.DataFrame) -> list[str]:
+        """Resize each image once into the cache; returns the paths that could not be read."""
+        out = self.image_cache_dir
+        out.mkdir(parents=True, exist_ok=True)
+        todo = [r for r in records.itertuples() if not (out / f"{r.dicom_id}.png").exists()]
+        bad: list[str] = []
+        if todo:
+            from tqdm.auto import tqdm
+
+            for r in tqdm(todo, desc=f"caching {len(todo)} images at {self.resolution}px", disable=len(todo) < 50):
+                path = image_path(self.root, r.subject_id, r.study_id, r.dicom_id)
+                try:
+                    arr = load_grayscale(path, self.resolution)
+                except OSError as err:
+                    if self.on_bad_image == "fail":
+                        raise MIMICDataError(f"{err}. Set on_bad_image: skip to leave such images out.") from None
+                    bad.append(str(path))
+                    continue
+                tmp = out / f".{r.dicom_id}.tmp.png"
+                Image.fromarray(arr, mode="L").save(tmp)
+                os.replace(tmp, out / f"{r.dicom_id}.png")
+        return bad
+
+    def prepare_data(self) -> None:
+        train, val = self.build_records()
+        bad = self._build_cache(pd.concat([train, val]))
+        if bad:
+            rank_zero_warn(f"skipped {len(bad)} unreadable image(s) (on_bad_image=skip): {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_records is not None:
+            return
+        train, val = self.build_records()
+        cache = self.image_cache_dir
+        cached = lambda df: df[[(cache / f"{d}.png").exists() for d in df["dicom_id"]]].reset_index(drop=True)
+        if any(not (cache / f"{d}.png").exists() for d in pd.concat([train, val])["dicom_id"]):
+            # prepare_data runs on one process per node; a process that did not run it (or a cache that
+            # was deleted) builds what is missing itself.
+            self._build_cache(pd.concat([train, val]))
+        self.train_records, self.val_records = cached(train), cached(val)
+        if len(self.train_records) == 0:
+            raise MIMICDataError(f"{self.root}: every selected training image was unreadable")
+        counts = self.train_records["finding"].value_counts().to_dict()
+        rank_zero_info(f"MIMIC-CXR: {len(self.train_records)} training images {counts}, {len(self.val_records)} validation images")
+
+    def train_prompts(self) -> list[str]:
+        self.setup()
+        prompts = list(self.train_records["prompt"])
+        if self.prior_preservation:
+            prompts.append(self.prior_preservation.class_prompt)
+        return prompts
+
+    # ------------------------------------------------------------------ prior preservation
+    def class_image_request(self) -> Optional[ClassImageRequest]:
+        p = self.prior_preservation
+        if p is None:
+            return None
+        directory = Path(p.class_images_dir).expanduser() if p.class_images_dir else None
+        if directory is None:
+            key = hashlib.sha1(json.dumps([p.class_prompt, p.steps, p.guidance_scale, p.scheduler, self.resolution]).encode()).hexdigest()[:12]
+            directory = self.cache_root / "class_images" / key
+        return ClassImageRequest(directory, p.class_prompt, p.num_class_images, p.steps, p.guidance_scale, p.scheduler, self.resolution)
+
+    # ------------------------------------------------------------------ loaders
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self):
+        self.setup()
+        loaders = {
+            "instance": self._loader(
+                CXRImageDataset(self.train_records, self.image_cache_dir, self.hflip_probability, self.seed),
+                self.batch_size,
+                self.shuffle,
+                self.seed,
+            )
+        }
+        request = self.class_image_request()
+        if request is not None:
+            missing = request.missing()
+            if missing:
+                raise MIMICDataError(
+                    f"{request.directory}: {len(missing)} of {request.count} class images are missing; they are generated "
+                    "by the model at the start of fit (use a strategy module that supports prior preservation)"
+                )
+            loaders["prior"] = self._loader(ClassImageDataset(request), self.batch_size, self.shuffle, self.seed + 1)
+        lengths = [batches_per_epoch(len(dl.sampler), dl.batch_size) for dl in loaders.values()]
+        position = resume_position(self.trainer, lengths)
+        if position is not None:
+            epoch, pos = position
+            for dl, length in zip(loaders.values(), lengths):
+                dl.sampler.resume(epoch, (pos % length) * dl.batch_size)
+        if request is None:
+            return loaders["instance"]
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        self.setup()
+        if len(self.val_records) == 0:
+            return []
+        dataset = CXRImageDataset(self.val_records, self.image_cache_dir)
+        return self._loader(dataset, self.val_batch_size, shuffle=False, seed=self.seed)

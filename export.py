@@ -1,0 +1,30 @@
+"""Export a trained run: ``python export.py runs/<name> OUT_DIR [--ckpt last]``.
+
+U-Net runs export a diffusers ``StableDiffusionPipeline`` folder (safetensors) that plain
+``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` loads.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="a run folder written by train.py (runs/<name>)")
+    parser.add_argument("out_dir", help="folder to write the export to")
+    parser.add_argument("--ckpt", default="last", help="'last' or a checkpoint file name/path")
+    args = parser.parse_args(argv)
+
+    from lightning_modules.runs import RunLoadError, load_run
+
+    try:
+        module, path = load_run(args.run_dir, args.ckpt)
+    except RunLoadError as err:
+        sys.exit(f"export.py: error: {err}")
+    out = module.export(args.out_dir)
+    print(f"exported {path} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

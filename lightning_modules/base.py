@@ -1,0 +1,320 @@
+"""The training step every strategy shares, and the sampling contract.
+
+A strategy subclasses :class:`DiffusionModule` and says three things: what it trains
+(:meth:`configure_trainable`), how prompts become U-Net conditioning (:meth:`conditioning`), and
+how its result is exported (:meth:`export`). Everything else is here:
+
+* the step: images -> VAE latents -> noise at a random timestep -> U-Net -> MSE against ε (or v
+  when the scheduler predicts v), optionally Min-SNR weighted, with prior preservation when the
+  batch carries a ``"prior"`` half;
+* randomness that survives a resume: each step's noise, timesteps and latent samples come from a
+  generator seeded by ``(seed, rank, global batch index)``, so a resumed run draws exactly what an
+  uninterrupted run would have drawn;
+* checkpoints that hold only what was trained (the frozen parts are re-loaded from the spec);
+* mixed precision: frozen parts take the run's weight dtype, trainable parameters stay fp32;
+* ``generate(prompts, seed, steps, guidance)`` -> images in [0, 1], used by callbacks and studies.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_modules.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype
+
+
+def step_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integer keys (order matters, no collisions between key tuples)."""
+    seed = int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+class TrainedStateMismatch(RuntimeError):
+    """A checkpoint does not hold the parameters this configuration trains."""
+
+
+class DiffusionModule(LightningModule):
+    """Shared training logic. Subclasses: UNetFineTuning, TextualInversion, TextualProjection.
+
+    Args:
+        model: which Stable Diffusion to start from (hub id, folder or preset).
+        learning_rate: peak learning rate of AdamW.
+        adam_betas, adam_epsilon, weight_decay: AdamW settings.
+        lr_scheduler: a diffusers schedule name (constant, constant_with_warmup, linear, cosine, ...).
+        lr_warmup_steps: linear warm-up steps.
+        snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023); None = plain MSE. Applied per
+            sample, to the instance and the prior half alike.
+        prior_loss_weight: weight of the prior-preservation term (used when batches carry one).
+        seed: seed of the per-step noise.
+        keep_vae_fp32: keep the VAE in fp32 under 16-bit mixed precision (fp16 VAEs can overflow).
+        sample_scheduler: sampler for ``generate`` (ddim, pndm, euler, dpm).
+    """
+
+    def __init__(
+        self,
+        model: StableDiffusionSpec = StableDiffusionSpec(),
+        learning_rate: float = 5e-6,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_epsilon: float = 1e-8,
+        weight_decay: float = 1e-2,
+        lr_scheduler: str = "constant_with_warmup",
+        lr_warmup_steps: int = 0,
+        snr_gamma: Optional[float] = None,
+        prior_loss_weight: float = 1.0,
+        seed: int = 0,
+        keep_vae_fp32: bool = False,
+        sample_scheduler: Literal["ddim", "pndm", "euler", "dpm"] = "ddim",
+    ):
+        super().__init__()
+        self.spec = model if isinstance(model, StableDiffusionSpec) else StableDiffusionSpec(**dict(model))
+        # hyperparameters stay plain data so checkpoints load with weights_only=True
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["model"] = dict(vars(self.spec))
+        self.sd = load_stable_diffusion(self.spec)
+        self.configure_trainable()
+        # Checkpoints hold only the trained parameters, so loading is not strict; completeness of
+        # the trained part is checked in on_load_checkpoint instead.
+        self.strict_loading = False
+        self._warned_long_prompts = False
+
+    # ------------------------------------------------------------------ what a strategy defines
+    def configure_trainable(self) -> None:
+        raise NotImplementedError
+
+    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """U-Net conditioning ``[B, 77, D]`` for training prompts (gradients flow if trained)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Conditioning for generation (no gradients)."""
+        return self.conditioning(prompts)
+
+    def export(self, out_dir: str | Path) -> Path:
+        raise NotImplementedError(f"{type(self).__name__} does not implement export yet")
+
+    # ------------------------------------------------------------------ trained state
+    def trained_state_keys(self) -> list[str]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return [k for k in self.state_dict(keep_vars=True) if k in names]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = set(self.trained_state_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["trained_keys"] = sorted(keep)
+        checkpoint["stable_diffusion_spec"] = dict(vars(self.spec))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = set(self.trained_state_keys())
+        found = set(checkpoint.get("trained_keys", checkpoint["state_dict"].keys()))
+        if expected != found:
+            missing, extra = sorted(expected - found), sorted(found - expected)
+            raise TrainedStateMismatch(
+                "the checkpoint does not match what this configuration trains "
+                f"({len(missing)} trained tensors missing from it, e.g. {missing[:3]}; {len(extra)} unexpected, e.g. {extra[:3]}). "
+                "Resume with the configuration the run was started with, or start a new run."
+            )
+
+    # ------------------------------------------------------------------ precision and setup
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        return precision_to_dtype(self.trainer.precision) if self._trainer is not None else torch.float32
+
+    def setup(self, stage: str) -> None:
+        self.sd.set_frozen_dtype(self.frozen_dtype, keep_vae_fp32=self.hparams.keep_vae_fp32)
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "train_prompts"):
+            self._warn_long_prompts(datamodule.train_prompts())
+        if datamodule is not None and hasattr(datamodule, "class_image_request"):
+            request = datamodule.class_image_request()
+            if request is not None:
+                self.generate_class_images(request)
+
+    def _warn_long_prompts(self, prompts: Sequence[str]) -> None:
+        unique = sorted(set(prompts))
+        too_long = {p for p in unique if self.sd.count_too_long([p])}
+        if too_long:
+            n = sum(p in too_long for p in prompts)
+            example = next(iter(too_long))
+            rank_zero_warn(
+                f"{n} of {len(prompts)} training prompts ({len(too_long)} distinct) are longer than the text encoder's "
+                f"{self.sd.max_token_length} tokens and will be truncated, e.g. {example[:120]!r}"
+            )
+
+    def generate_class_images(self, request) -> None:
+        """Generate the missing class images, each rank its own share, then wait for all."""
+        missing = request.missing()
+        if missing and self.trainer.ckpt_path:
+            raise FileNotFoundError(
+                f"{request.directory}: {len(missing)} class images are missing while resuming; they must come from the "
+                "base model, which the resumed weights no longer are. Restore the folder or start a new run."
+            )
+        if missing:
+            from PIL import Image
+            from tqdm.auto import tqdm
+
+            request.directory.mkdir(parents=True, exist_ok=True)
+            mine = missing[self.global_rank :: self.trainer.world_size]
+            rank_zero_info(f"generating {len(missing)} class images for prior preservation into {request.directory}")
+            batch = 4
+            for start in tqdm(range(0, len(mine), batch), desc="class images", disable=self.global_rank != 0):
+                indices = mine[start : start + batch]
+                images = self.generate(
+                    [request.prompt] * len(indices),
+                    seeds=[request.seed(i) for i in indices],
+                    steps=request.steps,
+                    guidance=request.guidance_scale,
+                    scheduler=request.scheduler,
+                    height=request.resolution,
+                    width=request.resolution,
+                )
+                for i, img in zip(indices, images):
+                    arr = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+                    tmp = request.directory / f".class_{i:05d}.tmp.png"
+                    Image.fromarray(arr).save(tmp)
+                    tmp.replace(request.path(i))
+            if self.global_rank == 0:
+                (request.directory / "CLASS_IMAGES.json").write_text(
+                    json.dumps({"prompt": request.prompt, "count": request.count, "model": self.spec.cache_key(), "steps": request.steps}, indent=1)
+                )
+        self.trainer.strategy.barrier("class_images")
+
+    # ------------------------------------------------------------------ the step
+    def _split_batch(self, batch: dict) -> tuple[torch.Tensor, list[str], int]:
+        if "instance" in batch:
+            inst, prior = batch["instance"], batch.get("prior")
+        else:
+            inst, prior = batch, None
+        pixels, prompts = inst["pixel_values"], list(inst["prompt"])
+        n_instance = pixels.shape[0]
+        if prior is not None:
+            pixels = torch.cat([pixels, prior["pixel_values"].to(pixels)])
+            prompts += list(prior["prompt"])
+        return pixels, prompts, n_instance
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        pixels, prompts, n_instance = self._split_batch(batch)
+        sd = self.sd
+        latents = sd.encode_images(pixels, generator).float()
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        steps = sd.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = sd.noise_scheduler.add_noise(latents, noise, timesteps)
+        cond = self.conditioning(prompts)
+        pred = sd.unet(noisy, timesteps, cond.to(noisy.dtype) if cond.dtype != noisy.dtype else cond).sample
+        prediction_type = sd.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = sd.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r} (expected epsilon or v_prediction)")
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = torch.ones_like(per_sample)
+        if self.hparams.snr_gamma is not None:
+            weights = self._snr_weights(timesteps, prediction_type)
+        weighted = per_sample * weights
+        out = {"instance": weighted[:n_instance].mean(), "per_sample": per_sample.detach(), "weights": weights, "timesteps": timesteps}
+        if per_sample.shape[0] > n_instance:
+            out["prior"] = weighted[n_instance:].mean()
+            out["loss"] = out["instance"] + self.hparams.prior_loss_weight * out["prior"]
+        else:
+            out["loss"] = out["instance"]
+        return out
+
+    def _snr_weights(self, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        alphas = self.sd.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=float(self.hparams.snr_gamma))
+        return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        g = step_generator(self.hparams.seed, self.global_rank, self.trainer.fit_loop.total_batch_idx)
+        losses = self.diffusion_loss(batch, g)
+        bs = self._split_batch(batch)[2]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        if "prior" in losses:
+            self.log("train/instance_loss", losses["instance"], batch_size=bs)
+            self.log("train/prior_loss", losses["prior"], batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # the same noise every validation, so the curve compares like with like
+        g = step_generator(self.hparams.seed, 7_777, self.global_rank, batch_idx)
+        losses = self.diffusion_loss(batch, g)
+        self.log("val/loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=batch["pixel_values"].shape[0])
+        return losses["loss"]
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        from diffusers.optimization import get_scheduler
+
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
+        fused = all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=self.hparams.learning_rate,
+            betas=tuple(self.hparams.adam_betas),
+            eps=self.hparams.adam_epsilon,
+            weight_decay=self.hparams.weight_decay,
+            fused=fused or None,
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        scheduler = get_scheduler(
+            self.hparams.lr_scheduler, optimizer, num_warmup_steps=self.hparams.lr_warmup_steps, num_training_steps=total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling contract
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seed: int = 0,
+        steps: int = 25,
+        guidance: float = 7.5,
+        negative_prompt: str = "",
+        scheduler: Optional[str] = None,
+        seeds: Optional[Sequence[int]] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        batch_size: int = 8,
+    ) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [0, 1] (CPU, float32); image ``i`` uses seed ``seed + i``."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
+        dtype = self.frozen_dtype
+        out = []
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                cond = self.prompt_embeddings(chunk)
+                uncond = self.prompt_embeddings([negative_prompt] * len(chunk))
+                out.append(
+                    self.sd.sample(
+                        cond,
+                        uncond,
+                        seeds[start : start + batch_size],
+                        steps=steps,
+                        guidance=guidance,
+                        height=height,
+                        width=width,
+                        scheduler=scheduler or self.hparams.sample_scheduler,
+                    )
+                )
+        return torch.cat(out)

@@ -1,0 +1,129 @@
+"""train.py end to end: the demo run, its folder, resume, export, DDP and CLI errors (subprocesses)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from callbacks.loss_log import read_loss_log
+from conftest import PYTHON, REPO, demo_args, run_train
+
+
+def test_reference_run_leaves_a_complete_run_folder(reference_run):
+    ckpt = reference_run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    assert sorted(p.name for p in (reference_run / "samples").glob("*.png")) == ["step_000012.png", "step_000024.png"]
+    offline = list((reference_run / "wandb").glob("offline-run-*"))
+    run_id = (reference_run / "wandb_run_id.txt").read_text().strip()
+    assert len(offline) == 1 and offline[0].name.endswith(run_id)
+    config = yaml.safe_load((reference_run / "config.yaml").read_text())
+    assert config["model"]["class_path"] == "lightning_modules.unet.UNetFineTuning"
+    assert config["trainer"]["max_steps"] == 24
+    provenance = json.loads((reference_run / "provenance.json").read_text())
+    assert provenance[0]["packages"]["torch"] == torch.__version__.split("+")[0] or provenance[0]["packages"]["torch"]
+    assert "commit" in provenance[0]["git"] and provenance[0]["seed_everything"] == 0
+    assert "WANDB_API_KEY" not in (reference_run / "config.yaml").read_text()
+
+
+def test_loss_goes_down_on_phantoms(reference_run):
+    losses = read_loss_log(reference_run / "losses.csv")
+    assert sorted(losses) == list(range(24))
+    first, last = [losses[i] for i in range(5)], [losses[i] for i in range(19, 24)]
+    assert sum(last) / 5 < 0.8 * sum(first) / 5, (first, last)
+
+
+def test_checkpoint_holds_only_the_unet(reference_run):
+    checkpoint = torch.load(reference_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(k.startswith("sd.unet.") for k in keys)
+    assert checkpoint["global_step"] == 24 and checkpoint["optimizer_states"]
+
+
+@pytest.mark.parametrize("stop", [10, 13])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(reference_run, tmp_path, stop):
+    """Stop at a checkpoint step (10) or between two (13), resume with --ckpt_path last."""
+    common = demo_args(tmp_path, "--run_name", "resumed", "--trainer.callbacks=[]", "--wandb_mode", "disabled")
+    run_train(*common, "--trainer.max_steps", str(stop))
+    proc = run_train(*common, "--trainer.max_steps", "24", "--ckpt_path", "last")
+    assert "resuming" in proc.stdout
+    reference = read_loss_log(reference_run / "losses.csv")
+    resumed = read_loss_log(tmp_path / "runs" / "resumed" / "losses.csv")
+    assert resumed == reference  # exact float equality, every step
+    a = torch.load(reference_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "runs" / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path):
+    common = demo_args(tmp_path, "--run_name", "wb", "--trainer.callbacks=[]")
+    run_train(*common, "--trainer.max_steps", "3")
+    run_id = (tmp_path / "runs" / "wb" / "wandb_run_id.txt").read_text().strip()
+    run_train(*common, "--trainer.max_steps", "5", "--ckpt_path", "last")
+    runs = sorted((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path):
+    proc = run_train(*demo_args(tmp_path, "--run_name", "fresh", "--trainer.max_steps", "2", "--trainer.callbacks=[]",
+                                "--wandb_mode", "disabled", "--ckpt_path", "last"))
+    assert "no checkpoint in" in proc.stdout and "starting fresh" in proc.stdout
+    assert (tmp_path / "runs" / "fresh" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_existing_run_is_not_overwritten_by_accident(reference_run, tmp_path):
+    shutil.copytree(reference_run, tmp_path / "runs" / "ref")
+    proc = run_train(*demo_args(tmp_path, "--run_name", "ref", "--trainer.max_steps", "2"), check=False)
+    assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr and "--ckpt_path last" in proc.stderr
+
+
+def test_export_reloads_in_plain_diffusers_and_generates(reference_run, tmp_path):
+    out = tmp_path / "export"
+    subprocess.run([PYTHON, str(REPO / "export.py"), str(reference_run), str(out)], check=True, capture_output=True, cwd=REPO)
+    assert list((out / "unet").glob("*.safetensors")) and not list(out.rglob("*.bin"))
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    image = pipe("a photo of a lung xray", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    trained = torch.load(reference_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]["sd.unet.conv_in.weight"]
+    assert torch.equal(pipe.unet.conv_in.weight, trained)
+
+
+def test_export_of_a_run_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([PYTHON, str(REPO / "export.py"), str(tmp_path / "empty"), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "no checkpoint" in proc.stderr
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    run_train(*demo_args(tmp_path, "--run_name", "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                         "--trainer.max_steps", "4", "--trainer.callbacks=[]", "--wandb_mode", "disabled"))
+    run = tmp_path / "runs" / "ddp"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_unknown_config_key_fails_at_start(tmp_path):
+    proc = run_train(*demo_args(tmp_path, "--model.init_args.learning_rat", "0.1"), check=False)
+    assert proc.returncode != 0 and "learning_rat" in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_unknown_config_name_lists_the_known_ones(tmp_path):
+    proc = run_train("--config", "unet_priro", check=False)
+    assert proc.returncode != 0 and "unet_prior" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["unet_no_findings", "unet", "unet_prior", "demo"])
+def test_shipped_configs_validate(name):
+    proc = run_train("--config", name, "--print_config")
+    config = yaml.safe_load(proc.stdout)
+    assert config["model"]["class_path"] == "lightning_modules.unet.UNetFineTuning"
+    if name != "demo":
+        assert config["trainer"]["max_steps"] == 400
+        assert config["model"]["init_args"]["model"]["pretrained"] == "CompVis/stable-diffusion-v1-4"
