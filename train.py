@@ -151,6 +151,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                 FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_steps=cfg.checkpoint_every_n_steps),
                 LossLog(run_dir / "losses.csv"),
             ]
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from callbacks.progress import step_progress_bar
+
+            if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(step_progress_bar())
             config["default_root_dir"] = str(run_dir)
             config["logger"] = self._logger(run_dir)
             if config["logger"]:
@@ -179,6 +185,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # The frozen VAE/text encoder are kept in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning-internal deprecation noise, and a logging-interval warning that assumes epoch-based runs
+    # (logging here counts optimizer steps across epochs).
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
     cli = TrainCLI(
         DiffusionModule,
         None,
