@@ -14,7 +14,9 @@ Images are converted to grayscale, resized (shorter side) and centre-cropped onc
 and served as 3-channel tensors in [-1, 1]. No horizontal flips unless asked: a flipped chest
 X-ray puts the heart on the wrong side.
 
-Batches are dicts ``{"pixel_values", "prompt", "labels", "dicom_id"}``; with prior preservation
+Batches are dicts ``{"pixel_values", "prompt", "finding", "labels", "dicom_id"}`` (``finding``: the
+selected CheXpert class the image was chosen for; ``labels``: the 14 CheXpert values, 1 positive,
+0 negative or not mentioned, -1 uncertain); with prior preservation
 the training batch is ``{"instance": <batch>, "prior": <batch of class images>}``.
 """
 from __future__ import annotations
@@ -186,6 +188,7 @@ class ClassImageRequest:
     guidance_scale: float
     scheduler: str
     resolution: int
+    model_key: str = ""
 
     def path(self, index: int) -> Path:
         return self.directory / f"class_{index:05d}.png"
@@ -221,6 +224,7 @@ class CXRImageDataset(Dataset):
         return {
             "pixel_values": x.unsqueeze(0).expand(3, -1, -1).contiguous(),
             "prompt": row.prompt,
+            "finding": row.finding,
             "labels": self.labels[i],
             "dicom_id": row.dicom_id,
         }
@@ -241,6 +245,7 @@ class ClassImageDataset(Dataset):
         return {
             "pixel_values": x.unsqueeze(0).expand(3, -1, -1).contiguous(),
             "prompt": self.request.prompt,
+            "finding": "",
             "labels": torch.zeros(len(CHEXPERT_CLASSES)),
             "dicom_id": path.stem,
         }
@@ -472,15 +477,27 @@ class MIMICCXRDataModule(LightningDataModule):
         return prompts
 
     # ------------------------------------------------------------------ prior preservation
-    def class_image_request(self) -> Optional[ClassImageRequest]:
+    def class_image_request(self, model_key: Optional[str] = None) -> Optional[ClassImageRequest]:
+        """What the model must generate for prior preservation, or None without it.
+
+        ``model_key`` identifies the generating (base) model; the model passes it at the start of fit
+        and it becomes part of the default cache folder, so class images of one base model are never
+        served to a run of another.
+        """
         p = self.prior_preservation
         if p is None:
             return None
-        directory = Path(p.class_images_dir).expanduser() if p.class_images_dir else None
-        if directory is None:
-            key = hashlib.sha1(json.dumps([p.class_prompt, p.steps, p.guidance_scale, p.scheduler, self.resolution]).encode()).hexdigest()[:12]
-            directory = self.cache_root / "class_images" / key
-        return ClassImageRequest(directory, p.class_prompt, p.num_class_images, p.steps, p.guidance_scale, p.scheduler, self.resolution)
+        if model_key is not None:
+            self._class_model_key = model_key
+        model_key = getattr(self, "_class_model_key", None)
+        if model_key is None:
+            raise RuntimeError("class_image_request(): the generating model's key is not known yet (it is set at the start of fit)")
+        if p.class_images_dir:
+            directory = Path(p.class_images_dir).expanduser()
+        else:
+            parts = [model_key, p.class_prompt, p.steps, p.guidance_scale, p.scheduler, self.resolution]
+            directory = self.cache_root / "class_images" / hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
+        return ClassImageRequest(directory, p.class_prompt, p.num_class_images, p.steps, p.guidance_scale, p.scheduler, self.resolution, model_key)
 
     # ------------------------------------------------------------------ loaders
     def _rank_world(self) -> tuple[int, int]:
@@ -511,7 +528,7 @@ class MIMICCXRDataModule(LightningDataModule):
                 self.seed,
             )
         }
-        request = self.class_image_request()
+        request = self.class_image_request() if self.prior_preservation is not None else None
         if request is not None:
             missing = request.missing()
             if missing:

@@ -137,7 +137,7 @@ class DiffusionModule(LightningModule):
         if datamodule is not None and hasattr(datamodule, "train_prompts"):
             self._warn_long_prompts(datamodule.train_prompts())
         if datamodule is not None and hasattr(datamodule, "class_image_request"):
-            request = datamodule.class_image_request()
+            request = datamodule.class_image_request(self.spec.cache_key())
             if request is not None:
                 self.generate_class_images(request)
 
@@ -154,12 +154,19 @@ class DiffusionModule(LightningModule):
 
     def generate_class_images(self, request) -> None:
         """Generate the missing class images, each rank its own share, then wait for all."""
+        manifest_path = request.directory / "CLASS_IMAGES.json"
+        manifest = {"prompt": request.prompt, "model": request.model_key, "steps": request.steps,
+                    "guidance_scale": request.guidance_scale, "scheduler": request.scheduler, "resolution": request.resolution}
+        if manifest_path.exists():
+            found = json.loads(manifest_path.read_text())
+            changed = {k: (found.get(k), v) for k, v in manifest.items() if found.get(k) != v}
+            if changed:
+                raise ValueError(
+                    f"{request.directory}: these class images were made with other settings "
+                    f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in changed.items())}). "
+                    "Point class_images_dir elsewhere or delete the folder."
+                )
         missing = request.missing()
-        if missing and self.trainer.ckpt_path:
-            raise FileNotFoundError(
-                f"{request.directory}: {len(missing)} class images are missing while resuming; they must come from the "
-                "base model, which the resumed weights no longer are. Restore the folder or start a new run."
-            )
         if missing:
             from PIL import Image
             from tqdm.auto import tqdm
@@ -185,9 +192,7 @@ class DiffusionModule(LightningModule):
                     Image.fromarray(arr).save(tmp)
                     tmp.replace(request.path(i))
             if self.global_rank == 0:
-                (request.directory / "CLASS_IMAGES.json").write_text(
-                    json.dumps({"prompt": request.prompt, "count": request.count, "model": self.spec.cache_key(), "steps": request.steps}, indent=1)
-                )
+                manifest_path.write_text(json.dumps(manifest, indent=1))
         self.trainer.strategy.barrier("class_images")
 
     # ------------------------------------------------------------------ the step

@@ -116,3 +116,23 @@ def test_prior_preservation_generates_class_images_once(phantom_root, tmp_path):
     dm.train_records = None
     fit()
     assert [f.stat().st_mtime_ns for f in files] == mtimes, "class images must be reused, not regenerated"
+
+
+def test_class_images_of_another_base_model_are_refused(phantom_root, tmp_path):
+    prior = PriorPreservation(num_class_images=1, steps=1, class_images_dir=str(tmp_path / "class"))
+    dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding"], resolution=64, batch_size=1,
+                            cache_dir=str(tmp_path / "cache"), prior_preservation=prior)
+
+    def fit(spec):
+        trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(UNetFineTuning(model=spec), datamodule=dm)
+
+    fit(TINY)
+    with pytest.raises(ValueError, match=r"made with other settings \(model: 'tiny-random-seed0' there, 'tiny-random-seed1' now\)"):
+        fit(StableDiffusionSpec(pretrained="tiny-random", seed=1))
+
+
+def test_default_class_image_folder_depends_on_the_base_model(phantom_root, tmp_path):
+    dm = MIMICCXRDataModule(root=str(phantom_root), cache_dir=str(tmp_path), prior_preservation=PriorPreservation())
+    assert dm.class_image_request("model-a").directory != dm.class_image_request("model-b").directory
