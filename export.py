@@ -1,7 +1,8 @@
 """Export a trained run: ``python export.py runs/<name> OUT_DIR [--ckpt last]``.
 
 U-Net runs export a diffusers ``StableDiffusionPipeline`` folder (safetensors) that plain
-``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` loads.
+``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` loads; textual-inversion runs export
+``learned_embeds.safetensors`` for ``pipe.load_textual_inversion(OUT_DIR)``.
 """
 from __future__ import annotations
 
