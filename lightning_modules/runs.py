@@ -37,8 +37,11 @@ def load_checkpoint_file(path: Path) -> dict:
         raise RunLoadError(f"{path}: cannot be read as a checkpoint ({err})") from None
 
 
-def load_run(run_dir: str | Path, ckpt: Optional[str] = "last"):
-    """``(module, checkpoint_path)``: the run's model built from its saved config, with the trained weights."""
+def load_run(run_dir: str | Path, ckpt: Optional[str] = "last", trained: bool = True):
+    """``(module, checkpoint_path)``: the run's model built from its saved config, with the trained weights.
+
+    ``trained=False`` returns the same model before training (the base weights), for before/after comparisons.
+    """
     from jsonargparse import ArgumentParser
 
     from lightning_modules.base import DiffusionModule
@@ -53,6 +56,8 @@ def load_run(run_dir: str | Path, ckpt: Optional[str] = "last"):
     parser.add_subclass_arguments(DiffusionModule, "model", required=True)
     namespace = parser.parse_object({"model": config["model"]})
     module = parser.instantiate_classes(namespace).model
+    if not trained:
+        return module.eval(), path
     checkpoint = load_checkpoint_file(path)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)

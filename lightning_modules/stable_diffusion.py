@@ -6,6 +6,9 @@ A :class:`StableDiffusionSpec` names what to load: a diffusers model id or local
 * ``tiny-random`` — a seeded miniature built from constructor configs (U-Net ``(32, 64)``,
   VAE ``[32, 64]``, a 5-layer 32-wide CLIP text encoder) with the small CLIP tokenizer shipped in
   ``lightning_modules/assets``. It needs no download and draws noise: use it for plumbing and tests.
+* ``tiny-phantom`` — the same architecture with weights trained on chest X-ray phantoms, shipped in
+  ``lightning_modules/assets/tiny_phantom`` (built by ``tools/build_tiny_phantom.py``; see its
+  MODEL_CARD.md). It draws phantom chest X-rays but has never seen a finding named.
 
 :func:`load_stable_diffusion` turns a spec into a :class:`StableDiffusion` module that holds
 ``vae, text_encoder, unet`` (frozen unless a strategy says otherwise) plus ``tokenizer`` and the
@@ -25,7 +28,8 @@ from torch import nn
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS / "tiny_clip_tokenizer"
-PRESETS = ("tiny-random",)
+TINY_PHANTOM_DIR = ASSETS / "tiny_phantom"
+PRESETS = ("tiny-random", "tiny-phantom")
 DEFAULT_PRETRAINED = "CompVis/stable-diffusion-v1-4"
 
 # SD v1.4's scheduler/scheduler_config.json (REFERENCE §7); the presets use it too.
@@ -53,7 +57,7 @@ class StableDiffusionSpec:
             ``model_index.json`` pipeline, or a built-in preset (``tiny-random``).
         revision: git revision of a hub id (branch, tag or commit).
         local_files_only: never touch the network; read the Hugging Face cache only.
-        seed: seed of the ``tiny-random`` weights (ignored for pretrained weights).
+        seed: seed of the ``tiny-random`` weights (ignored otherwise).
     """
 
     pretrained: str = DEFAULT_PRETRAINED
@@ -67,8 +71,10 @@ class StableDiffusionSpec:
 
     def cache_key(self) -> str:
         """A short string identifying these weights (for cache keys and provenance)."""
-        if self.is_preset:
+        if self.pretrained == "tiny-random":
             return f"{self.pretrained}-seed{self.seed}"
+        if self.pretrained == "tiny-phantom":
+            return "tiny-phantom-v1"
         return f"{self.pretrained}@{self.revision or 'main'}"
 
 
@@ -335,6 +341,15 @@ def load_stable_diffusion(spec: StableDiffusionSpec | dict | str) -> StableDiffu
         spec = StableDiffusionSpec(**spec)
     if spec.pretrained == "tiny-random":
         return _build_tiny_random(spec)
+    if spec.pretrained == "tiny-phantom":
+        if not (TINY_PHANTOM_DIR / "model_index.json").is_file():
+            raise StableDiffusionLoadError(
+                f"{TINY_PHANTOM_DIR}: the tiny-phantom weights are missing from this checkout; rebuild them with "
+                "`python tools/build_tiny_phantom.py`"
+            )
+        sd = _load_pretrained(StableDiffusionSpec(pretrained=str(TINY_PHANTOM_DIR), local_files_only=True))
+        sd.spec = spec
+        return sd
     return _load_pretrained(spec)
 
 

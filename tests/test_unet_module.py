@@ -136,3 +136,18 @@ def test_class_images_of_another_base_model_are_refused(phantom_root, tmp_path):
 def test_default_class_image_folder_depends_on_the_base_model(phantom_root, tmp_path):
     dm = MIMICCXRDataModule(root=str(phantom_root), cache_dir=str(tmp_path), prior_preservation=PriorPreservation())
     assert dm.class_image_request("model-a").directory != dm.class_image_request("model-b").directory
+
+
+def test_loss_goes_down_on_phantoms(phantom_root, tmp_path):
+    """A few dozen steps of the randomly initialised tiny U-Net on phantoms: the loss must fall."""
+    from callbacks.loss_log import LossLog, read_loss_log
+
+    dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding", "Pleural Effusion"], resolution=64,
+                            batch_size=4, cache_dir=str(tmp_path / "cache"))
+    log = tmp_path / "losses.csv"
+    trainer = Trainer(accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[LossLog(log)])
+    trainer.fit(UNetFineTuning(model=TINY, learning_rate=1e-4, lr_warmup_steps=5), datamodule=dm)
+    losses = read_loss_log(log)
+    first, last = [losses[i] for i in range(5)], [losses[i] for i in range(25, 30)]
+    assert sum(last) < 0.8 * sum(first), (first, last)

@@ -1,0 +1,71 @@
+"""Does fine-tuning teach the model to draw the finding it is asked for? ``python tools/finding_correctness_demo.py runs/demo``.
+
+Generates images for "a photo of a lung xray" and "a photo of a lung xray with a visible pleural
+effusion" with the run's base model and with the fine-tuned run, on the same seeds, scores each
+image with the shipped phantom classifier (torchxrayvision interface) and prints, per model, the
+mean P(effusion) for each prompt, the AUROC separating the two prompts and the accuracy at the
+operating point. Writes ``finding_correctness.json`` and a before/after grid into the run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+NORMAL = "a photo of a lung xray"
+EFFUSION = "a photo of a lung xray with a visible pleural effusion"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--n", type=int, default=64, help="images per prompt and model")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--classifier", default="tiny-phantom")
+    parser.add_argument("--grid_columns", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    from callbacks.sample_grid import labelled_grid
+    from evaluation.classifiers import load_classifier
+    from evaluation.finding_correctness import finding_correctness
+    from lightning_modules.runs import RunLoadError, load_run
+
+    try:
+        tuned, ckpt = load_run(args.run_dir)
+        base, _ = load_run(args.run_dir, trained=False)
+    except RunLoadError as err:
+        sys.exit(f"finding_correctness_demo.py: error: {err}")
+    classifier = load_classifier(args.classifier)
+    seeds = [args.seed + i for i in range(args.n)]
+    results, rows, labels = {}, [], []
+    for name, module in (("base", base), ("fine-tuned", tuned)):
+        images = {p: module.generate([p] * args.n, seeds=seeds, steps=args.steps, guidance=args.guidance) for p in (NORMAL, EFFUSION)}
+        score = finding_correctness(classifier, images[EFFUSION], images[NORMAL], "Pleural Effusion")
+        results[name] = score.as_dict()
+        for p in (NORMAL, EFFUSION):
+            rows.append(images[p][: args.grid_columns])
+            labels += [f"{name}: {p}"] * min(args.grid_columns, args.n)
+    print(f"finding correctness, Pleural Effusion, {args.n} images per prompt, seeds {seeds[0]}..{seeds[-1]}, "
+          f"classifier {args.classifier}, run {ckpt}")
+    print(f"{'model':<11} {'P(eff)|effusion prompt':>23} {'P(eff)|normal prompt':>21} {'AUROC':>6} {'accuracy':>9}")
+    for name, r in results.items():
+        print(f"{name:<11} {r['mean_prob_finding_prompt']:>23.3f} {r['mean_prob_normal_prompt']:>21.3f} {r['auroc']:>6.3f} {r['accuracy']:>9.3f}")
+    grid = labelled_grid(torch.cat(rows), labels, min(args.grid_columns, args.n), title="before / after fine-tuning")
+    grid.save(args.run_dir / "finding_correctness.png")
+    out = {"classifier": args.classifier, "checkpoint": str(ckpt), "n_per_prompt": args.n, "seeds": [seeds[0], seeds[-1]],
+           "steps": args.steps, "guidance": args.guidance, "prompts": {"finding": EFFUSION, "normal": NORMAL}, "results": results}
+    (args.run_dir / "finding_correctness.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.run_dir / 'finding_correctness.png'} and finding_correctness.json")
+    return out
+
+
+if __name__ == "__main__":
+    main()
