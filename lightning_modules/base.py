@@ -230,7 +230,8 @@ class DiffusionModule(LightningModule):
         if self.hparams.snr_gamma is not None:
             weights = self._snr_weights(timesteps, prediction_type)
         weighted = per_sample * weights
-        out = {"instance": weighted[:n_instance].mean(), "per_sample": per_sample.detach(), "weights": weights, "timesteps": timesteps}
+        out = {"instance": weighted[:n_instance].mean(), "per_sample": per_sample.detach(), "weights": weights,
+               "timesteps": timesteps, "n_instance": n_instance}
         if per_sample.shape[0] > n_instance:
             out["prior"] = weighted[n_instance:].mean()
             out["loss"] = out["instance"] + self.hparams.prior_loss_weight * out["prior"]
@@ -247,7 +248,7 @@ class DiffusionModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         g = step_generator(self.hparams.seed, self.global_rank, self.trainer.fit_loop.total_batch_idx)
         losses = self.diffusion_loss(batch, g)
-        bs = self._split_batch(batch)[2]
+        bs = losses["n_instance"]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         if "prior" in losses:
             self.log("train/instance_loss", losses["instance"], batch_size=bs)

@@ -52,20 +52,20 @@ def run_train(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = Tr
     return proc
 
 
-def demo_args(tmp: Path, *extra: str) -> list[str]:
-    """The demo config on its own phantom folder and run folder, short and fast."""
-    return [
-        "--config", "demo",
+def demo_args(tmp: Path, *extra: str, config: str = "demo") -> list[str]:
+    """A demo config on its own phantom folder and run folder, short and fast."""
+    args = [
+        "--config", config,
         "--runs_dir", str(tmp / "runs"),
         "--data.init_args.root", str(tmp / "phantoms"),
         "--data.init_args.n_per_finding", "6",
-        "--data.init_args.prior_preservation.num_class_images", "4",
-        "--data.init_args.prior_preservation.steps", "2",
         "--trainer.val_check_interval", "10",
         "--trainer.log_every_n_steps", "1",
         "--checkpoint_every_n_steps", "5",
-        *extra,
     ]
+    if config == "demo":  # the U-Net demo uses prior preservation: fewer, cheaper class images
+        args += ["--data.init_args.prior_preservation.num_class_images", "4", "--data.init_args.prior_preservation.steps", "2"]
+    return args + list(extra)
 
 
 @pytest.fixture(scope="session")

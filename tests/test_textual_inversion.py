@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch import Trainer
 
 from callbacks.loss_log import read_loss_log
-from conftest import PYTHON, REPO, run_train
+from conftest import PYTHON, REPO, demo_args, run_train
 from datamodules.mimic_cxr import MIMICCXRDataModule
 from lightning_modules.base import TrainedStateMismatch, step_generator
 from lightning_modules.stable_diffusion import StableDiffusionSpec, load_stable_diffusion
@@ -286,16 +286,7 @@ def test_paper_configs_are_the_table_4_rows():
 
 # ---------------------------------------------------------------------- train.py end to end
 def ti_args(tmp: Path, *extra: str) -> list[str]:
-    return [
-        "--config", "textual_inversion_demo",
-        "--runs_dir", str(tmp / "runs"),
-        "--data.init_args.root", str(tmp / "phantoms"),
-        "--data.init_args.n_per_finding", "6",
-        "--trainer.val_check_interval", "10",
-        "--trainer.log_every_n_steps", "1",
-        "--checkpoint_every_n_steps", "5",
-        *extra,
-    ]
+    return demo_args(tmp, *extra, config="textual_inversion_demo")
 
 
 @pytest.fixture(scope="module")
