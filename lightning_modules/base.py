@@ -167,6 +167,11 @@ class DiffusionModule(LightningModule):
                     "Point class_images_dir elsewhere or delete the folder."
                 )
         missing = request.missing()
+        if missing and self.trainer.ckpt_path:
+            raise FileNotFoundError(
+                f"{request.directory}: {len(missing)} of {request.count} class images are missing while resuming; they must "
+                "come from the base model, which the resumed weights no longer are. Restore the folder or start a new run."
+            )
         if missing:
             from PIL import Image
             from tqdm.auto import tqdm

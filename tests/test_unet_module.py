@@ -151,3 +151,22 @@ def test_loss_goes_down_on_phantoms(phantom_root, tmp_path):
     losses = read_loss_log(log)
     first, last = [losses[i] for i in range(5)], [losses[i] for i in range(25, 30)]
     assert sum(last) < 0.8 * sum(first), (first, last)
+
+
+def test_missing_class_images_on_resume_are_refused(phantom_root, tmp_path):
+    """Class images must come from the base model; a resumed (trained) U-Net must not fill the gap."""
+    prior = PriorPreservation(num_class_images=2, steps=1, class_images_dir=str(tmp_path / "class"))
+    dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding"], resolution=64, batch_size=1,
+                            cache_dir=str(tmp_path / "cache"), prior_preservation=prior)
+    ckpt = tmp_path / "run.ckpt"
+
+    def trainer(steps):
+        return Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0)
+
+    first = trainer(1)
+    first.fit(UNetFineTuning(model=TINY), datamodule=dm)
+    first.save_checkpoint(ckpt)
+    (tmp_path / "class" / "class_00001.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 of 2 class images are missing while resuming"):
+        trainer(2).fit(UNetFineTuning(model=TINY), datamodule=dm, ckpt_path=str(ckpt))
