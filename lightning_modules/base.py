@@ -96,6 +96,11 @@ class DiffusionModule(LightningModule):
         """Conditioning for generation (no gradients)."""
         return self.conditioning(prompts)
 
+    @torch.no_grad()
+    def negative_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The unconditional (negative-prompt) input of classifier-free guidance."""
+        return self.prompt_embeddings(prompts)
+
     def export(self, out_dir: str | Path) -> Path:
         raise NotImplementedError(f"{type(self).__name__} does not implement export yet")
 
@@ -315,7 +320,7 @@ class DiffusionModule(LightningModule):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 cond = self.prompt_embeddings(chunk)
-                uncond = self.prompt_embeddings([negative_prompt] * len(chunk))
+                uncond = self.negative_embeddings([negative_prompt] * len(chunk))
                 out.append(
                     self.sd.sample(
                         cond,
