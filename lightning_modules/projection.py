@@ -326,6 +326,25 @@ class TextualProjection(DiffusionModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
         return loss
 
+    # ------------------------------------------------------------------ checkpoints
+    def check_widths(self, in_features: int, out_features: int, where: str) -> None:
+        """A projection trained for other encoder widths cannot be loaded: say which sizes differ."""
+        if (int(in_features), int(out_features)) != (self.in_features, self.out_features):
+            raise ProjectionConfigError(
+                f"{where}: its projection maps {in_features} -> {out_features} wide vectors, but the domain encoder "
+                f"{self._domain_spec.pretrained!r} ({self._domain_spec.extraction if self.hparams.level == 'document' else 'token states'}) "
+                f"gives {self.in_features} and CLIP expects {self.out_features}; load it with the encoders it was trained with"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["projection_widths"] = [self.in_features, self.out_features]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "projection_widths" in checkpoint:
+            self.check_widths(*checkpoint["projection_widths"], where="the checkpoint")
+        super().on_load_checkpoint(checkpoint)
+
     # ------------------------------------------------------------------ export
     def export(self, out_dir: str | Path) -> Path:
         """A folder with the projection (safetensors) and what it connects (``projection.json``)."""
@@ -364,6 +383,7 @@ def load_projection_export(folder: str | Path) -> TextualProjection:
         model=config["stable_diffusion"], domain_encoder=config["domain_encoder"], level=config["level"],
         projection=config["projection"], hidden_size=config["hidden_size"], depth=config["depth"], cache_embeddings=False,
     )
+    module.check_widths(config["in_features"], config["out_features"], where=str(config_file))
     if config["projection"] == "mlp":
         weights = folder / EXPORT_WEIGHTS
         if not weights.is_file():

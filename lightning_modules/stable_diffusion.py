@@ -18,6 +18,8 @@ training ``noise_scheduler``, with the helpers every strategy and every study us
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +76,15 @@ class StableDiffusionSpec:
         if self.pretrained == "tiny-random":
             return f"{self.pretrained}-seed{self.seed}"
         if self.pretrained == "tiny-phantom":
-            return "tiny-phantom-v1"
+            return f"tiny-phantom-{_tiny_phantom_digest()}"
         return f"{self.pretrained}@{self.revision or 'main'}"
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_phantom_digest() -> str:
+    """First 10 hex digits of the SHA-256 of the shipped U-Net weights: a rebuild changes the key."""
+    path = TINY_PHANTOM_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "missing"
 
 
 class StableDiffusionLoadError(RuntimeError):

@@ -154,3 +154,16 @@ def test_export_reloads_and_generates(projection_run, tmp_path):
 def test_missing_export_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="projection.json: missing"):
         load_projection_export(tmp_path)
+
+
+def test_export_for_another_encoder_width_names_both_sizes(projection_run, tmp_path):
+    import json
+
+    run, _ = projection_run
+    out = tmp_path / "export"
+    subprocess.run([PYTHON, str(REPO / "export.py"), str(run), str(out)], check=True, capture_output=True, cwd=REPO)
+    config = json.loads((out / "projection.json").read_text())
+    config["domain_encoder"] = {"pretrained": "tiny-cxr-bert", "extraction": "projected"}  # 16 wide, not 32
+    (out / "projection.json").write_text(json.dumps(config))
+    with pytest.raises(ProjectionConfigError, match=r"maps 32 -> 32 wide vectors.*'tiny-cxr-bert' \(projected\) gives 16"):
+        load_projection_export(out)

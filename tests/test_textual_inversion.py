@@ -330,7 +330,7 @@ def test_export_loads_in_plain_diffusers_and_the_token_changes_the_image(ti_run,
     subprocess.run([PYTHON, str(REPO / "export.py"), str(ti_run), str(out)], check=True, capture_output=True, cwd=REPO)
     assert sorted(p.name for p in out.iterdir()) == ["learned_embeds.safetensors", "textual_inversion.json"]
     manifest = json.loads((out / "textual_inversion.json").read_text())
-    assert manifest["base_model"]["pretrained"] == "tiny-random" and manifest["tokens"][0]["token"] == "<lung-xray>"
+    assert manifest["base_model"]["pretrained"] == "tiny-phantom" and manifest["tokens"][0]["token"] == "<lung-xray>"
     trained = checkpoint_rows(torch.load(ti_run / "checkpoints" / "last.ckpt", weights_only=True))
 
     # the base model as a plain diffusers folder, reloaded the way a user would
