@@ -1,7 +1,10 @@
-"""Evaluation studies: ``python evaluate.py {vae,text-encoders,generation} ...``.
+"""Evaluation studies: ``python evaluate.py {vae,vae-scores,text-encoders,generation} ...``.
 
-The three studies of the paper (VAE reconstruction, text-encoder CheXpert@k, generation quality)
-are planned but not implemented yet; each subcommand says so instead of pretending to run.
+* ``vae``: the VAE reconstruction study (paper Table 1, Figure 3), see :mod:`evaluation.vae_study`;
+* ``vae-scores SHEET.csv``: summarise a filled reader-study scoring sheet (mean ± sd, median, range).
+
+The text-encoder and generation studies are planned but not implemented yet; their subcommands say
+so instead of pretending to run.
 """
 from __future__ import annotations
 
@@ -10,12 +13,23 @@ import sys
 
 STUDIES = {
     "vae": "VAE reconstruction study (paper Table 1, Figure 3)",
+    "vae-scores": "summary of a filled reader-study scoring sheet",
     "text-encoders": "text-encoder CheXpert@k study (paper Tables 2 and 3)",
     "generation": "generation quality study (paper Table 4, Figure 4)",
 }
+NOT_IMPLEMENTED = ("text-encoders", "generation")
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "vae":
+        from evaluation.vae_study import main as vae_main
+
+        return vae_main(argv[1:])
+    if argv and argv[0] == "vae-scores":
+        from evaluation.vae_study import scores_main
+
+        return scores_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", choices=sorted(STUDIES), help="which study to run")
     args, _ = parser.parse_known_args(argv)
