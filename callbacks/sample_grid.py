@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from datamodules.prompts import PAPER_PROMPTS
+
 
 def labelled_grid(images: torch.Tensor, prompts: Sequence[str], per_prompt: int, title: str = ""):
     """A PIL image: one row of ``per_prompt`` images per prompt, the prompt written above each row."""
@@ -55,11 +57,7 @@ class SampleGrid(Callback):
 
     def __init__(
         self,
-        prompts: Sequence[str] = (
-            "a photo of a lung xray",
-            "a photo of a lung xray with a visible pleural effusion",
-            "a photo in the style of a lung xray",
-        ),
+        prompts: Sequence[str] = PAPER_PROMPTS,
         n_per_prompt: int = 4,
         every_n_steps: int = 100,
         steps: int = 25,

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zer
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.prompts import FINDING_PROMPTS
 from datamodules.reports import extract_impression, report_path
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
 
@@ -68,11 +69,7 @@ REQUIRED_COLUMNS = {
 FRONTAL_VIEWS = ("PA", "AP")
 SPLITS = ("train", "validate", "test")
 # The paper's prompts (section 2.1 / Table 4); other findings get "... with <finding>".
-DEFAULT_TEMPLATES = {
-    "No Finding": "a photo of a lung xray",
-    "Pleural Effusion": "a photo of a lung xray with a visible pleural effusion",
-    "Cardiomegaly": "a photo of a lung xray with cardiomegaly",
-}
+DEFAULT_TEMPLATES = dict(FINDING_PROMPTS)  # the paper's prompts (datamodules/prompts.py)
 
 
 class MIMICDataError(ValueError):

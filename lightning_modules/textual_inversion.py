@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from datamodules.prompts import FINDING_PHRASES, PAPER_PROMPTS  # noqa: F401 (PAPER_PROMPTS re-exported)
 from lightning_modules.base import DiffusionModule, TrainedStateMismatch, step_generator
 
 # Lexical variants (our choice: diffusers' imagenet templates without the ones that make no sense for a
@@ -74,19 +75,9 @@ STYLE_TEMPLATES = (
     "a picture in the style of a {}",
 )
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
-# What a prompt says about the image's finding (appended after the template). Matches the
+# What a prompt says about the image's finding (appended after the template), as in the
 # datamodule's paper prompts: "a photo of a lung xray with a visible pleural effusion".
-DEFAULT_FINDING_PHRASES = {
-    "No Finding": "",
-    "Pleural Effusion": "with a visible pleural effusion",
-    "Cardiomegaly": "with cardiomegaly",
-}
-# The paper's prompts with "lung xray" replaced by the token (sample grids, generation study).
-PAPER_PROMPTS = (
-    "a photo of a lung xray",
-    "a photo of a lung xray with a visible pleural effusion",
-    "a photo in the style of a lung xray",
-)
+DEFAULT_FINDING_PHRASES = dict(FINDING_PHRASES)
 _PROMPT_KEY = 0x7E47  # keeps the prompt generator's seed apart from the noise generator's
 
 

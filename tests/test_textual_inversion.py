@@ -16,6 +16,7 @@ from datamodules.mimic_cxr import MIMICCXRDataModule
 from lightning_modules.base import TrainedStateMismatch, step_generator
 from lightning_modules.stable_diffusion import StableDiffusionSpec, load_stable_diffusion
 from lightning_modules.textual_inversion import (
+    DEFAULT_FINDING_PHRASES,
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     TextualInversion,
@@ -142,6 +143,15 @@ def test_prompts_follow_templates_and_findings_deterministically():
     assert obj.with_prompts(batch)["instance"]["prompt"] == [obj.prompt_for("No Finding"), obj.prompt_for("Pleural Effusion")]
     with pytest.raises(TextualInversionConfigError, match="'Edema' has no entry in finding_phrases"):
         obj.prompt_for("Edema")
+
+
+def test_finding_phrases_rebuild_the_datamodules_paper_prompts():
+    """Textual inversion and U-Net runs describe a finding with the same words (datamodules/prompts.py)."""
+    from datamodules.mimic_cxr import DEFAULT_TEMPLATES
+
+    assert set(DEFAULT_FINDING_PHRASES) == set(DEFAULT_TEMPLATES)
+    for finding, prompt in DEFAULT_TEMPLATES.items():
+        assert " ".join(filter(None, [OBJECT_TEMPLATES[0].format("lung xray"), DEFAULT_FINDING_PHRASES[finding]])) == prompt
 
 
 def test_several_tokens_each_with_its_initializer_and_place(tmp_path):

@@ -18,8 +18,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-NORMAL = "a photo of a lung xray"
-EFFUSION = "a photo of a lung xray with a visible pleural effusion"
+from datamodules.prompts import FINDING_PROMPTS  # noqa: E402
+
+NORMAL = FINDING_PROMPTS["No Finding"]
+EFFUSION = FINDING_PROMPTS["Pleural Effusion"]
 
 
 def main(argv=None) -> dict:
