@@ -136,29 +136,10 @@ def load_images(records: pd.DataFrame, resolution: int, on_bad_image: str = "fai
 # ---------------------------------------------------------------------------------------------- VAE
 def load_vae(pretrained: str):
     """The VAE of a Stable Diffusion spec (hub id, pipeline folder or preset); returns (vae, weights key)."""
-    from lightning_modules.stable_diffusion import (TINY_PHANTOM_DIR, StableDiffusionLoadError, StableDiffusionSpec,
-                                                    _how_to_get_weights, load_stable_diffusion)
+    from lightning_modules.stable_diffusion import StableDiffusionSpec, load_vae as load_sd_vae
 
     spec = StableDiffusionSpec(pretrained=pretrained)
-    if pretrained == "tiny-random":
-        return load_stable_diffusion(spec).vae.eval(), spec.cache_key()
-    from diffusers import AutoencoderKL
-
-    source, local_only = pretrained, False
-    if pretrained == "tiny-phantom":
-        source, local_only = str(TINY_PHANTOM_DIR), True
-    else:
-        folder = Path(pretrained).expanduser()
-        if folder.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
-            if not (folder / "vae").is_dir():
-                raise StableDiffusionLoadError(f"{folder}: no vae/ subfolder. " + _how_to_get_weights(spec))
-            source = str(folder)
-    try:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only)
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise StableDiffusionLoadError(_how_to_get_weights(spec) + f"\nUnderlying error: {err}") from None
-    vae.requires_grad_(False)
-    return vae.eval(), spec.cache_key()
+    return load_sd_vae(spec), spec.cache_key()
 
 
 @torch.no_grad()

@@ -41,6 +41,8 @@ from transformers import BertConfig, BertModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertPreTrainedModel
 
+from lightning_modules.stable_diffusion import is_local_path
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_BERT_TOKENIZER_DIR = ASSETS / "tiny_bert_tokenizer"
 DEFAULT_DOMAIN_ENCODER = "microsoft/BiomedVLP-CXR-BERT-specialized"
@@ -87,7 +89,7 @@ class DomainEncoderSpec:
         """A short readable string identifying these weights and this extraction (for cache keys and provenance)."""
         if self.is_preset:
             source = f"{self.pretrained}-seed{self.seed}"
-        elif _is_path(self.pretrained):
+        elif is_local_path(self.pretrained):
             source = f"{Path(self.pretrained).expanduser().resolve()}"
         else:
             source = f"{self.pretrained}@{self.revision or 'main'}"
@@ -340,11 +342,6 @@ def _build_preset(spec: DomainEncoderSpec) -> DomainEncoder:
     return DomainEncoder(model, tokenizer, spec)
 
 
-def _is_path(source: str) -> bool:
-    # A hub id is "owner/name"; anything else (absolute, relative with ./, deeper paths) is a folder.
-    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
-
-
 def _how_to_get_weights(spec: DomainEncoderSpec) -> str:
     return (
         f"Domain text encoder {spec.pretrained!r} could not be loaded. Either pass a local folder that holds its "
@@ -359,7 +356,7 @@ def _load_pretrained(spec: DomainEncoderSpec) -> DomainEncoder:
     from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer, PretrainedConfig
 
     source = spec.pretrained
-    if _is_path(source):
+    if is_local_path(source):
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise DomainEncoderLoadError(f"{folder}: no such folder. " + _how_to_get_weights(spec))

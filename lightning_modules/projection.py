@@ -129,9 +129,12 @@ class DocumentEmbeddingCache:
         self._domain[rows] = domain.float().cpu().numpy()
         self._clip[rows] = clip.float().cpu().numpy()
 
-    def finish(self) -> None:
+    def flush(self) -> None:
         self._domain.flush()
         self._clip.flush()
+
+    def finish(self) -> None:
+        self.flush()
         self.marker.write_text(json.dumps({"n": self.n, "in_features": self.in_features, "out_features": self.out_features}))
 
     def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +199,8 @@ class TextualProjection(DiffusionModule):
         else:
             self.projection = ProjectionMLP(in_width, clip_width, self.hparams.hidden_size, self.hparams.depth)
         self.in_features, self.out_features = in_width, clip_width
+        # CLIP's start-token state opens every document-level sequence (the same for any prompt)
+        self.register_buffer("clip_bos", self.sd.encode_prompts([""])[0, 0].clone(), persistent=False)
         self.projection.requires_grad_(kind == "mlp")
         # the identity has nothing to optimise: manual optimisation, so Lightning runs no backward pass
         self.automatic_optimization = kind == "mlp"
@@ -225,17 +230,12 @@ class TextualProjection(DiffusionModule):
             return document
         return align_token_states(states, mask, self.sd.max_token_length)
 
-    @torch.no_grad()
-    def _bos_state(self) -> torch.Tensor:
-        return self.sd.encode_prompts([""])[0, 0].to(self.device)
-
     def to_conditioning(self, projected: torch.Tensor) -> torch.Tensor:
         """``[B, 77, D]`` U-Net conditioning from projected document vectors or token states."""
         if self.hparams.level == "token":
             return projected
-        bos = self._bos_state().to(projected)
         seq = projected[:, None, :].expand(-1, self.sd.max_token_length, -1).clone()
-        seq[:, 0] = bos
+        seq[:, 0] = self.clip_bos.to(projected)
         return seq
 
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -270,8 +270,6 @@ class TextualProjection(DiffusionModule):
 
     def build_cache(self, datamodule) -> DocumentEmbeddingCache:
         """Encode every caption of the datamodule's set once (each rank its rows), or reuse a complete cache."""
-        from tqdm.auto import tqdm
-
         cache = DocumentEmbeddingCache(self.cache_folder(datamodule.caption_set_key()), datamodule.num_captions,
                                        self.in_features, self.out_features)
         strategy = self.trainer.strategy
@@ -284,21 +282,26 @@ class TextualProjection(DiffusionModule):
             cache.create()
         strategy.barrier("projection_cache_create")
         cache.open("r+")
-        dataset = datamodule.caption_dataset()
-        mine = np.arange(self.global_rank, cache.n, self.trainer.world_size)
-        batch = int(self.hparams.encode_batch_size)
-        for start in tqdm(range(0, len(mine), batch), desc="document embeddings", disable=self.global_rank != 0):
-            rows = mine[start : start + batch]
-            captions = [dataset[int(i)]["caption"] for i in rows]
-            cache.write(rows, self.domain_inputs(captions), self.clip_targets(captions))
-        cache._domain.flush()
-        cache._clip.flush()
+        captions = datamodule.caption_dataset()
+        self.fill_cache(cache, lambda rows: [item["caption"] for item in captions.__getitems__(rows.tolist())],
+                        np.arange(self.global_rank, cache.n, self.trainer.world_size), progress=self.global_rank == 0)
         strategy.barrier("projection_cache_filled")
         if self.global_rank == 0:
             cache.finish()
         strategy.barrier("projection_cache_done")
         cache.open("r")
         return cache
+
+    def fill_cache(self, cache: DocumentEmbeddingCache, captions_at, rows: np.ndarray, progress: bool = True) -> None:
+        """Encode the captions of ``rows`` (``captions_at(rows) -> list[str]``) with both encoders into ``cache``."""
+        from tqdm.auto import tqdm
+
+        batch = int(self.hparams.encode_batch_size)
+        for start in tqdm(range(0, len(rows), batch), desc="document embeddings", disable=not progress):
+            chunk = rows[start : start + batch]
+            texts = captions_at(chunk)
+            cache.write(chunk, self.domain_inputs(texts), self.clip_targets(texts))
+        cache.flush()
 
     # ------------------------------------------------------------------ the step
     def projection_loss(self, batch: dict) -> torch.Tensor:

@@ -315,21 +315,32 @@ def _how_to_get_weights(spec: StableDiffusionSpec) -> str:
     )
 
 
+def is_local_path(source: str) -> bool:
+    """A hub id is "owner/name"; anything else (absolute, relative with ./, deeper paths) is a folder."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+PIPELINE_PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+
+def _source(spec: StableDiffusionSpec, parts: Sequence[str] = PIPELINE_PARTS) -> str:
+    """The hub id, or the checked local folder, that ``from_pretrained`` reads ``parts`` from."""
+    if not is_local_path(spec.pretrained):
+        return spec.pretrained
+    folder = Path(spec.pretrained).expanduser()
+    if not folder.is_dir():
+        raise StableDiffusionLoadError(f"{folder}: no such folder. " + _how_to_get_weights(spec))
+    missing = [p for p in parts if not (folder / p).exists()]
+    if missing:
+        raise StableDiffusionLoadError(f"{folder} is not a diffusers pipeline folder: missing {missing}. " + _how_to_get_weights(spec))
+    return str(folder)
+
+
 def _load_pretrained(spec: StableDiffusionSpec) -> StableDiffusion:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = spec.pretrained
-    folder = Path(source).expanduser()
-    # A hub id is "owner/name"; anything else (absolute, relative with ./, deeper paths) is a folder.
-    is_path = folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
-    if is_path:
-        if not folder.is_dir():
-            raise StableDiffusionLoadError(f"{folder}: no such folder. " + _how_to_get_weights(spec))
-        missing = [p for p in ("model_index.json", "vae", "text_encoder", "tokenizer", "unet", "scheduler") if not (folder / p).exists()]
-        if missing:
-            raise StableDiffusionLoadError(f"{folder} is not a diffusers pipeline folder: missing {missing}. " + _how_to_get_weights(spec))
-        source = str(folder)
+    source = _source(spec)
     kwargs = dict(revision=spec.revision, local_files_only=spec.local_files_only)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
@@ -342,21 +353,46 @@ def _load_pretrained(spec: StableDiffusionSpec) -> StableDiffusion:
     return StableDiffusion(vae, text_encoder, tokenizer, unet, scheduler, spec)
 
 
+def _as_spec(spec: StableDiffusionSpec | dict | str) -> StableDiffusionSpec:
+    if isinstance(spec, str):
+        return StableDiffusionSpec(pretrained=spec)
+    if isinstance(spec, dict):
+        return StableDiffusionSpec(**spec)
+    return spec
+
+
+def _tiny_phantom_spec() -> StableDiffusionSpec:
+    if not (TINY_PHANTOM_DIR / "model_index.json").is_file():
+        raise StableDiffusionLoadError(
+            f"{TINY_PHANTOM_DIR}: the tiny-phantom weights are missing from this checkout; rebuild them with "
+            "`python tools/build_tiny_phantom.py`"
+        )
+    return StableDiffusionSpec(pretrained=str(TINY_PHANTOM_DIR), local_files_only=True)
+
+
+def load_vae(spec: StableDiffusionSpec | dict | str):
+    """Only the (frozen, eval-mode) ``AutoencoderKL`` of ``spec``: for studies that need no U-Net or text encoder."""
+    from diffusers import AutoencoderKL
+
+    spec = _as_spec(spec)
+    if spec.pretrained == "tiny-random":
+        return load_stable_diffusion(spec).vae.eval()
+    source_spec = _tiny_phantom_spec() if spec.pretrained == "tiny-phantom" else spec
+    try:
+        vae = AutoencoderKL.from_pretrained(_source(source_spec, ("vae",)), subfolder="vae", revision=source_spec.revision,
+                                            local_files_only=source_spec.local_files_only)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise StableDiffusionLoadError(_how_to_get_weights(spec) + f"\nUnderlying error: {err}") from None
+    return vae.requires_grad_(False).eval()
+
+
 def load_stable_diffusion(spec: StableDiffusionSpec | dict | str) -> StableDiffusion:
     """Load the parts named by ``spec`` (a spec, a dict of its fields, or a bare id/preset string)."""
-    if isinstance(spec, str):
-        spec = StableDiffusionSpec(pretrained=spec)
-    elif isinstance(spec, dict):
-        spec = StableDiffusionSpec(**spec)
+    spec = _as_spec(spec)
     if spec.pretrained == "tiny-random":
         return _build_tiny_random(spec)
     if spec.pretrained == "tiny-phantom":
-        if not (TINY_PHANTOM_DIR / "model_index.json").is_file():
-            raise StableDiffusionLoadError(
-                f"{TINY_PHANTOM_DIR}: the tiny-phantom weights are missing from this checkout; rebuild them with "
-                "`python tools/build_tiny_phantom.py`"
-            )
-        sd = _load_pretrained(StableDiffusionSpec(pretrained=str(TINY_PHANTOM_DIR), local_files_only=True))
+        sd = _load_pretrained(_tiny_phantom_spec())
         sd.spec = spec
         return sd
     return _load_pretrained(spec)

@@ -71,10 +71,7 @@ def main(argv=None) -> dict:
                 cache = DocumentEmbeddingCache(Path(tmp) / "cache", len(captions), module.in_features, module.out_features)
                 cache.create()
                 cache.open("r+")
-                for start in range(0, len(captions), args.batch_size):
-                    rows = np.arange(start, min(start + args.batch_size, len(captions)))
-                    batch = [captions[i] for i in rows]
-                    cache.write(rows, module.domain_inputs(batch), module.clip_targets(batch))
+                module.fill_cache(cache, lambda rows: [captions[i] for i in rows], np.arange(len(captions)), progress=False)
                 cache.finish()
                 cache.open("r")
                 module._cache = cache
