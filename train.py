@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Literal, Optional
+
+from evaluation.provenance import git_commit, package_versions
 
 REPO = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs"
@@ -56,27 +55,6 @@ def config_stem(argv: list[str]) -> Optional[str]:
         elif arg.startswith("--config="):
             stem = Path(arg.split("=", 1)[1]).stem
     return stem
-
-
-def git_commit() -> dict:
-    def git(*args):
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def wandb_is_online(mode: str) -> bool:
@@ -219,7 +197,7 @@ def write_provenance(cli, argv: list[str]) -> None:
         "model_seed": getattr(cli.model.hparams, "seed", None),
         "data_seed": getattr(cli.datamodule, "seed", None),
         "git": git_commit(),
-        "packages": package_versions(),
+        "packages": package_versions(PACKAGES),
         "host": platform.node(),
     }
     path = run_dir / "provenance.json"

@@ -17,16 +17,12 @@ output folder ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
-import math
-import platform
-import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -36,6 +32,7 @@ import torch
 from torch import nn
 
 from evaluation.classifiers import CHEXPERT_TO_XRV
+from evaluation.provenance import git_commit, package_versions
 from evaluation.image_metrics import (SCALES, SSIM_KWARGS, corner_mask, format_summary, pair_metrics, pooled_psnr,
                                       summarize)
 
@@ -400,16 +397,7 @@ def plot_examples(originals: np.ndarray, recons: np.ndarray, ids: Sequence[str],
 
 
 # ---------------------------------------------------------------------------------------------- provenance
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "torchxrayvision", "torchmetrics", "torch-fidelity", "scikit-image", "numpy", "pandas", "matplotlib", "scipy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+VAE_STUDY_PACKAGES = ("torch", "diffusers", "torchxrayvision", "torchmetrics", "torch-fidelity", "scikit-image", "numpy", "pandas", "matplotlib", "scipy")
 
 
 def _sha256(path: Path) -> Optional[str]:
@@ -420,14 +408,6 @@ def _sha256(path: Path) -> Optional[str]:
                 h.update(chunk)
         return h.hexdigest()
     except OSError:
-        return None
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        repo = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:
         return None
 
 
@@ -645,8 +625,8 @@ def run_study(cfg: StudyConfig, fid_extractor: Optional[nn.Module] = None, log: 
         "reconstruction": "VAE posterior mean, decoded, channel mean, rounded to uint8",
         "mask_corners": cfg.mask_corners,
         "device": str(device),
-        "git_commit": _git_commit(),
-        "packages": package_versions(),
+        "git_commit": git_commit()["commit"],
+        "packages": package_versions(VAE_STUDY_PACKAGES),
         "seconds": round(time.time() - started, 1),
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str), encoding="utf-8")
