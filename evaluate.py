@@ -3,8 +3,11 @@
 * ``vae``: the VAE reconstruction study (paper Table 1, Figure 3), see :mod:`evaluation.vae_study`;
 * ``vae-scores SHEET.csv``: summarise a filled reader-study scoring sheet (mean ± sd, median, range).
 
-The text-encoder and generation studies are planned but not implemented yet; their subcommands say
-so instead of pretending to run.
+* ``text-encoders``: the text-encoder CheXpert@k study (paper Tables 2 and 3), see
+  :mod:`evaluation.text_encoder_study`.
+
+The generation study is planned but not implemented yet; its subcommand says so instead of pretending
+to run.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ STUDIES = {
     "text-encoders": "text-encoder CheXpert@k study (paper Tables 2 and 3)",
     "generation": "generation quality study (paper Table 4, Figure 4)",
 }
-NOT_IMPLEMENTED = ("text-encoders", "generation")
+NOT_IMPLEMENTED = ("generation",)
 
 
 def main(argv=None) -> int:
@@ -30,6 +33,10 @@ def main(argv=None) -> int:
         from evaluation.vae_study import scores_main
 
         return scores_main(argv[1:])
+    if argv and argv[0] == "text-encoders":
+        from evaluation.text_encoder_study import main as text_main
+
+        return text_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", choices=sorted(STUDIES), help="which study to run")
     args, _ = parser.parse_known_args(argv)

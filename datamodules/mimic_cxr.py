@@ -86,17 +86,30 @@ def image_path(root: Path, subject_id: int, study_id: int, dicom_id: str) -> Pat
 
 
 def read_csv_checked(root: Path, name: str) -> pd.DataFrame:
+    """``root/name`` (one of the three MIMIC-CXR-JPG CSVs), read and checked; see :func:`read_mimic_csv`."""
     path = Path(root) / name
     if not path.exists():
         raise MIMICDataError(
             f"{path}: file not found. A MIMIC-CXR-JPG v2.0.0 root holds {METADATA_CSV}, {CHEXPERT_CSV}, "
             f"{SPLIT_CSV} and files/ (https://physionet.org/content/mimic-cxr-jpg/2.0.0/, credentialed access)."
         )
+    return read_mimic_csv(path, name)
+
+
+def read_mimic_csv(path: Path, kind: str) -> pd.DataFrame:
+    """Read a MIMIC-CXR CSV at any ``path`` as the file ``kind`` (``mimic-cxr-2.0.0-chexpert.csv.gz``, ...).
+
+    Checks the columns that file must have, integer ids, label values in {1.0, 0.0, -1.0, empty} and split
+    names; each problem is a :class:`MIMICDataError` naming the file, the column and a bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MIMICDataError(f"{path}: file not found (expected the {kind} file of MIMIC-CXR v2.0.0)")
     try:
         df = pd.read_csv(path, dtype={"dicom_id": str})
     except Exception as err:  # pandas raises many types for a broken file
         raise MIMICDataError(f"{path}: cannot be read as a CSV ({err})") from None
-    missing = [c for c in REQUIRED_COLUMNS[name] if c not in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS[kind] if c not in df.columns]
     if missing:
         raise MIMICDataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
     for col in ("subject_id", "study_id"):
@@ -104,7 +117,7 @@ def read_csv_checked(root: Path, name: str) -> pd.DataFrame:
         if bad.any():
             raise MIMICDataError(f"{path}: column {col!r} has non-integer values, e.g. {df.loc[bad, col].iloc[0]!r}")
         df[col] = df[col].astype("int64")
-    if name == CHEXPERT_CSV:
+    if kind == CHEXPERT_CSV:
         for col in CHEXPERT_CLASSES:
             values = pd.to_numeric(df[col], errors="coerce")
             bad = ~(values.isna() | values.isin([1.0, 0.0, -1.0])) | (values.isna() & df[col].notna())
@@ -113,7 +126,7 @@ def read_csv_checked(root: Path, name: str) -> pd.DataFrame:
                     f"{path}: column {col!r} has value {df.loc[bad, col].iloc[0]!r}; expected 1.0, 0.0, -1.0 or empty"
                 )
             df[col] = values
-    if name == SPLIT_CSV:
+    if kind == SPLIT_CSV:
         bad = ~df["split"].isin(SPLITS)
         if bad.any():
             raise MIMICDataError(f"{path}: column 'split' has value {df.loc[bad, 'split'].iloc[0]!r}; expected one of {SPLITS}")

@@ -209,32 +209,43 @@ class DomainEncoder(nn.Module):
         self.spec = spec
         self.model.requires_grad_(False)
         self.model.eval()
-        self._check_extraction(missing_keys)
+        self.missing_keys = tuple(missing_keys)
+        self._check_extraction()
 
-    def _check_extraction(self, missing_keys: Sequence[str]) -> None:
+    def extraction_unavailable(self, extraction: str) -> Optional[str]:
+        """Why this encoder cannot give ``extraction`` (a sentence), or None when it can.
+
+        Nothing is faked: ``pooler`` needs a pooler layer whose weights the checkpoint holds (masked-LM
+        checkpoints such as CXR-BERT-general or RadBERT save none, so transformers would draw it at random),
+        and ``projected`` needs CXR-BERT's projection head.
+        """
         name = self.spec.pretrained
-        extraction = self.spec.extraction
         if extraction not in EXTRACTIONS:
             raise ValueError(f"extraction: unknown value {extraction!r}; expected one of {', '.join(EXTRACTIONS)}")
         if extraction == "projected" and not self.is_cxr_bert:
-            raise DomainEncoderLoadError(
+            return (
                 f"extraction 'projected' needs a CXR-BERT model (model_type 'cxr-bert', with a projection head); "
-                f"{name!r} is {type(self.model).__name__} (model_type {self.model.config.model_type!r}). "
-                "Use cls, mean or pooler."
+                f"{name!r} is {type(self.model).__name__} (model_type {self.model.config.model_type!r})"
             )
         if extraction == "pooler":
             if getattr(self.model, "pooler", None) is None:
-                raise DomainEncoderLoadError(
+                return (
                     f"extraction 'pooler': {name!r} ({type(self.model).__name__}) has no pooler layer"
-                    + (" (CXR-BERT is a masked-LM model; use 'projected' for its sentence embedding)" if self.is_cxr_bert else "")
-                    + ". Use cls or mean."
+                    + (" (CXR-BERT is a masked-LM model; its sentence embedding is 'projected')" if self.is_cxr_bert else "")
                 )
-            untrained = [k for k in missing_keys if "pooler" in k]
+            untrained = [k for k in self.missing_keys if "pooler" in k]
             if untrained:
-                raise DomainEncoderLoadError(
+                return (
                     f"extraction 'pooler': the checkpoint of {name!r} has no pooler weights ({sorted(untrained)} would be "
-                    "random; masked-LM checkpoints do not save one). Use cls or mean."
+                    "random; masked-LM checkpoints do not save one)"
                 )
+        return None
+
+    def _check_extraction(self) -> None:
+        reason = self.extraction_unavailable(self.spec.extraction)
+        if reason is not None:
+            other = {"projected": "Use cls, mean or pooler.", "pooler": "Use cls or mean."}.get(self.spec.extraction, "")
+            raise DomainEncoderLoadError(f"{reason}. {other}".strip())
 
     # ------------------------------------------------------------------ properties
     @property

@@ -386,6 +386,25 @@ def load_vae(spec: StableDiffusionSpec | dict | str):
     return vae.requires_grad_(False).eval()
 
 
+def load_text_encoder(spec: StableDiffusionSpec | dict | str):
+    """``(tokenizer, text_encoder)`` of ``spec`` (frozen, eval mode): for studies that need only SD's CLIP text encoder."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    spec = _as_spec(spec)
+    if spec.pretrained == "tiny-random":
+        sd = load_stable_diffusion(spec)
+        return sd.tokenizer, sd.text_encoder.requires_grad_(False).eval()
+    source_spec = _tiny_phantom_spec() if spec.pretrained == "tiny-phantom" else spec
+    kwargs = dict(revision=source_spec.revision, local_files_only=source_spec.local_files_only)
+    try:
+        source = _source(source_spec, ("tokenizer", "text_encoder"))
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise StableDiffusionLoadError(_how_to_get_weights(spec) + f"\nUnderlying error: {err}") from None
+    return tokenizer, text_encoder.requires_grad_(False).eval()
+
+
 def load_stable_diffusion(spec: StableDiffusionSpec | dict | str) -> StableDiffusion:
     """Load the parts named by ``spec`` (a spec, a dict of its fields, or a bare id/preset string)."""
     spec = _as_spec(spec)
