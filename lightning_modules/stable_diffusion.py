@@ -9,6 +9,9 @@ A :class:`StableDiffusionSpec` names what to load: a diffusers model id or local
 * ``tiny-phantom`` — the same architecture with weights trained on chest X-ray phantoms, shipped in
   ``lightning_modules/assets/tiny_phantom`` (built by ``tools/build_tiny_phantom.py``; see its
   MODEL_CARD.md). It draws phantom chest X-rays but has never seen a finding named.
+* ``sd14-random`` — SD v1.4's full-size architecture (../shared/REFERENCE.md §7: 860 M U-Net, 84 M VAE,
+  123 M CLIP) with seeded random weights and the small tokenizer padded to CLIP's 49,408 ids: for speed
+  and memory benchmarks on a GPU without downloading the weights. It draws noise.
 
 :func:`load_stable_diffusion` turns a spec into a :class:`StableDiffusion` module that holds
 ``vae, text_encoder, unet`` (frozen unless a strategy says otherwise) plus ``tokenizer`` and the
@@ -31,7 +34,8 @@ from torch import nn
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS / "tiny_clip_tokenizer"
 TINY_PHANTOM_DIR = ASSETS / "tiny_phantom"
-PRESETS = ("tiny-random", "tiny-phantom")
+PRESETS = ("tiny-random", "tiny-phantom", "sd14-random")
+RANDOM_PRESETS = ("tiny-random", "sd14-random")
 DEFAULT_PRETRAINED = "CompVis/stable-diffusion-v1-4"
 
 # SD v1.4's scheduler/scheduler_config.json (REFERENCE §7); the presets use it too.
@@ -56,10 +60,10 @@ class StableDiffusionSpec:
 
     Args:
         pretrained: a diffusers model id (``CompVis/stable-diffusion-v1-4``), a local folder holding a
-            ``model_index.json`` pipeline, or a built-in preset (``tiny-random``).
+            ``model_index.json`` pipeline, or a built-in preset (``tiny-random``, ``tiny-phantom``, ``sd14-random``).
         revision: git revision of a hub id (branch, tag or commit).
         local_files_only: never touch the network; read the Hugging Face cache only.
-        seed: seed of the ``tiny-random`` weights (ignored otherwise).
+        seed: seed of the ``tiny-random``/``sd14-random`` weights (ignored otherwise).
     """
 
     pretrained: str = DEFAULT_PRETRAINED
@@ -73,7 +77,7 @@ class StableDiffusionSpec:
 
     def cache_key(self) -> str:
         """A short string identifying these weights (for cache keys and provenance)."""
-        if self.pretrained == "tiny-random":
+        if self.pretrained in RANDOM_PRESETS:
             return f"{self.pretrained}-seed{self.seed}"
         if self.pretrained == "tiny-phantom":
             return f"tiny-phantom-{_tiny_phantom_digest()}"
@@ -276,6 +280,30 @@ def tiny_configs() -> dict:
     }
 
 
+def sd14_configs() -> dict:
+    """Constructor configs of SD v1.4's U-Net, VAE and CLIP text encoder (../shared/REFERENCE.md §7), for the
+    ``sd14-random`` preset: the full-size architecture with random weights, for speed and memory benchmarks."""
+    return {
+        "unet": dict(
+            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+            downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+        ),
+        "vae": dict(
+            sample_size=512, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4, layers_per_block=2, norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
+        ),
+        "text_encoder": dict(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+        ),
+        "vocab_size": 49408,
+    }
+
+
 def load_tiny_tokenizer():
     from transformers import CLIPTokenizer
 
@@ -283,11 +311,14 @@ def load_tiny_tokenizer():
 
 
 def _build_tiny_random(spec: StableDiffusionSpec) -> StableDiffusion:
+    """``tiny-random`` (the miniature) or ``sd14-random`` (SD v1.4's sizes; the tiny tokenizer, whose ids fit its vocabulary)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = tiny_configs()
+    cfg = sd14_configs() if spec.pretrained == "sd14-random" else tiny_configs()
     tokenizer = load_tiny_tokenizer()
+    if "vocab_size" in cfg:  # ids line up with the embedding table, as in SD's own tokenizer (new tokens go after it)
+        tokenizer.add_tokens([f"<|unused-{i}|>" for i in range(cfg["vocab_size"] - len(tokenizer))])
     # Build under a private RNG so the global seed of the caller is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -295,7 +326,7 @@ def _build_tiny_random(spec: StableDiffusionSpec) -> StableDiffusion:
         vae = AutoencoderKL(**cfg["vae"])
         text_config = CLIPTextConfig(
             **cfg["text_encoder"],
-            vocab_size=len(tokenizer),
+            vocab_size=cfg.get("vocab_size", len(tokenizer)),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -375,7 +406,7 @@ def load_vae(spec: StableDiffusionSpec | dict | str):
     from diffusers import AutoencoderKL
 
     spec = _as_spec(spec)
-    if spec.pretrained == "tiny-random":
+    if spec.pretrained in RANDOM_PRESETS:
         return load_stable_diffusion(spec).vae.eval()
     source_spec = _tiny_phantom_spec() if spec.pretrained == "tiny-phantom" else spec
     try:
@@ -391,7 +422,7 @@ def load_text_encoder(spec: StableDiffusionSpec | dict | str):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     spec = _as_spec(spec)
-    if spec.pretrained == "tiny-random":
+    if spec.pretrained in RANDOM_PRESETS:
         sd = load_stable_diffusion(spec)
         return sd.tokenizer, sd.text_encoder.requires_grad_(False).eval()
     source_spec = _tiny_phantom_spec() if spec.pretrained == "tiny-phantom" else spec
@@ -408,7 +439,7 @@ def load_text_encoder(spec: StableDiffusionSpec | dict | str):
 def load_stable_diffusion(spec: StableDiffusionSpec | dict | str) -> StableDiffusion:
     """Load the parts named by ``spec`` (a spec, a dict of its fields, or a bare id/preset string)."""
     spec = _as_spec(spec)
-    if spec.pretrained == "tiny-random":
+    if spec.pretrained in RANDOM_PRESETS:
         return _build_tiny_random(spec)
     if spec.pretrained == "tiny-phantom":
         sd = _load_pretrained(_tiny_phantom_spec())
