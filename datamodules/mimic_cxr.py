@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zer
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.latent_cache import LatentCache, LatentCachePlan
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.reports import extract_impression, report_path
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
@@ -213,11 +214,13 @@ class ClassImageRequest:
 class CXRImageDataset(Dataset):
     """Cached grayscale images as 3-channel tensors in [-1, 1] with their prompts and labels."""
 
-    def __init__(self, records: pd.DataFrame, cache_dir: Path, hflip_probability: float = 0.0, seed: int = 0):
+    def __init__(self, records: pd.DataFrame, cache_dir: Path, hflip_probability: float = 0.0, seed: int = 0,
+                 latents: Optional[LatentCache] = None):
         self.records = records.reset_index(drop=True)
         self.cache_dir = Path(cache_dir)
         self.hflip_probability = hflip_probability
         self.seed = seed
+        self.latents = latents  # cached VAE posteriors: served instead of pixels
         self.labels = torch.tensor(self.records[list(CHEXPERT_CLASSES)].fillna(0.0).to_numpy(np.float32))
 
     def __len__(self) -> int:
@@ -226,9 +229,10 @@ class CXRImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         epoch, i = divmod(int(index), len(self.records))
         row = self.records.iloc[i]
-        with Image.open(self.cache_dir / f"{row.dicom_id}.png") as img:
-            arr = np.array(img, dtype=np.uint8)
-        x = torch.from_numpy(arr).float().div(127.5).sub(1.0)
+        if self.latents is not None:
+            return {"latent_dist": self.latents.get(row.dicom_id), "prompt": row.prompt, "finding": row.finding,
+                    "labels": self.labels[i], "dicom_id": row.dicom_id}
+        x = torch.from_numpy(_read_png(self.cache_dir / f"{row.dicom_id}.png")).float().div(127.5).sub(1.0)
         if self.hflip_probability > 0 and random.Random(hash((self.seed, epoch, i))).random() < self.hflip_probability:
             x = x.flip(-1)
         return {
@@ -240,9 +244,28 @@ class CXRImageDataset(Dataset):
         }
 
 
+PREPROCESSING_ID = "gray-to-3ch/shorter-side-resize/center-crop/[-1,1]/v1"  # change when the pixels change
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.array(img, dtype=np.uint8)
+
+
+def _pixels(arr: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W]`` grayscale -> ``[3, H, W]`` float in [-1, 1], as the datasets serve it."""
+    return torch.from_numpy(arr).float().div(127.5).sub(1.0).unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def class_image_id(index: int) -> str:
+    """The latent-cache id of class image ``index`` (dicom_ids never contain ':')."""
+    return f"class:{index:05d}"
+
+
 class ClassImageDataset(Dataset):
-    def __init__(self, request: ClassImageRequest):
+    def __init__(self, request: ClassImageRequest, latents: Optional[LatentCache] = None):
         self.request = request
+        self.latents = latents
 
     def __len__(self) -> int:
         return self.request.count
@@ -250,6 +273,9 @@ class ClassImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         i = int(index) % self.request.count
         path = self.request.path(i)
+        if self.latents is not None:
+            return {"latent_dist": self.latents.get(class_image_id(i)), "prompt": self.request.prompt, "finding": "",
+                    "labels": torch.zeros(len(CHEXPERT_CLASSES)), "dicom_id": path.stem}
         arr = load_grayscale(path, self.request.resolution)
         x = torch.from_numpy(arr).float().div(127.5).sub(1.0)
         return {
@@ -346,6 +372,7 @@ class MIMICCXRDataModule(LightningDataModule):
         self.prior_preservation = prior_preservation
         self.train_records: Optional[pd.DataFrame] = None
         self.val_records: Optional[pd.DataFrame] = None
+        self.latent_cache: Optional[LatentCache] = None
 
     # ------------------------------------------------------------------ records
     @property
@@ -509,6 +536,34 @@ class MIMICCXRDataModule(LightningDataModule):
             directory = self.cache_root / "class_images" / hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
         return ClassImageRequest(directory, p.class_prompt, p.num_class_images, p.steps, p.guidance_scale, p.scheduler, self.resolution, model_key)
 
+    # ------------------------------------------------------------------ latent cache
+    def latent_cache_plan(self, model_key: str) -> Optional[LatentCachePlan]:
+        """The training (and class) images whose VAE posteriors the model should cache, or None when
+        caching cannot be exact (random flips change the pixels from epoch to epoch)."""
+        if self.hflip_probability > 0:
+            rank_zero_warn(f"cache_latents is off: hflip_probability={self.hflip_probability} changes the images every epoch")
+            return None
+        self.setup()
+        ids = list(self.train_records["dicom_id"])
+        cache_dir = self.image_cache_dir
+        loaders = {d: (lambda d=d: _pixels(_read_png(cache_dir / f"{d}.png"))) for d in ids}
+        key_parts = {"model": model_key, "preprocessing": PREPROCESSING_ID, "resolution": self.resolution,
+                     "root": str(self.root.resolve())}
+        request = self.class_image_request() if self.prior_preservation is not None else None
+        if request is not None:
+            digest = hashlib.sha1()
+            for i in range(request.count):
+                cid = class_image_id(i)
+                ids.append(cid)
+                loaders[cid] = lambda i=i: _pixels(load_grayscale(request.path(i), request.resolution))
+                digest.update(request.path(i).read_bytes())
+            key_parts["class_images"] = digest.hexdigest()
+        return LatentCachePlan(self.cache_root, ids, lambda image_id: loaders[image_id](), key_parts)
+
+    def attach_latent_cache(self, cache: Optional[LatentCache]) -> None:
+        """Serve ``latent_dist`` (cached posteriors) instead of ``pixel_values`` in training batches."""
+        self.latent_cache = cache
+
     # ------------------------------------------------------------------ loaders
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -532,7 +587,7 @@ class MIMICCXRDataModule(LightningDataModule):
         self.setup()
         loaders = {
             "instance": self._loader(
-                CXRImageDataset(self.train_records, self.image_cache_dir, self.hflip_probability, self.seed),
+                CXRImageDataset(self.train_records, self.image_cache_dir, self.hflip_probability, self.seed, self.latent_cache),
                 self.batch_size,
                 self.shuffle,
                 self.seed,
@@ -546,7 +601,7 @@ class MIMICCXRDataModule(LightningDataModule):
                     f"{request.directory}: {len(missing)} of {request.count} class images are missing; they are generated "
                     "by the model at the start of fit (use a strategy module that supports prior preservation)"
                 )
-            loaders["prior"] = self._loader(ClassImageDataset(request), self.batch_size, self.shuffle, self.seed + 1)
+            loaders["prior"] = self._loader(ClassImageDataset(request, self.latent_cache), self.batch_size, self.shuffle, self.seed + 1)
         lengths = [batches_per_epoch(len(dl.sampler), dl.batch_size) for dl in loaders.values()]
         position = resume_position(self.trainer, lengths)
         if position is not None:

@@ -54,6 +54,18 @@ class DiffusionModule(LightningModule):
         seed: seed of the per-step noise.
         keep_vae_fp32: keep the VAE in fp32 under 16-bit mixed precision (fp16 VAEs can overflow).
         sample_scheduler: sampler for ``generate`` (ddim, pndm, euler, dpm).
+        cache_latents: encode each training image with the frozen VAE once, before training, and draw
+            latents from the cached posterior at each step (:mod:`datamodules.latent_cache`); needs a
+            datamodule that supports it (MIMIC-CXR does) and no random flips.
+        latent_cache_batch_size: images per VAE call while building that cache.
+        gradient_checkpointing: recompute U-Net activations in the backward pass (less memory, slower).
+        channels_last: U-Net in channels-last memory format (faster convolutions on recent GPUs).
+        allow_tf32: TF32 matrix products and convolutions on Ampere or newer GPUs.
+        compile_unet: ``torch.compile`` the U-Net (slow first steps; faster after on GPUs).
+        optimizer: ``adamw`` (fused on GPU) or ``adamw8bit`` (bitsandbytes, GPU only: about 4x smaller
+            optimizer state).
+        flush_denormal: on CPU, flush denormal floats to zero (they slow CPU arithmetic by orders of
+            magnitude once weights or gradients get tiny; GPUs under TF32/bf16 do this anyway).
     """
 
     def __init__(
@@ -70,6 +82,14 @@ class DiffusionModule(LightningModule):
         seed: int = 0,
         keep_vae_fp32: bool = False,
         sample_scheduler: Literal["ddim", "pndm", "euler", "dpm"] = "ddim",
+        cache_latents: bool = True,
+        latent_cache_batch_size: int = 16,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        allow_tf32: bool = True,
+        compile_unet: bool = False,
+        optimizer: Literal["adamw", "adamw8bit"] = "adamw",
+        flush_denormal: bool = True,
     ):
         super().__init__()
         self.spec = model if isinstance(model, StableDiffusionSpec) else StableDiffusionSpec(**dict(model))
@@ -82,6 +102,9 @@ class DiffusionModule(LightningModule):
         # the trained part is checked in on_load_checkpoint instead.
         self.strict_loading = False
         self._warned_long_prompts = False
+        self._compiled = False
+        if gradient_checkpointing:
+            self.sd.unet.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ what a strategy defines
     def configure_trainable(self) -> None:
@@ -136,6 +159,17 @@ class DiffusionModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self.sd.set_frozen_dtype(self.frozen_dtype, keep_vae_fp32=self.hparams.keep_vae_fp32)
+        hp = self.hparams
+        if hp.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if hp.flush_denormal:
+            torch.set_flush_denormal(True)  # a no-op (returns False) where the CPU does not support it
+        if hp.channels_last:
+            self.sd.unet.to(memory_format=torch.channels_last)
+        if hp.compile_unet and not self._compiled:
+            self.sd.unet.compile()  # in place: parameter names (and checkpoints) stay the same
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -145,6 +179,29 @@ class DiffusionModule(LightningModule):
             request = datamodule.class_image_request(self.spec.cache_key())
             if request is not None:
                 self.generate_class_images(request)
+        self.prepare_latent_cache()
+
+    @torch.no_grad()
+    def _encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae_param = next(self.sd.vae.parameters())
+        dist = self.sd.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+        return dist.mean, dist.logvar
+
+    def prepare_latent_cache(self) -> None:
+        """Build (local rank 0 of each node) or open the VAE latent cache and hand it to the datamodule."""
+        from datamodules.latent_cache import LatentCache, build_latent_cache
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self.hparams.cache_latents or datamodule is None or not hasattr(datamodule, "latent_cache_plan"):
+            return
+        plan = datamodule.latent_cache_plan(self.spec.cache_key())
+        if plan is None:
+            return
+        if self.trainer.local_rank == 0 and not LatentCache.is_complete(plan.directory):
+            rank_zero_info(f"caching VAE latents of {len(plan.ids)} images into {plan.directory}")
+            build_latent_cache(plan, self._encode_posterior, self.hparams.latent_cache_batch_size, progress=self.global_rank == 0)
+        self.trainer.strategy.barrier("latent_cache")
+        datamodule.attach_latent_cache(LatentCache(plan.directory))
 
     def _warn_long_prompts(self, prompts: Sequence[str]) -> None:
         unique = sorted(set(prompts))
@@ -206,22 +263,33 @@ class DiffusionModule(LightningModule):
         self.trainer.strategy.barrier("class_images")
 
     # ------------------------------------------------------------------ the step
-    def _split_batch(self, batch: dict) -> tuple[torch.Tensor, list[str], int]:
+    def _split_batch(self, batch: dict) -> tuple[str, torch.Tensor, list[str], int]:
+        """``(kind, images, prompts, n_instance)``: kind ``pixel_values`` or ``latent_dist`` (cached posteriors)."""
         if "instance" in batch:
             inst, prior = batch["instance"], batch.get("prior")
         else:
             inst, prior = batch, None
-        pixels, prompts = inst["pixel_values"], list(inst["prompt"])
-        n_instance = pixels.shape[0]
+        kind = "latent_dist" if "latent_dist" in inst else "pixel_values"
+        images, prompts = inst[kind], list(inst["prompt"])
+        n_instance = images.shape[0]
         if prior is not None:
-            pixels = torch.cat([pixels, prior["pixel_values"].to(pixels)])
+            images = torch.cat([images, prior[kind].to(images)])
             prompts += list(prior["prompt"])
-        return pixels, prompts, n_instance
+        return kind, images, prompts, n_instance
+
+    def latents_of(self, kind: str, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents (float32) of a batch of pixels or of cached posteriors, drawn with ``generator``."""
+        if kind == "pixel_values":
+            return self.sd.encode_images(images, generator).float()
+        from datamodules.latent_cache import sample_latents
+
+        vae_dtype = next(self.sd.vae.parameters()).dtype
+        return sample_latents(images.to(self.device), generator, self.sd.vae.config.scaling_factor, vae_dtype).float()
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        pixels, prompts, n_instance = self._split_batch(batch)
+        kind, images, prompts, n_instance = self._split_batch(batch)
         sd = self.sd
-        latents = sd.encode_images(pixels, generator).float()
+        latents = self.latents_of(kind, images, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         steps = sd.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
@@ -269,7 +337,7 @@ class DiffusionModule(LightningModule):
         # the same noise every validation, so the curve compares like with like
         g = step_generator(self.hparams.seed, 7_777, self.global_rank, batch_idx)
         losses = self.diffusion_loss(batch, g)
-        self.log("val/loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=batch["pixel_values"].shape[0])
+        self.log("val/loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=len(batch["prompt"]))
         return losses["loss"]
 
     # ------------------------------------------------------------------ optimisation
@@ -279,20 +347,45 @@ class DiffusionModule(LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
-        fused = all(p.is_cuda for p in params)
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=self.hparams.learning_rate,
-            betas=tuple(self.hparams.adam_betas),
-            eps=self.hparams.adam_epsilon,
-            weight_decay=self.hparams.weight_decay,
-            fused=fused or None,
-        )
+        kwargs = dict(lr=self.hparams.learning_rate, betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_epsilon,
+                      weight_decay=self.hparams.weight_decay)
+        if self.hparams.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise RuntimeError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only); "
+                                   "or use optimizer: adamw") from None
+            optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+        elif self.hparams.optimizer == "adamw":
+            # fused: one kernel for all parameters. Under fp16 mixed precision a fused AdamW unscales the
+            # gradients inside its step, after gradient clipping would have to run, so clipping runs there
+            # with the multi-tensor (foreach) AdamW instead.
+            clipping = bool(self.trainer.gradient_clip_val) if self._trainer is not None else False
+            fp16 = self._trainer is not None and str(self.trainer.precision) in ("16-mixed", "16")
+            optimizer = torch.optim.AdamW(params, fused=not (clipping and fp16), **kwargs)
+        else:
+            raise ValueError(f"optimizer: unknown value {self.hparams.optimizer!r}; expected adamw or adamw8bit")
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         scheduler = get_scheduler(
             self.hparams.lr_scheduler, optimizer, num_warmup_steps=self.hparams.lr_warmup_steps, num_training_steps=total
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does, also for a fused AdamW under bf16 mixed precision.
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer that could unscale gradients
+        itself (fused AdamW), although under bf16 nothing is scaled; there the gradients are clipped here.
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if gradient_clip_val and getattr(inner, "_step_supports_amp_scaling", False) and str(self.trainer.precision).startswith("bf16"):
+            params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ sampling contract
     @torch.no_grad()

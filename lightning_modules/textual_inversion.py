@@ -390,6 +390,7 @@ class TextualInversion(DiffusionModule):
                 "the wrong side, and the token learns that too"
             )
         self._warn_long_prompts([self.expand_prompt(self.prompt_for(f, i)) for f in findings for i in range(len(self._templates))])
+        self.prepare_latent_cache()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

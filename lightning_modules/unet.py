@@ -5,6 +5,7 @@ once by the frozen base model at the start of fit (each rank its share) and cach
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -17,21 +18,38 @@ class UNetFineTuning(DiffusionModule):
     """Fine-tune the U-Net of Stable Diffusion on image–prompt pairs.
 
     Args:
-        gradient_checkpointing: trade compute for memory in the U-Net.
-        **kwargs: see :class:`~lightning_modules.base.DiffusionModule`.
+        cache_text: keep CLIP's output for each distinct prompt (CLIP is frozen here, so a prompt's
+            conditioning never changes); at most ``text_cache_size`` prompts, least recently used dropped.
+        text_cache_size: how many prompts' ``[77, 768]`` conditioning the cache holds (on the model's device).
+        **kwargs: see :class:`~lightning_modules.base.DiffusionModule` (``gradient_checkpointing`` and the other
+            speed settings are there).
     """
 
-    def __init__(self, gradient_checkpointing: bool = False, **kwargs):
+    def __init__(self, cache_text: bool = True, text_cache_size: int = 1024, **kwargs):
         super().__init__(**kwargs)
-        if gradient_checkpointing:
-            self.sd.unet.enable_gradient_checkpointing()
+        self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 
     def configure_trainable(self) -> None:
         self.sd.unet.requires_grad_(True)
         self.sd.unet.train()
 
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.sd.encode_prompts(prompts)
+        if not self.hparams.cache_text:
+            return self.sd.encode_prompts(prompts)
+        cache = self._text_cache
+        param = next(self.sd.text_encoder.parameters())
+        if cache and (next(iter(cache.values())).device != param.device or next(iter(cache.values())).dtype != param.dtype):
+            cache.clear()  # the text encoder moved or changed precision
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            for p, e in zip(missing, self.sd.encode_prompts(missing)):
+                cache[p] = e
+        for p in prompts:
+            cache.move_to_end(p)
+        out = torch.stack([cache[p] for p in prompts])
+        while len(cache) > max(int(self.hparams.text_cache_size), 0):
+            cache.popitem(last=False)
+        return out
 
     def export(self, out_dir: str | Path) -> Path:
         """A diffusers ``StableDiffusionPipeline`` folder (safetensors, fp32, PNDM as SD v1.4)."""
