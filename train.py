@@ -73,7 +73,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
-    from callbacks.checkpointing import FinalCheckpoint
+    from callbacks.checkpointing import AtomicCheckpointIO, FinalCheckpoint, PreemptionCheckpoint
     from callbacks.loss_log import LossLog
     from lightning_modules.base import DiffusionModule
 
@@ -127,8 +127,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                     every_n_train_steps=cfg.checkpoint_every_n_steps,
                 ),
                 FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_steps=cfg.checkpoint_every_n_steps),
+                PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
                 LossLog(run_dir / "losses.csv"),
             ]
+            plugins = config.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            config["plugins"] = plugins + [AtomicCheckpointIO()]  # a kill during a save never corrupts last.ckpt
             from lightning.pytorch.callbacks import ProgressBar
 
             from callbacks.progress import step_progress_bar
@@ -180,7 +184,31 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     if cli.trainer.is_global_zero:
         write_provenance(cli, original_argv)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from callbacks.checkpointing import CheckpointSaveError
+    from lightning_modules.base import NonFiniteLossError
+
+    last = cli.run_dir / "checkpoints" / "last.ckpt"
+    preemption = next(c for c in cli.trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
+    except SIGTERMException:  # during validation or setup, under Lightning's own handler
+        if cli.trainer.is_global_zero and preemption.saved_step is not None:
+            print(f"train.py: received SIGTERM: saved {last} at step {preemption.saved_step}. Resume with the same command "
+                  "and --ckpt_path last.", file=sys.stderr, flush=True)
+        elif cli.trainer.is_global_zero:
+            print(f"train.py: received SIGTERM before the first step ended: nothing new saved ({last} unchanged). "
+                  "Resume with the same command and --ckpt_path last.", file=sys.stderr, flush=True)
+        raise SystemExit(143)
+    except (NonFiniteLossError, CheckpointSaveError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    if preemption.saved_step is not None:
+        if cli.trainer.is_global_zero:
+            print(f"train.py: received SIGTERM: saved {last} at step {preemption.saved_step}. Resume with the same command "
+                  "and --ckpt_path last.", file=sys.stderr, flush=True)
+        raise SystemExit(143)
     if cli.trainer.is_global_zero:
         print(f"run folder: {cli.run_dir}", flush=True)
 

@@ -39,6 +39,10 @@ class TrainedStateMismatch(RuntimeError):
     """A checkpoint does not hold the parameters this configuration trains."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (``on_nonfinite_loss: stop``)."""
+
+
 class DiffusionModule(LightningModule):
     """Shared training logic. Subclasses: UNetFineTuning, TextualInversion, TextualProjection.
 
@@ -66,6 +70,9 @@ class DiffusionModule(LightningModule):
             optimizer state).
         flush_denormal: on CPU, flush denormal floats to zero (they slow CPU arithmetic by orders of
             magnitude once weights or gradients get tiny; GPUs under TF32/bf16 do this anyway).
+        on_nonfinite_loss: a NaN/inf training loss ``stop``s the run with an error naming the step (the
+            weights are not updated with it, and the last checkpoint stays as it was), or the batch is
+            ``skip``ped with a warning (no optimizer step; every rank skips together).
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class DiffusionModule(LightningModule):
         compile_unet: bool = False,
         optimizer: Literal["adamw", "adamw8bit"] = "adamw",
         flush_denormal: bool = True,
+        on_nonfinite_loss: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         self.spec = model if isinstance(model, StableDiffusionSpec) else StableDiffusionSpec(**dict(model))
@@ -103,6 +111,9 @@ class DiffusionModule(LightningModule):
         self.strict_loading = False
         self._warned_long_prompts = False
         self._compiled = False
+        self.skipped_nonfinite: list[int] = []  # global steps whose batch was skipped
+        if on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss: unknown value {on_nonfinite_loss!r}; expected 'stop' or 'skip'")
         if gradient_checkpointing:
             self.sd.unet.enable_gradient_checkpointing()
 
@@ -323,9 +334,34 @@ class DiffusionModule(LightningModule):
         clipped = torch.clamp(snr, max=float(self.hparams.snr_gamma))
         return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def loss_is_usable(self, loss: torch.Tensor) -> bool:
+        """False when the batch must be skipped; raises :class:`NonFiniteLossError` under ``stop``.
+
+        The decision is taken on all ranks together (a rank that skipped alone would hang DDP).
+        """
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return True
+        step, batch = self.trainer.global_step, self.trainer.fit_loop.total_batch_idx
+        value = float(loss.detach().float().mean()) if loss.numel() else float("nan")
+        if self.hparams.get("on_nonfinite_loss", "stop") == "skip":
+            self.skipped_nonfinite.append(step)
+            rank_zero_warn(f"non-finite training loss ({value}) at step {step} (batch {batch}): batch skipped, weights not "
+                           f"updated (on_nonfinite_loss: skip; {len(self.skipped_nonfinite)} skipped so far)")
+            return False
+        raise NonFiniteLossError(
+            f"the training loss is {value} at step {step} (batch {batch}); the run stops before updating the weights with it, "
+            "and the last checkpoint is the one written before. Lower the learning rate, prefer bf16 to fp16, or set "
+            "model.init_args.on_nonfinite_loss: skip to skip such batches."
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         g = step_generator(self.hparams.seed, self.global_rank, self.trainer.fit_loop.total_batch_idx)
         losses = self.diffusion_loss(batch, g)
+        if not self.loss_is_usable(losses["loss"]):
+            return None
         bs = losses["n_instance"]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         if "prior" in losses:

@@ -315,6 +315,8 @@ class TextualProjection(DiffusionModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self.projection_loss(batch)
+        if self.automatic_optimization and not self.loss_is_usable(loss):
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 

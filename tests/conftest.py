@@ -52,6 +52,36 @@ def run_train(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = Tr
     return proc
 
 
+def train_and_signal(args: list[str], losses_csv: Path, sig: int, after_rows: int = 10, env: dict | None = None,
+                     timeout: float = 300) -> tuple[int, str, str]:
+    """Start ``python train.py ARGS``, send ``sig`` once ``losses_csv`` holds ``after_rows`` rows (it is flushed
+    at each checkpoint), wait for the exit; return ``(returncode, stdout, stderr)``. Fails if the run ended first."""
+    import signal as _signal
+    import time
+
+    out_path, err_path = losses_csv.parent.parent / f"signal-{sig}.out", losses_csv.parent.parent / f"signal-{sig}.err"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([PYTHON, str(REPO / "train.py"), *args, "--trainer.callbacks+=callbacks.testing.StepDelay"],
+                                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout
+        sent = False
+        while proc.poll() is None and time.monotonic() < deadline:
+            if losses_csv.is_file() and len(losses_csv.read_text().splitlines()) - 1 >= after_rows:
+                proc.send_signal(sig)
+                sent = True
+                break
+            time.sleep(0.02)
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(_signal.SIGKILL)
+            raise
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    assert sent, f"train.py ended (exit {proc.returncode}) before {after_rows} steps were logged:\n{stderr[-3000:]}"
+    return proc.returncode, stdout, stderr
+
+
 def demo_args(tmp: Path, *extra: str, config: str = "demo") -> list[str]:
     """A demo config on its own phantom folder and run folder, short and fast."""
     args = [

@@ -1,6 +1,7 @@
 """Textual projection: the MLP learns CLIP's space from LAION captions, caches, resumes, generates, exports."""
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from callbacks.loss_log import read_loss_log
-from conftest import PYTHON, REPO, run_train
+from conftest import PYTHON, REPO, run_train, train_and_signal
 from lightning_modules.projection import (
     ProjectionConfigError,
     ProjectionMLP,
@@ -62,15 +63,19 @@ def test_token_level_mse_goes_down(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
-def test_resume_is_exact(projection_run, tmp_path):
+def test_sigterm_then_resume_is_exact(projection_run, tmp_path):
+    """SIGTERM mid-run saves last.ckpt (exit 143); resuming ends bit-identical to the uninterrupted run."""
     reference, _ = projection_run
     common = projection_args(tmp_path, "--run_name", "resumed")
-    run_train(*common, "--trainer.max_steps", "13")
+    run = tmp_path / "runs" / "resumed"
+    code, _, err = train_and_signal([*common, "--trainer.max_steps", "30"], run / "losses.csv", signal.SIGTERM)
+    assert code == 143 and "received SIGTERM: saved" in err, err[-3000:]
+    assert 10 <= torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 30
     proc = run_train(*common, "--trainer.max_steps", "30", "--ckpt_path", "last")
     assert "resuming" in proc.stdout
-    assert read_loss_log(tmp_path / "runs" / "resumed" / "losses.csv") == read_loss_log(reference / "losses.csv")
+    assert read_loss_log(run / "losses.csv") == read_loss_log(reference / "losses.csv")
     a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "runs" / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(k.startswith("projection.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

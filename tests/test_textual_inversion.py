@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 from lightning.pytorch import Trainer
 
 from callbacks.loss_log import read_loss_log
-from conftest import PYTHON, REPO, demo_args, run_train
+from conftest import PYTHON, REPO, demo_args, run_train, train_and_signal
 from datamodules.mimic_cxr import MIMICCXRDataModule
 from lightning_modules.base import TrainedStateMismatch, step_generator
 from lightning_modules.stable_diffusion import StableDiffusionSpec, load_stable_diffusion
@@ -321,15 +322,19 @@ def test_demo_run_checkpoint_is_kilobytes_and_holds_only_the_new_rows(ti_run):
     assert sorted(losses) == list(range(20)) and all(0 < v < 10 for v in losses.values())
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(ti_run, tmp_path):
-    """Stop between two checkpoints (13; they are every 5 steps), resume with --ckpt_path last."""
+def test_sigterm_then_resume_is_bit_identical(ti_run, tmp_path):
+    """SIGTERM mid-run: last.ckpt is saved at the batch it finished (exit 143); --ckpt_path last ends where an
+    uninterrupted run ends: the same losses, the same new rows, the same optimizer state."""
     common = ti_args(tmp_path, "--run_name", "resumed", "--trainer.callbacks=[]", "--wandb_mode", "disabled")
-    run_train(*common, "--trainer.max_steps", "13")
+    run = tmp_path / "runs" / "resumed"
+    code, _, err = train_and_signal([*common, "--trainer.max_steps", "20"], run / "losses.csv", signal.SIGTERM)
+    assert code == 143 and "received SIGTERM: saved" in err, err[-3000:]
+    assert 10 <= torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 20
     proc = run_train(*common, "--trainer.max_steps", "20", "--ckpt_path", "last")
     assert "resuming" in proc.stdout
-    assert read_loss_log(tmp_path / "runs" / "resumed" / "losses.csv") == read_loss_log(ti_run / "losses.csv")
+    assert read_loss_log(run / "losses.csv") == read_loss_log(ti_run / "losses.csv")
     a = torch.load(ti_run / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "runs" / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(checkpoint_rows(a), checkpoint_rows(b))
     (sa,), (sb,) = a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

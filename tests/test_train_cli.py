@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import yaml
 
 from callbacks.loss_log import read_loss_log
-from conftest import PYTHON, REPO, demo_args, run_train
+from conftest import PYTHON, REPO, demo_args, run_train, train_and_signal
 
 
 def test_reference_run_leaves_a_complete_run_folder(reference_run):
@@ -41,23 +42,54 @@ def test_checkpoint_holds_only_the_unet(reference_run):
     assert checkpoint["global_step"] == 24 and checkpoint["optimizer_states"]
 
 
-@pytest.mark.parametrize("stop,workers", [(10, 0), (13, 0), (13, 2)])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(reference_run, tmp_path, stop, workers):
-    """Stop at a checkpoint step (10) or between two (13), resume with --ckpt_path last.
+def _same_as_reference(reference_run, run_dir):
+    assert read_loss_log(run_dir / "losses.csv") == read_loss_log(reference_run / "losses.csv")  # exact, every step
+    a = torch.load(reference_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    With dataloader workers the same batches arrive in the same order, so on one CPU process the
-    losses are still exactly equal."""
+
+def test_stop_between_checkpoints_then_resume_with_workers_is_bit_identical(reference_run, tmp_path):
+    """Stop at step 13 (checkpoints every 5), resume with --ckpt_path last. With dataloader workers the same
+    batches arrive in the same order, so on one CPU process the losses are still exactly equal."""
     common = demo_args(tmp_path, "--run_name", "resumed", "--trainer.callbacks=[]", "--wandb_mode", "disabled",
-                       "--data.init_args.num_workers", str(workers))
-    run_train(*common, "--trainer.max_steps", str(stop))
+                       "--data.init_args.num_workers", "2")
+    run_train(*common, "--trainer.max_steps", "13")
     proc = run_train(*common, "--trainer.max_steps", "24", "--ckpt_path", "last")
     assert "resuming" in proc.stdout
-    reference = read_loss_log(reference_run / "losses.csv")
-    resumed = read_loss_log(tmp_path / "runs" / "resumed" / "losses.csv")
-    assert resumed == reference  # exact float equality, every step
-    a = torch.load(reference_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "runs" / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _same_as_reference(reference_run, tmp_path / "runs" / "resumed")
+
+
+def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
+    """kill -9 after the step-10 checkpoint (mid-way to the next): resume from it and end where the reference ends."""
+    common = demo_args(tmp_path, "--run_name", "killed", "--trainer.callbacks=[]", "--wandb_mode", "disabled")
+    run = tmp_path / "runs" / "killed"
+    code, _, _ = train_and_signal([*common, "--trainer.max_steps", "24"], run / "losses.csv", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    # the kill may land inside a save: last.ckpt is then the previous, complete checkpoint
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] in (5, 10, 15, 20)
+    proc = run_train(*common, "--trainer.max_steps", "24", "--ckpt_path", "last")
+    assert "resuming" in proc.stdout
+    _same_as_reference(reference_run, run)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # a half-written file was cleaned up
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, tmp_path):
+    """SIGTERM (SLURM pre-emption): the run saves last.ckpt at the batch it finished and exits 143; resuming
+    ends where the reference ends. The W&B key in the environment is written nowhere in the run folder."""
+    secret = "wandb-key-0123456789abcdef-must-not-leak"
+    common = demo_args(tmp_path, "--run_name", "preempted", "--trainer.callbacks=[]", "--wandb_mode", "offline")
+    run = tmp_path / "runs" / "preempted"
+    code, _, err = train_and_signal([*common, "--trainer.max_steps", "24"], run / "losses.csv", signal.SIGTERM,
+                                    env={"WANDB_API_KEY": secret})
+    assert code == 143, err[-3000:]
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 10 <= step < 24 and f"received SIGTERM: saved {run / 'checkpoints' / 'last.ckpt'} at step {step}" in err
+    proc = run_train(*common, "--trainer.max_steps", "24", "--ckpt_path", "last")
+    assert f"from {run / 'checkpoints' / 'last.ckpt'}" in proc.stdout
+    _same_as_reference(reference_run, run)
+    leaked = [p for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 def test_resume_continues_the_same_wandb_run(tmp_path):
@@ -114,6 +146,11 @@ def test_unknown_config_key_fails_at_start(tmp_path):
     proc = run_train(*demo_args(tmp_path, "--model.init_args.learning_rat", "0.1"), check=False)
     assert proc.returncode != 0 and "learning_rat" in proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_wrong_type_in_the_config_fails_at_start_naming_key_and_value(tmp_path):
+    proc = run_train(*demo_args(tmp_path, "--trainer.max_steps", "ten"), check=False)
+    assert proc.returncode != 0 and "max_steps" in proc.stderr and "ten" in proc.stderr
 
 
 def test_unknown_config_name_lists_the_known_ones(tmp_path):
