@@ -53,6 +53,9 @@ class SampleGrid(Callback):
         steps, guidance: sampling settings.
         seed: first seed.
         dirpath: where PNGs go (default ``<run>/samples``, set by train.py).
+        log_real_images: also log a few real training images to the loggers (once), for comparison.
+            Off by default: MIMIC-CXR's data use agreement forbids sharing its images, and a W&B
+            project may be visible to others. Generated images are always logged.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class SampleGrid(Callback):
         seed: int = 0,
         dirpath: Optional[str] = None,
         on_train_end: bool = True,
+        log_real_images: bool = False,
     ):
         super().__init__()
         if not prompts:
@@ -77,7 +81,9 @@ class SampleGrid(Callback):
         self.seed = seed
         self.dirpath = Path(dirpath) if dirpath else None
         self.make_on_train_end = on_train_end
+        self.log_real_images = log_real_images
         self._last_step = -1
+        self._real_logged = False
 
     def _dir(self, trainer: Trainer) -> Path:
         return self.dirpath or Path(trainer.default_root_dir) / "samples"
@@ -99,7 +105,20 @@ class SampleGrid(Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[grid], step=step, caption=[" | ".join(self.prompts)])
+        if self.log_real_images and not self._real_logged:
+            self._log_real_images(trainer, step)
         return path
+
+    def _log_real_images(self, trainer: Trainer, step: int) -> None:
+        """Only with ``log_real_images: true``: up to ``n_per_prompt`` real training images, logged once."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "real_image_examples"):
+            return
+        images, captions = datamodule.real_image_examples(self.n_per_prompt)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image") and images:
+                logger.log_image(key="real_images", images=images, step=step, caption=captions)
+        self._real_logged = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:

@@ -350,6 +350,9 @@ class MIMICCXRDataModule(LightningDataModule):
             no_template = [f for f in findings if f not in prompt_templates]
             if no_template:
                 raise ValueError(f"prompt_templates has no prompt for finding(s) {no_template}")
+            empty = [f for f in findings if not str(prompt_templates[f]).strip()]
+            if empty:
+                raise ValueError(f"prompt_templates: the prompt for {empty} is empty; every selected finding needs a prompt")
         self.root = Path(root).expanduser()
         self.findings = list(findings)
         self.uncertain = uncertain
@@ -535,6 +538,13 @@ class MIMICCXRDataModule(LightningDataModule):
             parts = [model_key, p.class_prompt, p.steps, p.guidance_scale, p.scheduler, self.resolution]
             directory = self.cache_root / "class_images" / hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
         return ClassImageRequest(directory, p.class_prompt, p.num_class_images, p.steps, p.guidance_scale, p.scheduler, self.resolution, model_key)
+
+    def real_image_examples(self, n: int) -> tuple[list, list[str]]:
+        """The first ``n`` training images (PIL) and their findings: for ``SampleGrid(log_real_images=True)`` only."""
+        self.setup()
+        rows = self.train_records.head(int(n))
+        images = [Image.open(self.image_cache_dir / f"{r.dicom_id}.png").convert("L") for r in rows.itertuples()]
+        return images, [f"{r.finding} ({r.dicom_id})" for r in rows.itertuples()]
 
     # ------------------------------------------------------------------ latent cache
     def latent_cache_plan(self, model_key: str) -> Optional[LatentCachePlan]:

@@ -127,6 +127,13 @@ def load_classifier(name: str = "tiny-phantom", cache_dir: Optional[str] = None)
             f"torchxrayvision weights {key!r} not found at {path}. Download {url} on a machine with internet access "
             f"and put it there (or pass a cache_dir holding it)."
         )
+    import warnings
+
+    warnings.warn(
+        f"{path}: torchxrayvision weights are a pickled module; torchxrayvision loads them with torch.load(weights_only=False), "
+        f"which can run code from the file. Use only the file published at {url}.",
+        UserWarning, stacklevel=2,
+    )
     return xrv.models.get_model(key, cache_dir=str(folder)).eval()
 
 
