@@ -105,3 +105,13 @@ def reference_run(tmp_path_factory) -> Path:
     run_train(*demo_args(tmp, "--run_name", "ref", "--trainer.max_steps", "24",
                          "--trainer.callbacks.init_args.every_n_steps", "12", "--trainer.callbacks.init_args.steps", "2"))
     return tmp / "runs" / "ref"
+
+
+@pytest.fixture(scope="session")
+def ti_run(tmp_path_factory) -> Path:
+    """One uninterrupted 20-step textual-inversion demo run (token ``<lung-xray>``), reused by many tests."""
+    tmp = tmp_path_factory.mktemp("ti_reference")
+    run_train(*demo_args(tmp, "--run_name", "ref", "--trainer.max_steps", "20", "--trainer.callbacks.init_args.every_n_steps", "20",
+                         "--trainer.callbacks.init_args.steps", "2", "--trainer.callbacks.init_args.n_per_prompt", "2",
+                         config="textual_inversion_demo"))
+    return tmp / "runs" / "ref"

@@ -300,15 +300,6 @@ def ti_args(tmp: Path, *extra: str) -> list[str]:
     return demo_args(tmp, *extra, config="textual_inversion_demo")
 
 
-@pytest.fixture(scope="module")
-def ti_run(tmp_path_factory) -> Path:
-    """One uninterrupted 20-step textual-inversion demo run, reused by the tests below."""
-    tmp = tmp_path_factory.mktemp("ti_reference")
-    run_train(*ti_args(tmp, "--run_name", "ref", "--trainer.max_steps", "20", "--trainer.callbacks.init_args.every_n_steps", "20",
-                       "--trainer.callbacks.init_args.steps", "2", "--trainer.callbacks.init_args.n_per_prompt", "2"))
-    return tmp / "runs" / "ref"
-
-
 def test_demo_run_checkpoint_is_kilobytes_and_holds_only_the_new_rows(ti_run):
     path = ti_run / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
