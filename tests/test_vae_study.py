@@ -305,6 +305,8 @@ def test_missing_weights_fail_fast_with_the_file_name(phantom_root, tmp_path, mo
     assert INCEPTION_WEIGHTS_FILE in capsys.readouterr().err
 
 
-def test_other_studies_still_not_implemented(capsys):
-    assert evaluate.main(["generation"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_every_study_has_a_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["no-such-study"])
+    err = capsys.readouterr().err
+    assert all(name in err for name in ("vae", "vae-scores", "text-encoders", "generation"))

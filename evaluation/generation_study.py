@@ -1,0 +1,350 @@
+"""The generation study (paper Table 4, Figure 4) and the finding-correctness metric it asks for:
+``python evaluate.py generation``.
+
+For the base Stable Diffusion and each trained run (any strategy), the same prompts are sampled with
+the same seeds. Per (strategy, prompt):
+
+* **FID** against real images of the matching finding, with its N and a bootstrap interval over the
+  generated images (:mod:`evaluation.generation_stats`). What the paper leaves open, fixed here:
+  the reference set is frontal images of the chosen split (``test`` by default); prompts that name a
+  pleural effusion are compared with effusion-positive images, every other prompt (the plain and the
+  style prompt) with "No Finding" images. KID is added where N is small (``--kid``).
+* **Diversity**: mean pairwise MS-SSIM of the prompt's samples (higher = less diverse), with its
+  scale setting.
+
+Per strategy, **finding correctness**: a classifier (torchxrayvision's DenseNet, or the shipped
+phantom classifier) scores P(effusion) for every image; the AUROC of separating the effusion
+prompt's images from the plain prompt's images, with a bootstrap interval, and the accuracy at the
+classifier's 0.5 operating point. Textual-inversion runs use their token in place of "lung xray".
+
+The paper's Table 4 values (0.03–0.27) are not on the scale of standard Inception FID; ours are not
+comparable with them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from datamodules.prompts import PAPER_PROMPTS
+from evaluation.generation_stats import (GenerationStatsError, auroc_with_ci, fid_with_ci, kid, ms_ssim_diversity)
+
+EFFUSION = "Pleural Effusion"
+NORMAL = "No Finding"
+STUDY_PACKAGES = ("torch", "diffusers", "transformers", "torchmetrics", "torchxrayvision", "numpy", "pandas")
+
+
+class GenerationStudyError(ValueError):
+    """Bad input to the generation study: the message names the option, file or value."""
+
+
+def prompt_finding(prompt: str) -> str:
+    """The reference finding of a prompt: effusion prompts -> Pleural Effusion, every other prompt -> No Finding."""
+    return EFFUSION if "effusion" in prompt.lower() else NORMAL
+
+
+@dataclass
+class Strategy:
+    name: str
+    module: object
+    source: str
+    prompts: list[str]  # the prompts as this strategy is asked (TI: with its token)
+
+
+def load_strategies(base: Optional[str], runs: Sequence[str], prompts: Sequence[str], ckpt: str = "last") -> list[Strategy]:
+    from lightning_modules.runs import RunLoadError, load_run
+
+    out = []
+    if base:
+        from lightning_modules.unet import UNetFineTuning
+
+        module = UNetFineTuning(model={"pretrained": base}).eval()  # untrained: the base model itself
+        out.append(Strategy("Stable Diffusion (base)", module, base, list(prompts)))
+    for run in runs:
+        try:
+            module, path = load_run(run, ckpt)
+        except RunLoadError as err:
+            raise GenerationStudyError(f"--runs {run}: {err}") from None
+        asked = [module.to_token_prompt(p) for p in prompts] if hasattr(module, "to_token_prompt") else list(prompts)
+        out.append(Strategy(Path(run).name, module, str(path), asked))
+    names = [s.name for s in out]
+    if len(set(names)) < len(names):
+        raise GenerationStudyError(f"--runs: two strategies have the same name {names}; run folders need distinct names")
+    return out
+
+
+def reference_images(mimic_root: str, finding: str, split: str, n: Optional[int], resolution: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Frontal images of ``split`` positive for ``finding`` (for No Finding: its label 1.0), uint8 ``[N, H, W]``."""
+    from evaluation.vae_study import VAEStudyError, load_images, select_mimic
+
+    try:
+        records = select_mimic(mimic_root, None, seed, split)
+    except (VAEStudyError, ValueError) as err:
+        raise GenerationStudyError(str(err)) from None
+    records = records[records[finding] == 1.0].reset_index(drop=True)
+    if len(records) < 2:
+        raise GenerationStudyError(f"{mimic_root}: {len(records)} frontal {split!r} image(s) positive for {finding!r}; "
+                                   "FID needs at least 2 (choose another --split)")
+    if n is not None and n < len(records):
+        records = records.sample(n=n, random_state=seed).reset_index(drop=True)
+    kept, images = load_images(records, resolution)[:2]
+    return kept, images
+
+
+@dataclass
+class StudyConfig:
+    mimic_root: str
+    out: str
+    runs: list[str] = field(default_factory=list)
+    base: Optional[str] = "CompVis/stable-diffusion-v1-4"
+    prompts: list[str] = field(default_factory=lambda: list(PAPER_PROMPTS))
+    n_per_prompt: int = 100
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "pndm"
+    resolution: Optional[int] = None  # default: the model's native size
+    split: str = "test"
+    n_real: Optional[int] = None
+    fid_features: str = "inception"
+    inception_weights: Optional[str] = None
+    classifier: str = "densenet121-res224-all"
+    xrv_cache_dir: Optional[str] = None
+    kid: bool = False
+    n_boot: int = 100
+    batch_size: int = 8
+    device: str = "auto"
+    grid_per_prompt: int = 4
+
+    def validate(self) -> None:
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise GenerationStudyError("--prompts: give at least one non-empty prompt")
+        if self.n_per_prompt < 2:
+            raise GenerationStudyError(f"--n_per_prompt {self.n_per_prompt}: FID and diversity need at least 2 images per prompt")
+        if not self.runs and not self.base:
+            raise GenerationStudyError("nothing to evaluate: give --runs and/or --base")
+        if self.fid_features not in ("inception", "xrv"):
+            raise GenerationStudyError(f"--fid_features: {self.fid_features!r}; expected inception or xrv")
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+@torch.no_grad()
+def _features(extractor: torch.nn.Module, images: torch.Tensor, device, batch: int = 32) -> torch.Tensor:
+    out = []
+    for s in range(0, len(images), batch):
+        out.append(extractor(images[s:s + batch].to(device)).double().cpu())
+    return torch.cat(out)
+
+
+def _u8_to_float(images_u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_u8).float().div(255.0).unsqueeze(1)  # [N, 1, H, W] in [0, 1]
+
+
+def _fmt_ci(v: float, lo: float, hi: float, digits: int = 1) -> str:
+    if not np.isfinite(v):
+        return "n/a"
+    ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(lo) else ""
+    return f"{v:.{digits}f}{ci}"
+
+
+def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
+    from tqdm.auto import tqdm
+
+    from callbacks.sample_grid import labelled_grid
+    from evaluation.classifiers import finding_probabilities, load_classifier
+    from evaluation.vae_study import ClassifierFeatures, InceptionFeatures
+
+    cfg.validate()
+    device = _device(cfg.device)
+    out = Path(cfg.out)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:  # weights first: a missing file stops the study before any generation
+        classifier = load_classifier(cfg.classifier, cfg.xrv_cache_dir).to(device)
+        extractor = (InceptionFeatures(cfg.inception_weights) if cfg.fid_features == "inception" else ClassifierFeatures(classifier)).to(device).eval()
+    except FileNotFoundError as err:
+        raise GenerationStudyError(str(err)) from None
+    strategies = load_strategies(cfg.base, cfg.runs, cfg.prompts)
+    resolution = cfg.resolution or int(strategies[0].module.sd.unet.config.sample_size * strategies[0].module.sd.vae_scale_factor)
+
+    real_feats, real_n = {}, {}
+    for finding in sorted({prompt_finding(p) for p in cfg.prompts}):
+        _, imgs = reference_images(cfg.mimic_root, finding, cfg.split, cfg.n_real, resolution, cfg.seed)
+        real_feats[finding] = _features(extractor, _u8_to_float(imgs), device)
+        real_n[finding] = len(imgs)
+        log(f"reference {finding!r}: {len(imgs)} frontal {cfg.split!r} images at {resolution} px")
+
+    seeds = [cfg.seed + i for i in range(cfg.n_per_prompt)]
+    fid_rows, div_rows, corr_rows, grid_cells = [], [], [], {}
+    for strategy in strategies:
+        module = strategy.module.to(device)
+        p_effusion: dict[str, np.ndarray] = {}
+        for prompt, asked in zip(cfg.prompts, strategy.prompts):
+            images = []
+            for s in tqdm(range(0, len(seeds), cfg.batch_size), desc=f"{strategy.name}: {asked[:40]}", disable=len(seeds) <= cfg.batch_size):
+                chunk = seeds[s:s + cfg.batch_size]
+                images.append(module.generate([asked] * len(chunk), seeds=chunk, steps=cfg.steps, guidance=cfg.guidance,
+                                              scheduler=cfg.scheduler, height=resolution, width=resolution,
+                                              batch_size=cfg.batch_size).cpu())
+            images = torch.cat(images)  # [N, 3, H, W] in [0, 1]
+            gray = images.mean(1, keepdim=True)
+            finding = prompt_finding(prompt)
+            fid = fid_with_ci(real_feats[finding], _features(extractor, gray, device), cfg.n_boot, cfg.seed)
+            row = {"strategy": strategy.name, "prompt": prompt, "prompt_used": asked, "reference": finding,
+                   "features": cfg.fid_features, **fid}
+            if cfg.kid:
+                row.update({k: v for k, v in kid(real_feats[finding], _features(extractor, gray, device)).items()
+                            if k in ("kid", "kid_std", "subset_size")})
+            fid_rows.append(row)
+            div_rows.append({"strategy": strategy.name, "prompt": prompt, **ms_ssim_diversity(gray, max_pairs=2000, seed=cfg.seed, n_boot=cfg.n_boot)})
+            p_effusion[prompt] = finding_probabilities(classifier, images.to(device), EFFUSION).numpy()
+            grid_cells[(strategy.name, prompt)] = images[: cfg.grid_per_prompt]
+        k = min(cfg.grid_per_prompt, cfg.n_per_prompt)
+        grid = labelled_grid(torch.cat([grid_cells[(strategy.name, p)] for p in cfg.prompts]),
+                             [p for p in strategy.prompts for _ in range(k)], k, title=strategy.name)
+        grid.save(out / "grids" / f"{_slug(strategy.name)}.png")
+        eff = [p for p in cfg.prompts if prompt_finding(p) == EFFUSION]
+        normal = [p for p in cfg.prompts if prompt_finding(p) == NORMAL and "style" not in p.lower()]
+        if eff and normal:
+            pos, neg = p_effusion[eff[0]], p_effusion[normal[0]]
+            res = auroc_with_ci(pos, neg, cfg.n_boot, cfg.seed)
+            accuracy = float(((pos > 0.5).sum() + (neg <= 0.5).sum()) / (len(pos) + len(neg)))
+            corr_rows.append({"strategy": strategy.name, "finding_prompt": eff[0], "normal_prompt": normal[0],
+                              "mean_p_effusion_finding_prompt": float(pos.mean()), "mean_p_effusion_normal_prompt": float(neg.mean()),
+                              "threshold": 0.5, "accuracy": accuracy, **res})
+        module.to("cpu")
+
+    fid_df, div_df, corr_df = pd.DataFrame(fid_rows), pd.DataFrame(div_rows), pd.DataFrame(corr_rows)
+    fid_df.to_csv(out / "fid.csv", index=False)
+    div_df.to_csv(out / "diversity.csv", index=False)
+    corr_df.to_csv(out / "finding_correctness.csv", index=False)
+    table4 = fid_df.pivot(index="strategy", columns="prompt", values="fid").reindex(index=[s.name for s in strategies], columns=list(cfg.prompts))
+    table4.to_csv(out / "table4.csv")
+    figure4(grid_cells, [s.name for s in strategies], list(cfg.prompts), out / "figure4.png")
+    md = results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolution)
+    (out / "results.md").write_text(md)
+    from evaluation.provenance import git_commit, package_versions
+
+    summary = {"study": "generation (paper Table 4, Figure 4) and finding correctness", "settings": asdict(cfg),
+               "resolution": resolution, "reference_counts": real_n,
+               "strategies": [{"name": s.name, "source": s.source, "prompts_used": s.prompts} for s in strategies],
+               "seeds": seeds, "seconds": round(time.time() - started, 1), "git": git_commit(), "packages": package_versions(STUDY_PACKAGES)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    log(md)
+    log(f"wrote {out}/results.md, table4.csv, fid.csv, diversity.csv, finding_correctness.csv, figure4.png, grids/, summary.json")
+    return out
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "strategy"
+
+
+def figure4(cells: dict, strategies: Sequence[str], prompts: Sequence[str], path: Path) -> None:
+    """Rows: strategies; columns: prompts; each cell the first samples side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    per_cell = max(len(cells[(strategies[0], prompts[0])]), 1)
+    fig, axes = plt.subplots(len(strategies), len(prompts), squeeze=False,
+                             figsize=(3.2 * len(prompts), (3.2 / per_cell + 0.45) * len(strategies) + 0.5))
+    for i, s in enumerate(strategies):
+        for j, p in enumerate(prompts):
+            ax = axes[i][j]
+            ax.imshow(make_grid(cells[(s, p)], nrow=len(cells[(s, p)]), padding=1).permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(p, fontsize=8, wrap=True)
+            if j == 0:
+                ax.set_ylabel(s, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolution) -> str:
+    names = [s.name for s in strategies]
+    lines = ["# Generation study", "",
+             f"{cfg.n_per_prompt} images per prompt and strategy (seeds {cfg.seed}..{cfg.seed + cfg.n_per_prompt - 1}), {cfg.steps} "
+             f"{cfg.scheduler} steps, guidance {cfg.guidance}, {resolution} px. References: frontal {cfg.split!r} images, "
+             + ", ".join(f"{k}: N = {v}" for k, v in real_n.items()) + f". Intervals: 95 % bootstrap ({cfg.n_boot} resamples).", "",
+             f"## Table 4: FID ({cfg.fid_features} features), N generated per cell = {cfg.n_per_prompt}", "",
+             "| Strategy | " + " | ".join(cfg.prompts) + " |", "|---|" + "---:|" * len(cfg.prompts)]
+    for name in names:
+        cells = []
+        for p in cfg.prompts:
+            r = fid_df[(fid_df.strategy == name) & (fid_df.prompt == p)].iloc[0]
+            cells.append(_fmt_ci(r.fid, r.ci_low, r.ci_high) + (f", KID {r.kid:.3f}" if "kid" in r else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Not comparable with the paper's Table 4 (0.03–0.27), which is not on the standard Inception-FID scale.", "",
+              "## Finding correctness (P(effusion) from the classifier)", "",
+              "| Strategy | AUROC effusion vs plain prompt | accuracy at 0.5 | mean P, effusion prompt | mean P, plain prompt |",
+              "|---|---:|---:|---:|---:|"]
+    for r in corr_df.itertuples():
+        lines.append(f"| {r.strategy} | {_fmt_ci(r.auroc, r.ci_low, r.ci_high, 3)} | {r.accuracy:.3f} | "
+                     f"{r.mean_p_effusion_finding_prompt:.3f} | {r.mean_p_effusion_normal_prompt:.3f} |")
+    lines += ["", "## Diversity: mean pairwise MS-SSIM within a prompt (higher = less diverse)", "",
+              "| Strategy | " + " | ".join(cfg.prompts) + " |", "|---|" + "---:|" * len(cfg.prompts)]
+    for name in names:
+        cells = []
+        for p in cfg.prompts:
+            r = div_df[(div_df.strategy == name) & (div_df.prompt == p)].iloc[0]
+            cells.append(_fmt_ci(r.ms_ssim, r.ci_low, r.ci_high, 3))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    scales = div_df.iloc[0]
+    lines += ["", f"MS-SSIM with {scales.scales} scales (weights {scales.betas}) at {scales.image_size} px.", "",
+              "![Figure 4](figure4.png)", ""]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py generation", description="Generation study (paper Table 4, Figure 4) and finding correctness.")
+    p.add_argument("--mimic_root", required=True, help="MIMIC-CXR-JPG root (reference images of the matching finding)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", nargs="*", default=[], help="run folders written by train.py (any strategy)")
+    p.add_argument("--base", default="CompVis/stable-diffusion-v1-4", help="base SD (hub id, folder or preset); 'none' to leave it out")
+    p.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS))
+    p.add_argument("--n_per_prompt", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default="pndm", choices=("pndm", "ddim", "euler", "dpm"))
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--split", default="test", choices=("train", "validate", "test", "all"))
+    p.add_argument("--n_real", type=int, default=None, help="reference images per finding (default: all)")
+    p.add_argument("--fid_features", default="inception", choices=("inception", "xrv"))
+    p.add_argument("--inception_weights", default=None)
+    p.add_argument("--classifier", default="densenet121-res224-all", help="xrv weights name or tiny-phantom")
+    p.add_argument("--xrv_cache_dir", default=None)
+    p.add_argument("--kid", action="store_true", help="also KID (subset size capped at N)")
+    p.add_argument("--n_boot", type=int, default=100, help="bootstrap resamples for the intervals (0: none)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = StudyConfig(**{k: v for k, v in vars(args).items()})
+    if cfg.base and cfg.base.lower() == "none":
+        cfg.base = None
+    try:
+        run_study(cfg)
+    except (GenerationStudyError, GenerationStatsError) as err:
+        print(f"evaluate.py generation: error: {err}", file=sys.stderr)
+        return 2
+    return 0

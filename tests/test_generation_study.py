@@ -1,0 +1,54 @@
+"""evaluate.py generation on the phantom data: Table 4, finding correctness, diversity, Figure 4, bad input."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+import evaluate
+from datamodules.prompts import PAPER_PROMPTS
+
+
+def base_args(phantom_root, out):
+    return ["generation", "--mimic_root", str(phantom_root), "--out", str(out), "--base", "tiny-phantom", "--split", "all",
+            "--n_per_prompt", "3", "--steps", "2", "--scheduler", "ddim", "--fid_features", "xrv", "--classifier", "tiny-phantom",
+            "--n_boot", "5", "--kid", "--device", "cpu"]
+
+
+def test_tables_for_the_base_model_and_a_trained_run(phantom_root, reference_run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert evaluate.main([*base_args(phantom_root, out), "--runs", str(reference_run)]) == 0, capsys.readouterr().err
+    table4 = pd.read_csv(out / "table4.csv", index_col=0)
+    assert list(table4.index) == ["Stable Diffusion (base)", "ref"] and list(table4.columns) == list(PAPER_PROMPTS)
+    assert (table4 >= 0).all().all()
+    fid = pd.read_csv(out / "fid.csv")
+    assert set(fid["n_generated"]) == {3} and (fid["ci_low"] <= fid["ci_high"]).all()
+    assert set(fid[fid.prompt == PAPER_PROMPTS[1]]["reference"]) == {"Pleural Effusion"}
+    assert set(fid[fid.prompt != PAPER_PROMPTS[1]]["reference"]) == {"No Finding"}
+    assert (fid["subset_size"] <= 3).all()  # KID's subset never exceeds N
+    corr = pd.read_csv(out / "finding_correctness.csv")
+    assert list(corr["strategy"]) == ["Stable Diffusion (base)", "ref"] and corr["auroc"].between(0, 1).all()
+    div = pd.read_csv(out / "diversity.csv")
+    assert set(div["scales"]) == {3} and div["ms_ssim"].between(-1, 1).all()  # 64 px: 3 MS-SSIM scales
+    md = (out / "results.md").read_text()
+    assert "N generated per cell = 3" in md and "Not comparable with the paper's Table 4" in md
+    assert (out / "figure4.png").stat().st_size > 10_000 and len(list((out / "grids").glob("*.png"))) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1, 2] and summary["strategies"][1]["source"].endswith("last.ckpt")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompts", ""], "at least one non-empty prompt"),
+    (["--n_per_prompt", "1"], "at least 2 images per prompt"),
+    (["--classifier", "densenet121-res224-all", "--xrv_cache_dir", "/nonexistent"], "not found at /nonexistent"),
+])
+def test_bad_input_is_one_clear_error(phantom_root, tmp_path, capsys, extra, message):
+    assert evaluate.main([*base_args(phantom_root, tmp_path / "o"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_run_folder_without_checkpoint_is_named(phantom_root, tmp_path, capsys):
+    (tmp_path / "empty_run").mkdir()
+    assert evaluate.main([*base_args(phantom_root, tmp_path / "o"), "--runs", str(tmp_path / "empty_run")]) == 2
+    assert "empty_run" in capsys.readouterr().err
