@@ -1,0 +1,155 @@
+"""FID during training: at every validation, generate N images per prompt and compare them with real
+validation images of the matching finding.
+
+* One torchmetrics ``FrechetInceptionDistance`` per prompt, with ``reset_real_features=False``: the real
+  images are encoded once (at the first validation), each rank its share, and only the generated half is
+  reset afterwards.
+* Generation is sharded over ranks in equal counts (image ``i`` of a prompt, seed ``seed + i``, goes to
+  rank ``i % world_size``); torchmetrics sums the feature statistics over ranks in ``compute()``, which
+  every rank calls: no collective runs in rank-zero-only code, so DDP cannot hang here.
+* Features: Inception-2048 (torchmetrics' FID network; its weights file must be in the torch hub cache
+  or given) or a classifier's pooled ``features2`` (torchxrayvision DenseNet: 1024-d; ``tiny-phantom``:
+  the shipped phantom classifier) for a domain FID.
+* The feature network lives in this callback, never in the LightningModule: checkpoints do not hold it.
+* Logged as ``val/fid/<prompt>`` to every logger (W&B included) and appended to ``<run>/fid.csv``
+  with the step and both N. FID on a few images is strongly biased upwards: compare runs only at equal N.
+
+Prompts name their reference finding as in the generation study: a prompt mentioning a pleural effusion
+is compared with effusion-positive validation images, every other prompt with "No Finding" images.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from datamodules.prompts import PAPER_PROMPTS
+
+
+def _key(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "prompt"
+
+
+class FIDCallback(Callback):
+    """FID of generated images against real validation images, per prompt, at each validation.
+
+    Args:
+        prompts: prompts to sample (default: the paper's three).
+        n_per_prompt: generated images per prompt (a multiple of the number of ranks).
+        n_real: real validation images per finding (at most; all there are if fewer).
+        features: ``inception`` or ``classifier``.
+        classifier: with ``features: classifier``: ``tiny-phantom`` or a torchxrayvision weights name.
+        inception_weights / xrv_cache_dir: where the weights files are (nothing is downloaded).
+        steps, guidance, seed: sampling settings (seeds ``seed .. seed + n_per_prompt - 1``).
+    """
+
+    def __init__(self, prompts: Sequence[str] = PAPER_PROMPTS, n_per_prompt: int = 16, n_real: int = 64,
+                 features: str = "inception", classifier: str = "tiny-phantom", inception_weights: Optional[str] = None,
+                 xrv_cache_dir: Optional[str] = None, steps: int = 25, guidance: float = 7.5, seed: int = 0):
+        super().__init__()
+        if not prompts or any(not str(p).strip() for p in prompts):
+            raise ValueError("FIDCallback: prompts must be a non-empty list of non-empty prompts")
+        if n_per_prompt < 2 or n_real < 2:
+            raise ValueError(f"FIDCallback: FID needs at least 2 images on each side (n_per_prompt={n_per_prompt}, n_real={n_real})")
+        if features not in ("inception", "classifier"):
+            raise ValueError(f"FIDCallback: features {features!r}; expected 'inception' or 'classifier'")
+        self.prompts = list(prompts)
+        self.n_per_prompt, self.n_real = int(n_per_prompt), int(n_real)
+        self.features, self.classifier = features, classifier
+        self.inception_weights, self.xrv_cache_dir = inception_weights, xrv_cache_dir
+        self.steps, self.guidance, self.seed = steps, guidance, seed
+        self._metrics: dict = {}
+        self._real_counts: dict[str, int] = {}
+        self._skipped: set[str] = set()
+
+    # ------------------------------------------------------------------ setup
+    def _extractor(self) -> torch.nn.Module:
+        from evaluation.vae_study import ClassifierFeatures, InceptionFeatures
+
+        if self.features == "inception":
+            return InceptionFeatures(self.inception_weights)
+        from evaluation.classifiers import load_classifier
+
+        extractor = ClassifierFeatures(load_classifier(self.classifier, self.xrv_cache_dir))
+        with torch.no_grad():  # torchmetrics reads num_features instead of probing with a uint8 image
+            extractor.num_features = int(extractor(torch.rand(1, 1, 64, 64)).shape[-1])
+        return extractor
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self._metrics:
+            return
+        if self.n_per_prompt % trainer.world_size:
+            raise ValueError(f"FIDCallback: n_per_prompt={self.n_per_prompt} must be a multiple of the {trainer.world_size} ranks "
+                             "(each rank generates an equal share)")
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        extractor = self._extractor().eval()
+        for prompt in self.prompts:
+            # one extractor shared by the metrics: it is not a trained part and never enters a checkpoint
+            self._metrics[prompt] = FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=True)
+
+    # ------------------------------------------------------------------ images
+    def _real_images(self, trainer: Trainer, finding: str) -> torch.Tensor:
+        from datamodules.mimic_cxr import _read_png
+
+        dm = trainer.datamodule
+        records = getattr(dm, "val_records", None)
+        if records is None or not hasattr(dm, "image_cache_dir"):
+            raise ValueError("FIDCallback needs a MIMIC-CXR datamodule (real validation images with findings)")
+        records = records[records["finding"] == finding].head(self.n_real)
+        self._real_counts[finding] = len(records)
+        if len(records) < 2:
+            return None
+        mine = records.iloc[trainer.global_rank::trainer.world_size]
+        arrays = [_read_png(dm.image_cache_dir / f"{d}.png") for d in mine["dicom_id"]]
+        return torch.from_numpy(np.stack(arrays)).float().div(255).unsqueeze(1) if arrays else torch.zeros(0, 1, 1, 1)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not self._metrics:
+            return
+        from evaluation.generation_study import prompt_finding
+
+        device = pl_module.device
+        rows = []
+        for prompt, metric in self._metrics.items():
+            metric.to(device)
+            finding = prompt_finding(prompt)
+            if not metric.real_features_num_samples:
+                real = self._real_images(trainer, finding)
+                if real is None:  # the same on every rank: the validation records are
+                    if prompt not in self._skipped:
+                        self._skipped.add(prompt)
+                        rank_zero_warn(f"FIDCallback: {self._real_counts[finding]} validation image(s) of {finding!r}, FID needs "
+                                       f"at least 2: no FID for {prompt!r} (raise max_val_images or the validation split)")
+                    continue
+                if len(real):
+                    metric.update(real.to(device), real=True)
+            seeds = [self.seed + i for i in range(trainer.global_rank, self.n_per_prompt, trainer.world_size)]
+            asked = pl_module.to_token_prompt(prompt) if hasattr(pl_module, "to_token_prompt") else prompt
+            was_training = pl_module.training
+            images = pl_module.generate([asked] * len(seeds), seeds=seeds, steps=self.steps, guidance=self.guidance)
+            pl_module.train(was_training)
+            metric.update(images.mean(1, keepdim=True).to(device), real=False)
+            value = float(metric.compute())  # syncs the feature sums over ranks (every rank calls it)
+            metric.reset()  # generated half only (reset_real_features=False)
+            pl_module.log(f"val/fid/{_key(prompt)}", value, rank_zero_only=True)
+            rows.append({"step": trainer.global_step, "prompt": prompt, "reference": finding, "fid": value,
+                         "n_generated": self.n_per_prompt, "n_real": self._real_counts.get(finding, 0),
+                         "features": self.features})
+        if trainer.is_global_zero and rows:
+            path = Path(trainer.default_root_dir) / "fid.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                if new:
+                    writer.writeheader()
+                writer.writerows(rows)
+
+    def state_dict(self) -> dict:
+        return {}  # nothing to resume: real statistics are recomputed, the feature network is never saved

@@ -1,0 +1,55 @@
+"""The FID callback: logs FID per prompt at validation, never enters checkpoints, runs under 2-process DDP."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from callbacks.fid import FIDCallback
+from conftest import demo_args, run_train
+from datamodules.mimic_cxr import MIMICCXRDataModule
+from lightning_modules.unet import UNetFineTuning
+
+PROMPTS = ["a photo of a lung xray", "a photo of a lung xray with a visible pleural effusion"]
+
+
+def test_fid_is_logged_per_prompt_and_the_checkpoint_holds_no_feature_network(phantom_root, tmp_path):
+    dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding", "Pleural Effusion"], resolution=64, batch_size=2,
+                            cache_dir=str(tmp_path / "cache"))
+    fid = FIDCallback(prompts=PROMPTS, n_per_prompt=3, n_real=8, features="classifier", classifier="tiny-phantom", steps=2)
+    module = UNetFineTuning(model={"pretrained": "tiny-phantom"})
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, val_check_interval=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path), callbacks=[fid],
+                      enable_checkpointing=False)
+    trainer.fit(module, dm)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/fid/")}
+    assert set(logged) == {"val/fid/a_photo_of_a_lung_xray", "val/fid/a_photo_of_a_lung_xray_with_a_visible_pleural_effusion"}
+    assert all(v >= 0 for v in logged.values())
+    table = pd.read_csv(tmp_path / "fid.csv")
+    assert list(table["reference"]) == ["No Finding", "Pleural Effusion"] and set(table["n_generated"]) == {3}
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    ckpt = torch.load(tmp_path / "x.ckpt", weights_only=True)
+    assert not any("inception" in k or "classifier" in k for k in ckpt["state_dict"])
+    assert all(v == {} for k, v in ckpt.get("callbacks", {}).items() if "FIDCallback" in k)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="non-empty"):
+        FIDCallback(prompts=[])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        FIDCallback(n_per_prompt=1)
+
+
+def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
+    callback = {"class_path": "callbacks.fid.FIDCallback",
+                "init_args": {"prompts": PROMPTS, "n_per_prompt": 2, "n_real": 8, "features": "classifier",
+                              "classifier": "tiny-phantom", "steps": 2}}
+    run_train(*demo_args(tmp_path, "--run_name", "ddp_fid", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.callbacks=[]",
+                         "--data.init_args.n_per_finding", "12",
+                         f"--trainer.callbacks+={json.dumps(callback)}", "--wandb_mode", "disabled"))
+    table = pd.read_csv(tmp_path / "runs" / "ddp_fid" / "fid.csv")
+    assert len(table) == 2 and (table["fid"] >= 0).all() and set(table["n_generated"]) == {2}
