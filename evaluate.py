@@ -7,7 +7,8 @@
   :mod:`evaluation.text_encoder_study`.
 
 * ``generation``: the generation study (paper Table 4, Figure 4) with finding correctness and diversity,
-  see :mod:`evaluation.generation_study`.
+  see :mod:`evaluation.generation_study`;
+* ``generation-scores SHEET.csv``: the filled reader sheet of generated images, per strategy and prompt.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ STUDIES = {
     "vae-scores": "summary of a filled reader-study scoring sheet",
     "text-encoders": "text-encoder CheXpert@k study (paper Tables 2 and 3)",
     "generation": "generation quality study (paper Table 4, Figure 4)",
+    "generation-scores": "summary of a filled reader sheet of generated images, per strategy and prompt",
 }
 
 
@@ -36,6 +38,10 @@ def main(argv=None) -> int:
         from evaluation.text_encoder_study import main as text_main
 
         return text_main(argv[1:])
+    if argv and argv[0] == "generation-scores":
+        from evaluation.generation_study import scores_main as generation_scores_main
+
+        return generation_scores_main(argv[1:])
     if argv and argv[0] == "generation":
         from evaluation.generation_study import main as generation_main
 

@@ -123,6 +123,8 @@ class StudyConfig:
     batch_size: int = 8
     device: str = "auto"
     grid_per_prompt: int = 4
+    reader_kit: int = 0  # generated images per (strategy, prompt) in the blinded reader kit
+    reader_real: int = 0  # real reference images per finding mixed into the kit
 
     def validate(self) -> None:
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -187,6 +189,12 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
 
     seeds = [cfg.seed + i for i in range(cfg.n_per_prompt)]
     fid_rows, div_rows, corr_rows, grid_cells = [], [], [], {}
+    kit_items, kit_ids = [], []
+    if cfg.reader_real > 0:
+        for finding in sorted({prompt_finding(p) for p in cfg.prompts}):
+            _, imgs = reference_images(cfg.mimic_root, finding, cfg.split, cfg.reader_real, resolution, cfg.seed + 1)
+            kit_items += list(imgs)
+            kit_ids += [f"real | {finding}"] * len(imgs)
     for strategy in strategies:
         module = strategy.module.to(device)
         p_effusion: dict[str, np.ndarray] = {}
@@ -210,6 +218,9 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
             div_rows.append({"strategy": strategy.name, "prompt": prompt, **ms_ssim_diversity(gray, max_pairs=2000, seed=cfg.seed, n_boot=cfg.n_boot)})
             p_effusion[prompt] = finding_probabilities(classifier, images.to(device), EFFUSION).numpy()
             grid_cells[(strategy.name, prompt)] = images[: cfg.grid_per_prompt]
+            for img in gray[: cfg.reader_kit]:
+                kit_items.append((img[0].numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8))
+                kit_ids.append(f"{strategy.name} | {prompt}")
         k = min(cfg.grid_per_prompt, cfg.n_per_prompt)
         grid = labelled_grid(torch.cat([grid_cells[(strategy.name, p)] for p in cfg.prompts]),
                              [p for p in strategy.prompts for _ in range(k)], k, title=strategy.name)
@@ -232,6 +243,13 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     table4 = fid_df.pivot(index="strategy", columns="prompt", values="fid").reindex(index=[s.name for s in strategies], columns=list(cfg.prompts))
     table4.to_csv(out / "table4.csv")
     figure4(grid_cells, [s.name for s in strategies], list(cfg.prompts), out / "figure4.png")
+    if kit_items:
+        from evaluation.reader_kit import make_reader_kit
+
+        make_reader_kit(kit_items, out / "reader_kit", seed=cfg.seed, ids=kit_ids, title="Generated chest X-rays",
+                        questions={"finding_present": "Is a pleural effusion visible?"})
+        log(f"reader kit: {len(kit_items)} blinded images in {out / 'reader_kit'} (keep key_PRIVATE.csv from the reader); "
+            f"summarise the filled sheet with `python evaluate.py generation-scores {out / 'reader_kit' / 'scores.csv'}`")
     md = results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolution)
     (out / "results.md").write_text(md)
     from evaluation.provenance import git_commit, package_versions
@@ -334,7 +352,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_boot", type=int, default=100, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", default="auto")
+    p.add_argument("--reader_kit", type=int, default=0, help="generated images per strategy and prompt in a blinded reader kit (0: none)")
+    p.add_argument("--reader_real", type=int, default=0, help="real reference images per finding mixed into the kit")
     return p
+
+
+def scores_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``evaluate.py generation-scores SHEET``: the filled reader sheet, per source (strategy | prompt, real | finding)."""
+    from evaluation.reader_kit import ScoreSheetError, summarize_by_source
+
+    p = argparse.ArgumentParser(prog="evaluate.py generation-scores", description=scores_main.__doc__.split("\n")[0])
+    p.add_argument("sheet", help="the filled reader_kit/scores.csv")
+    p.add_argument("--key", default=None, help="the kit's key_PRIVATE.csv (default: beside the sheet)")
+    args = p.parse_args(argv)
+    try:
+        rows = summarize_by_source(args.sheet, args.key, questions=("finding_present",))
+    except ScoreSheetError as err:
+        print(f"evaluate.py generation-scores: error: {err}", file=sys.stderr)
+        return 2
+    table = pd.DataFrame(rows)
+    path = Path(args.sheet).with_name("scores_by_source.csv")
+    table.to_csv(path, index=False)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

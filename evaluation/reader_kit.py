@@ -62,12 +62,14 @@ def _as_u8(image) -> np.ndarray:
 
 
 def make_reader_kit(items: Sequence, out, n: Optional[int] = None, seed: int = 0, ids: Optional[Sequence[str]] = None,
-                    scale: Optional[dict] = None, title: str = "Reader study") -> Path:
+                    scale: Optional[dict] = None, title: str = "Reader study", questions: Optional[dict] = None) -> Path:
     """Write a blinded kit for ``n`` random ``items`` into ``out``; return the folder.
 
     ``items``: either pairs ``(original, reconstruction)`` or single images (uint8 ``[H, W]`` arrays).
     ``ids``: the source id of each item (e.g. dicom_id) for the private key; default the item index.
     ``scale``: score -> definition; default the paper's scale for pairs, a placeholder for single images.
+    ``questions``: extra sheet columns answered yes/no, column -> question (e.g. ``{"finding_present":
+    "Is a pleural effusion visible?"}``); they come before ``score`` in the sheet.
     """
     items = list(items)
     if not items:
@@ -104,16 +106,20 @@ def make_reader_kit(items: Sequence, out, n: Optional[int] = None, seed: int = 0
         imgs = "".join(f'<figure><img src="cases/{f}" width="400"><figcaption>{f[-5] if paired else ""}</figcaption></figure>' for f in files)
         html_cases.append(f'<section><h2>{case}</h2><div class="row">{imgs}</div></section>')
     scale_lines = [f"{k}: {scale[k]}" for k in sorted(scale, reverse=True)]
+    questions = dict(questions or {})
+    columns = ("case", *questions, "score", "comment")
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         fh.write(f"# {title}: give each case an integer score from {min(scale)} to {max(scale)}.\n")
+        for column, question in questions.items():
+            fh.write(f"# {column}: {question} Answer yes or no.\n")
         if paired:
             fh.write("# Each case shows an original and its reconstruction (A/B, randomised). Score the reconstruction quality.\n")
         for line in scale_lines:
             fh.write(f"# {line}\n")
-        writer = csv.DictWriter(fh, fieldnames=SHEET_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in key_rows:
-            writer.writerow({"case": row["case"], "score": "", "comment": ""})
+            writer.writerow({c: (row["case"] if c == "case" else "") for c in columns})
     with open(out / KEY_FILE, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(key_rows[0]))
         writer.writeheader()
@@ -126,7 +132,8 @@ def make_reader_kit(items: Sequence, out, n: Optional[int] = None, seed: int = 0
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;background:#111;color:#eee} .row{display:flex;gap:8px} "
         "figure{margin:0} img{image-rendering:auto}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{intro} Enter one integer score per case in scores.csv.</p>"
+        f"<h1>{html.escape(title)}</h1><p>{intro} Enter one integer score per case in scores.csv"
+        + "".join(f", and answer <b>{html.escape(c)}</b>: {html.escape(q)} (yes/no)" for c, q in questions.items()) + ".</p>"
         f"<ul>{scale_html}</ul>{''.join(html_cases)}</body></html>",
         encoding="utf-8",
     )
@@ -210,3 +217,37 @@ def format_scores(s: dict) -> str:
     counts = ", ".join(f"{k}: {c}" for k, c in s["counts"].items())
     return (f"Visual score {s['mean']:.2f} ± {s['sd']:.2f}; median, {s['median']:g}; range, {s['min']} – {s['max']} "
             f"(n={s['n']}; counts {counts})")
+
+
+def summarize_by_source(path, key: Optional[str] = None, low: int = 1, high: int = 5, questions: Sequence[str] = ()) -> list[dict]:
+    """Per source of the private key (e.g. ``strategy | prompt`` or ``real | finding``): N, mean ± sd score and,
+    for each yes/no question column, the share of "yes". The sheet is checked as by :func:`summarize_scores`."""
+    path = Path(path)
+    summarize_scores(path, low, high, key)  # every case scored once, in range (raises otherwise)
+    key_path = Path(key) if key else path.parent / KEY_FILE
+    if not key_path.is_file():
+        raise ScoreSheetError(f"{key_path}: the kit's private key is needed to group scores by source")
+    with open(key_path, newline="", encoding="utf-8") as fh:
+        source = {r["case"]: r["source_id"] for r in csv.DictReader(fh)}
+    rows = read_score_sheet(path)
+    problems, groups = [], {}
+    for row in rows:
+        case = row["case"].strip()
+        answers = {}
+        for q in questions:
+            value = (row.get(q) or "").strip().lower()
+            if value not in ("yes", "no"):
+                problems.append(f"{case}: {q} is {value!r}; expected yes or no")
+            answers[q] = value == "yes"
+        groups.setdefault(source[case], []).append((int(float(row["score"])), answers))
+    if problems:
+        raise ScoreSheetError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+    out = []
+    for name in sorted(groups):
+        scores = np.array([s for s, _ in groups[name]], dtype=float)
+        entry = {"source": name, "n": int(scores.size), "mean_score": float(scores.mean()),
+                 "sd_score": float(scores.std(ddof=1)) if scores.size > 1 else 0.0}
+        for q in questions:
+            entry[f"{q}_yes_share"] = float(np.mean([a[q] for _, a in groups[name]]))
+        out.append(entry)
+    return out

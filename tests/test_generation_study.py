@@ -52,3 +52,33 @@ def test_a_run_folder_without_checkpoint_is_named(phantom_root, tmp_path, capsys
     (tmp_path / "empty_run").mkdir()
     assert evaluate.main([*base_args(phantom_root, tmp_path / "o"), "--runs", str(tmp_path / "empty_run")]) == 2
     assert "empty_run" in capsys.readouterr().err
+
+
+def test_reader_kit_of_generated_and_real_images_and_its_summary(phantom_root, tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "gen"
+    assert evaluate.main([*base_args(phantom_root, out), "--n_per_prompt", "2", "--n_boot", "0",
+                          "--reader_kit", "2", "--reader_real", "2"]) == 0, capsys.readouterr().err
+    kit = out / "reader_kit"
+    key = list(csv.DictReader(open(kit / "key_PRIVATE.csv")))
+    sources = {r["source_id"] for r in key}
+    assert len(key) == 3 * 2 + 2 * 2 and "real | Pleural Effusion" in sources and "real | No Finding" in sources
+    sheet = (kit / "scores.csv").read_text()
+    assert "finding_present: Is a pleural effusion visible? Answer yes or no." in sheet
+    header = next(line for line in sheet.splitlines() if not line.startswith("#"))
+    assert header.split(",") == ["case", "finding_present", "score", "comment"]
+    # a reader fills the sheet: effusion prompt images and effusion references "yes", realism 3
+    cases = {r["case"]: r["source_id"] for r in key}
+    lines = [line for line in sheet.splitlines() if line.startswith("#")] + [header]
+    lines += [f"{c},{'yes' if 'effusion' in s.lower() else 'no'},3," for c, s in cases.items()]
+    (kit / "scores.csv").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert evaluate.main(["generation-scores", str(kit / "scores.csv")]) == 0
+    table = pd.read_csv(kit / "scores_by_source.csv").set_index("source")
+    assert table.loc["real | Pleural Effusion", "finding_present_yes_share"] == 1.0
+    assert table.loc["real | No Finding", "finding_present_yes_share"] == 0.0 and (table["mean_score"] == 3).all()
+    # an unanswered question is named
+    (kit / "scores.csv").write_text("\n".join(lines[:-1] + [lines[-1].replace(",no,", ",,").replace(",yes,", ",,")]) + "\n")
+    assert evaluate.main(["generation-scores", str(kit / "scores.csv")]) == 2
+    assert "finding_present is ''; expected yes or no" in capsys.readouterr().err
