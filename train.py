@@ -70,10 +70,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     import warnings
 
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.cli import LightningCLI
 
-    from callbacks.checkpointing import AtomicCheckpointIO, FinalCheckpoint, PreemptionCheckpoint
+    from callbacks.checkpointing import AtomicCheckpointIO, FinalCheckpoint, PeriodicCheckpoint, PreemptionCheckpoint
     from callbacks.loss_log import LossLog
     from lightning_modules.base import DiffusionModule
 
@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_dir = self.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             callbacks = list(callbacks) + [
-                ModelCheckpoint(
+                PeriodicCheckpoint(
                     dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                     every_n_train_steps=cfg.checkpoint_every_n_steps,
                 ),

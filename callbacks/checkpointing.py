@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class FinalCheckpoint(Callback):
@@ -42,6 +43,25 @@ class FinalCheckpoint(Callback):
         if step > 0 and not self._covered(step, trainer):
             trainer.save_checkpoint(self.path, weights_only=False)
             self._saved_step = step
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` for the periodic ``last.ckpt``, without its end-of-training save.
+
+    ``ModelCheckpoint.on_train_end`` saves ``last`` when it has not saved one yet (a run shorter than
+    ``every_n_train_steps``); the file then exists already (:class:`FinalCheckpoint` wrote it at the last
+    batch), so it would be versioned to ``last-v1.ckpt`` and hold the after-training loop state. The final
+    step is :class:`FinalCheckpoint`'s job (and SIGTERM's :class:`PreemptionCheckpoint`'s).
+    """
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        return None
+
+    @property
+    def state_key(self) -> str:
+        # the key ModelCheckpoint's state had in checkpoints written before this class existed
+        key = super().state_key
+        return "ModelCheckpoint" + key[len(type(self).__qualname__):] if key.startswith(type(self).__qualname__) else key
 
 
 class CheckpointSaveError(OSError):
