@@ -64,9 +64,13 @@ def load_strategies(base: Optional[str], runs: Sequence[str], prompts: Sequence[
 
     out = []
     if base:
+        from lightning_modules.stable_diffusion import StableDiffusionLoadError
         from lightning_modules.unet import UNetFineTuning
 
-        module = UNetFineTuning(model={"pretrained": base}).eval()  # untrained: the base model itself
+        try:
+            module = UNetFineTuning(model={"pretrained": base}).eval()  # untrained: the base model itself
+        except StableDiffusionLoadError as err:
+            raise GenerationStudyError(f"--base {base}: {err}") from None
         out.append(Strategy("Stable Diffusion (base)", module, base, list(prompts)))
     for run in runs:
         try:

@@ -42,6 +42,7 @@ def test_tables_for_the_base_model_and_a_trained_run(phantom_root, reference_run
     (["--prompts", ""], "at least one non-empty prompt"),
     (["--n_per_prompt", "1"], "at least 2 images per prompt"),
     (["--classifier", "densenet121-res224-all", "--xrv_cache_dir", "/nonexistent"], "not found at /nonexistent"),
+    (["--base", "/nonexistent/sd-v1-4"], "--base /nonexistent/sd-v1-4: /nonexistent/sd-v1-4: no such folder"),
 ])
 def test_bad_input_is_one_clear_error(phantom_root, tmp_path, capsys, extra, message):
     assert evaluate.main([*base_args(phantom_root, tmp_path / "o"), *extra]) == 2
