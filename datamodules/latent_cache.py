@@ -50,7 +50,7 @@ class LatentCachePlan:
 
 
 class LatentCache:
-    """A complete cache, memory-mapped: ``cache[ids] -> [B, 2C, h, w]`` (mean and log-variance stacked on channels)."""
+    """A complete cache, memory-mapped: ``cache.get(image_id) -> [2C, h, w]`` (mean and log-variance stacked on channels)."""
 
     def __init__(self, directory: Path | str):
         self.directory = Path(directory)
