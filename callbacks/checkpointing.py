@@ -40,7 +40,8 @@ class FinalCheckpoint(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
-        if step > 0 and not self._covered(step, trainer):
+        # a run without optimizer steps (the projection "none" baseline) still leaves its (empty) checkpoint
+        if (step > 0 and not self._covered(step, trainer)) or not self.path.exists():
             trainer.save_checkpoint(self.path, weights_only=False)
             self._saved_step = step
 
