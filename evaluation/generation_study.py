@@ -212,11 +212,12 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
             images = torch.cat(images)  # [N, 3, H, W] in [0, 1]
             gray = images.mean(1, keepdim=True)
             finding = prompt_finding(prompt)
-            fid = fid_with_ci(real_feats[finding], _features(extractor, gray, device), cfg.n_boot, cfg.seed)
+            fake_feats = _features(extractor, gray, device)  # encoded once, for FID and KID
+            fid = fid_with_ci(real_feats[finding], fake_feats, cfg.n_boot, cfg.seed)
             row = {"strategy": strategy.name, "prompt": prompt, "prompt_used": asked, "reference": finding,
                    "features": cfg.fid_features, **fid}
             if cfg.kid:
-                row.update({k: v for k, v in kid(real_feats[finding], _features(extractor, gray, device)).items()
+                row.update({k: v for k, v in kid(real_feats[finding], fake_feats).items()
                             if k in ("kid", "kid_std", "subset_size")})
             fid_rows.append(row)
             div_rows.append({"strategy": strategy.name, "prompt": prompt, **ms_ssim_diversity(gray, max_pairs=2000, seed=cfg.seed, n_boot=cfg.n_boot)})
