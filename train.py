@@ -75,6 +75,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from callbacks.checkpointing import AtomicCheckpointIO, FinalCheckpoint, PeriodicCheckpoint, PreemptionCheckpoint
     from callbacks.loss_log import LossLog
+    from callbacks.manifest import DataManifest
     from lightning_modules.base import DiffusionModule
 
     class TrainCLI(LightningCLI):
@@ -129,6 +130,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_steps=cfg.checkpoint_every_n_steps),
                 PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
                 LossLog(run_dir / "losses.csv"),
+                DataManifest(run_dir / "data.json"),
             ]
             plugins = config.get("plugins") or []
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]

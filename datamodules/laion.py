@@ -463,6 +463,17 @@ class LAIONCaptionDataModule(LightningDataModule):
         self.setup()
         return np.sort(self._train_order)
 
+    def manifest(self) -> dict:
+        """What this run trains on, for the run folder's ``data.json``: files, counts and the caption-set key."""
+        self.setup()
+        return {
+            "dataset": "LAION captions", "files": [str(p) for p in resolve_files(self.data_files)],
+            "captions": len(self.captions), "train_captions": int(len(self._train_order)),
+            "validation_indices": [int(i) for i in self.val_indices], "max_captions": self.max_captions,
+            "drop_nsfw": self.drop_nsfw, "caption_style": self.caption_style, "seed": self.seed,
+            "caption_set_key": self.caption_set_key(),
+        }
+
     def prepare_data(self) -> None:
         self._read()  # builds the Arrow caches once per node
 

@@ -509,6 +509,19 @@ class MIMICCXRDataModule(LightningDataModule):
         counts = self.train_records["finding"].value_counts().to_dict()
         rank_zero_info(f"MIMIC-CXR: {len(self.train_records)} training images {counts}, {len(self.val_records)} validation images")
 
+    def manifest(self) -> dict:
+        """What this run trains and validates on, for the run folder's ``data.json`` (ids only, no pixels or report text)."""
+        self.setup()
+        return {
+            "dataset": "MIMIC-CXR-JPG", "root": str(self.root), "findings": list(self.findings),
+            "selection": "explicit dicom_ids" if self.dicom_ids else f"sampled: {self.train_images_per_finding} per finding, seed {self.seed}",
+            "uncertain": self.uncertain, "resolution": self.resolution,
+            "train": self.train_records[["dicom_id", "subject_id", "study_id", "finding"]].to_dict("records"),
+            "validation_dicom_ids": self.val_records["dicom_id"].tolist(),
+            "class_prompt": self.prior_preservation.class_prompt if self.prior_preservation else None,
+            "num_class_images": self.prior_preservation.num_class_images if self.prior_preservation else 0,
+        }
+
     def train_prompts(self) -> list[str]:
         self.setup()
         prompts = list(self.train_records["prompt"])
