@@ -129,6 +129,7 @@ class StudyConfig:
     grid_per_prompt: int = 4
     reader_kit: int = 0  # generated images per (strategy, prompt) in the blinded reader kit
     reader_real: int = 0  # real reference images per finding mixed into the kit
+    figure1: Optional[str] = None  # a run name: Figure 1, the base beside it on the plain and effusion prompts
 
     def validate(self) -> None:
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -139,6 +140,21 @@ class StudyConfig:
             raise GenerationStudyError("nothing to evaluate: give --runs and/or --base")
         if self.fid_features not in ("inception", "xrv"):
             raise GenerationStudyError(f"--fid_features: {self.fid_features!r}; expected inception or xrv")
+        if self.figure1:
+            if not self.base:
+                raise GenerationStudyError(f"--figure1 {self.figure1}: Figure 1 compares the base model with a run; give --base")
+            names = [Path(r).name for r in self.runs]
+            if self.figure1 not in names:
+                raise GenerationStudyError(f"--figure1 {self.figure1}: not one of the --runs ({names})")
+            if not figure1_prompts(self.prompts):
+                raise GenerationStudyError("--figure1: the prompts need a plain one and one naming a pleural effusion")
+
+
+def figure1_prompts(prompts: Sequence[str]) -> list[str]:
+    """The plain prompt and the effusion prompt (paper Figure 1), or [] when the prompts lack one of them."""
+    normal = [p for p in prompts if prompt_finding(p) == NORMAL and "style" not in p.lower()]
+    eff = [p for p in prompts if prompt_finding(p) == EFFUSION]
+    return [normal[0], eff[0]] if normal and eff else []
 
 
 def _device(name: str) -> torch.device:
@@ -248,6 +264,8 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     table4 = fid_df.pivot(index="strategy", columns="prompt", values="fid").reindex(index=[s.name for s in strategies], columns=list(cfg.prompts))
     table4.to_csv(out / "table4.csv")
     figure4(grid_cells, [s.name for s in strategies], list(cfg.prompts), out / "figure4.png")
+    if cfg.figure1:  # the same images as Figure 4, two rows: what fine-tuning changed
+        figure4(grid_cells, [strategies[0].name, cfg.figure1], figure1_prompts(cfg.prompts), out / "figure1.png")
     if kit_items:
         from evaluation.reader_kit import make_reader_kit
 
@@ -265,12 +283,26 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
                "seeds": seeds, "seconds": round(time.time() - started, 1), "git": git_commit(), "packages": package_versions(STUDY_PACKAGES)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     log(md)
-    log(f"wrote {out}/results.md, table4.csv, fid.csv, diversity.csv, finding_correctness.csv, figure4.png, grids/, summary.json")
+    log(f"wrote {out}/results.md, table4.csv, fid.csv, diversity.csv, finding_correctness.csv, figure4.png"
+        f"{', figure1.png' if cfg.figure1 else ''}, grids/, summary.json")
     return out
 
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "strategy"
+
+
+def _wrap_label(name: str, width: int = 18) -> str:
+    """A row label on lines of at most ``width`` characters, broken after "_" or " " (run names stay as they are)."""
+    import re
+
+    lines, line = [], ""
+    for part in re.split(r"(?<=[_ ])", name):
+        if line and len(line) + len(part) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += part
+    return "\n".join(lines + [line.rstrip()])
 
 
 def figure4(cells: dict, strategies: Sequence[str], prompts: Sequence[str], path: Path) -> None:
@@ -293,7 +325,7 @@ def figure4(cells: dict, strategies: Sequence[str], prompts: Sequence[str], path
             if i == 0:
                 ax.set_title(p, fontsize=8, wrap=True)
             if j == 0:
-                ax.set_ylabel(s, fontsize=8)
+                ax.set_ylabel(_wrap_label(s), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -359,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--reader_kit", type=int, default=0, help="generated images per strategy and prompt in a blinded reader kit (0: none)")
     p.add_argument("--reader_real", type=int, default=0, help="real reference images per finding mixed into the kit")
+    p.add_argument("--figure1", default=None, metavar="RUN", help="write figure1.png: the base model beside this run (its folder "
+                   "name) on the plain and the effusion prompt, as the paper's Figure 1")
     return p
 
 
