@@ -48,8 +48,11 @@ def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
                 "init_args": {"prompts": PROMPTS, "n_per_prompt": 2, "n_real": 8, "features": "classifier",
                               "classifier": "tiny-phantom", "steps": 2}}
     run_train(*demo_args(tmp_path, "--run_name", "ddp_fid", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.callbacks=[]",
+                         "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.callbacks=[]",
                          "--data.init_args.n_per_finding", "12",
                          f"--trainer.callbacks+={json.dumps(callback)}", "--wandb_mode", "disabled"))
+    # the U-Net demo trains under DDP with two CPU processes and saves one checkpoint at the last step
+    checkpoint = tmp_path / "runs" / "ddp_fid" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
     table = pd.read_csv(tmp_path / "runs" / "ddp_fid" / "fid.csv")
     assert len(table) == 2 and (table["fid"] >= 0).all() and set(table["n_generated"]) == {2}

@@ -1,4 +1,5 @@
-"""train.py end to end: the demo run, its folder, resume, export, DDP and CLI errors (subprocesses)."""
+"""train.py end to end: the demo run, its folder, resume, export and CLI errors (runs in subprocesses; errors at start
+and --print_config in this process)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import torch
 import yaml
 
 from callbacks.loss_log import read_loss_log
-from conftest import PYTHON, REPO, demo_args, run_train, train_and_signal
+from conftest import PYTHON, REPO, demo_args, run_train, train_and_signal, train_in_process
 
 
 def test_reference_run_leaves_a_complete_run_folder(reference_run):
@@ -61,11 +62,14 @@ def test_stop_between_checkpoints_then_resume_with_workers_is_bit_identical(refe
 
 
 def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
-    """kill -9 after the step-10 checkpoint (mid-way to the next): resume from it and end where the reference ends."""
+    """kill -9 after the step-10 checkpoint (mid-way to the next): resume from it and end where the reference ends.
+    The first start already passes --ckpt_path last (as a requeue script does): with no checkpoint it starts fresh."""
     common = demo_args(tmp_path, "--run_name", "killed", "--trainer.callbacks=[]", "--wandb_mode", "disabled")
     run = tmp_path / "runs" / "killed"
-    code, _, _ = train_and_signal([*common, "--trainer.max_steps", "24"], run / "losses.csv", signal.SIGKILL)
+    code, out, _ = train_and_signal([*common, "--trainer.max_steps", "24", "--ckpt_path", "last"], run / "losses.csv",
+                                    signal.SIGKILL)
     assert code == -signal.SIGKILL
+    assert f"no checkpoint in {run / 'checkpoints'}: starting fresh" in out
     # the kill may land inside a save: last.ckpt is then the previous, complete checkpoint
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] in (5, 10, 15, 20)
     proc = run_train(*common, "--trainer.max_steps", "24", "--ckpt_path", "last")
@@ -76,7 +80,8 @@ def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, tmp_path):
     """SIGTERM (SLURM pre-emption): the run saves last.ckpt at the batch it finished and exits 143; resuming
-    ends where the reference ends. The W&B key in the environment is written nowhere in the run folder."""
+    ends where the reference ends and continues the same W&B run. The W&B key in the environment is written
+    nowhere in the run folder."""
     secret = "wandb-key-0123456789abcdef-must-not-leak"
     common = demo_args(tmp_path, "--run_name", "preempted", "--trainer.callbacks=[]", "--wandb_mode", "offline")
     run = tmp_path / "runs" / "preempted"
@@ -90,29 +95,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, t
     _same_as_reference(reference_run, run)
     leaked = [p for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked, leaked
-
-
-def test_resume_continues_the_same_wandb_run(tmp_path):
-    common = demo_args(tmp_path, "--run_name", "wb", "--trainer.callbacks=[]")
-    run_train(*common, "--trainer.max_steps", "3")
-    run_id = (tmp_path / "runs" / "wb" / "wandb_run_id.txt").read_text().strip()
-    run_train(*common, "--trainer.max_steps", "5", "--ckpt_path", "last")
-    runs = sorted((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
-
-
-def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path):
-    proc = run_train(*demo_args(tmp_path, "--run_name", "fresh", "--trainer.max_steps", "2", "--trainer.callbacks=[]",
-                                "--wandb_mode", "disabled", "--ckpt_path", "last"))
-    assert "no checkpoint in" in proc.stdout and "starting fresh" in proc.stdout
-    # a run shorter than checkpoint_every_n_steps leaves one last.ckpt (not also a last-v1.ckpt)
-    assert [p.name for p in (tmp_path / "runs" / "fresh" / "checkpoints").iterdir()] == ["last.ckpt"]
+    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    starts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and all(r.name.endswith(run_id) for r in starts)  # one W&B run, two starts
 
 
 def test_existing_run_is_not_overwritten_by_accident(reference_run, tmp_path):
     shutil.copytree(reference_run, tmp_path / "runs" / "ref")
-    proc = run_train(*demo_args(tmp_path, "--run_name", "ref", "--trainer.max_steps", "2"), check=False)
-    assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr and "--ckpt_path last" in proc.stderr
+    code, _, err = train_in_process(*demo_args(tmp_path, "--run_name", "ref", "--trainer.max_steps", "2"))
+    assert code != 0 and "already holds checkpoints" in err and "--ckpt_path last" in err
 
 
 def test_export_reloads_in_plain_diffusers_and_generates(reference_run, tmp_path):
@@ -129,40 +120,39 @@ def test_export_reloads_in_plain_diffusers_and_generates(reference_run, tmp_path
 
 
 def test_export_of_a_run_without_checkpoint_is_a_clear_error(tmp_path):
+    import export
+
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([PYTHON, str(REPO / "export.py"), str(tmp_path / "empty"), str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode != 0 and "no checkpoint" in proc.stderr
+    with pytest.raises(SystemExit) as exit_:
+        export.main([str(tmp_path / "empty"), str(tmp_path / "out")])
+    assert "export.py: error:" in str(exit_.value.code) and "no checkpoint" in str(exit_.value.code)
 
 
-def test_ddp_two_processes_on_cpu(tmp_path):
-    run_train(*demo_args(tmp_path, "--run_name", "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                         "--trainer.max_steps", "4", "--trainer.callbacks=[]", "--wandb_mode", "disabled"))
-    run = tmp_path / "runs" / "ddp"
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+# DDP with two CPU processes: tests/test_fid_callback.py::test_ddp_two_processes_shard_generation_and_agree trains the
+# demo there (the U-Net, its checkpoint and the FID callback's sharding in one run).
 
 
 def test_unknown_config_key_fails_at_start(tmp_path):
-    proc = run_train(*demo_args(tmp_path, "--model.init_args.learning_rat", "0.1"), check=False)
-    assert proc.returncode != 0 and "learning_rat" in proc.stderr
+    code, _, err = train_in_process(*demo_args(tmp_path, "--model.init_args.learning_rat", "0.1"))
+    assert code != 0 and "learning_rat" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
 
 
 def test_wrong_type_in_the_config_fails_at_start_naming_key_and_value(tmp_path):
-    proc = run_train(*demo_args(tmp_path, "--trainer.max_steps", "ten"), check=False)
-    assert proc.returncode != 0 and "max_steps" in proc.stderr and "ten" in proc.stderr
+    code, _, err = train_in_process(*demo_args(tmp_path, "--trainer.max_steps", "ten"))
+    assert code != 0 and "max_steps" in err and "ten" in err
 
 
 def test_unknown_config_name_lists_the_known_ones(tmp_path):
-    proc = run_train("--config", "unet_priro", check=False)
-    assert proc.returncode != 0 and "unet_prior" in proc.stderr
+    code, _, err = train_in_process("--config", "unet_priro")
+    assert code != 0 and "unet_prior" in err
 
 
 @pytest.mark.parametrize("name", ["unet_no_findings", "unet", "unet_prior", "demo"])
 def test_shipped_configs_validate(name):
-    proc = run_train("--config", name, "--print_config")
-    config = yaml.safe_load(proc.stdout)
+    code, out, err = train_in_process("--config", name, "--print_config")
+    assert code == 0, err
+    config = yaml.safe_load(out)
     assert config["model"]["class_path"] == "lightning_modules.unet.UNetFineTuning"
     if name != "demo":
         assert config["trainer"]["max_steps"] == 400
