@@ -171,10 +171,10 @@ def build_plan(args) -> list[Step]:
                           str(runs_dir / run.config), run.cost))
     studies = out / "studies"
     if demo:
-        vae = ["--n", "24", "--resolution", "64", "--classifier", "tiny-phantom", "--fid_features", "xrv", "--reader_pairs", "8"]
+        vae = ["--n", "16", "--resolution", "64", "--classifier", "tiny-phantom", "--fid_features", "xrv", "--reader_pairs", "4"]
         text = ["--mimic_root", mimic, "--encoders", "tiny-bert", "tiny-cxr-bert", "tiny-phantom", "--classes", *DEMO_CLASSES,
                 "--n_per_class", "6", "--k", "5", "--no_progress"]
-        gen = ["--split", "all", "--n_per_prompt", "4", "--steps", "5", "--scheduler", "ddim", "--fid_features", "xrv",
+        gen = ["--split", "all", "--n_per_prompt", "4", "--steps", "4", "--scheduler", "ddim", "--fid_features", "xrv",
                "--classifier", "tiny-phantom", "--n_boot", "10", "--batch_size", "12"]
     else:
         weights = []
