@@ -413,6 +413,18 @@ def redo(out: Path, step: Step) -> None:
 
 
 # --------------------------------------------------------------------------------------------- slurm
+# The end of each SLURM script: run "$@" (the driver) in the background so that the batch shell can pass SIGTERM on
+# (--signal=B:TERM@300), wait until it has really exited (a trapped signal interrupts `wait`), and requeue the job when
+# the driver stopped for a signal (exit 143): the requeued task resumes with --ckpt_path last.
+SLURM_RUNNER = (
+    '"$@" &\nPID=$!\ntrap \'kill -TERM $PID 2>/dev/null\' TERM INT\n'
+    'wait $PID; RC=$?\nwhile kill -0 $PID 2>/dev/null; do wait $PID; RC=$?; done\n'
+    'if [ "$RC" -eq 143 ]; then\n'
+    '  echo "pre-empted or out of time: requeueing (training resumes from its last checkpoint)"\n'
+    '  scontrol requeue "$SLURM_JOB_ID" || true\nfi\nexit $RC\n'
+)
+
+
 def driver_args(args) -> list[str]:
     """The driver's own arguments, paths absolute: what a SLURM task runs from the repository root."""
     out = ["--out", args.out]
@@ -436,13 +448,7 @@ def write_slurm(args, steps: list[Step]) -> Path:
     header = ("#!/bin/bash\n"
               "#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=8\n#SBATCH --mem=64G\n#SBATCH --time={time}\n"
               "#SBATCH --requeue\n#SBATCH --signal=B:TERM@300\n" + extra)
-    runner = (
-        '"$@" &\nPID=$!\ntrap \'kill -TERM $PID 2>/dev/null\' TERM INT\n'
-        'wait $PID; RC=$?\nwhile kill -0 $PID 2>/dev/null; do wait $PID; RC=$?; done\n'
-        'if [ "$RC" -eq 143 ]; then\n'
-        '  echo "pre-empted or out of time: requeueing (training resumes from its last checkpoint)"\n'
-        '  scontrol requeue "$SLURM_JOB_ID" || true\nfi\nexit $RC\n'
-    )
+    runner = SLURM_RUNNER
     array = (header.format(time=args.slurm_time) +
              f"#SBATCH --job-name=cxr-reproduce\n#SBATCH --array=0-{len(independent) - 1}\n"
              f"#SBATCH --output={folder}/logs/%x_%A_%a.out\n"

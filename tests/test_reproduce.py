@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -284,6 +285,38 @@ def test_slurm_writes_an_array_a_final_job_and_a_submit_script(real_inputs):
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
     assert '--only "$STEP"' in array and "--only" not in final
     assert "--dependency=afterok:" in submit and subprocess.run(["bash", "-n", str(folder / "submit.sh")]).returncode == 0
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_the_slurm_task_passes_sigterm_on_and_requeues_only_after_a_signal(tmp_path, signalled):
+    """The scripts' runner under bash, with a stand-in driver and a fake scontrol: SIGTERM to the batch shell (what
+    --signal=B:TERM@300 sends) reaches the driver, the shell waits for it to save and exit 143, then requeues the job.
+    A driver that finishes normally is not requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.txt"
+    ready, saved = tmp_path / "ready", tmp_path / "saved"
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" $([ -f {saved} ] && echo after-save || echo before-save) >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    driver = (f"import pathlib, signal, sys, time\n"
+              f"def stop(*_):\n    time.sleep(0.5); pathlib.Path({str(saved)!r}).write_text('1'); sys.exit(143)\n"
+              f"signal.signal(signal.SIGTERM, stop)\npathlib.Path({str(ready)!r}).write_text('1')\n"
+              f"time.sleep(60 if {signalled} else 0.2)\n")
+    script = tmp_path / "task.sbatch"
+    script.write_text("set -- " + " ".join(map(shlex.quote, [sys.executable, "-c", driver])) + "\n" + reproduce.SLURM_RUNNER)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if signalled:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    if signalled:
+        assert proc.returncode == 143 and saved.exists()  # the shell waited for the save, not just for the signal
+        assert calls.read_text().split() == ["requeue", "4242", "after-save"] and "requeueing" in out
+    else:
+        assert proc.returncode == 0 and not calls.exists()
 
 
 # ----------------------------------------------------------------------------------- the demo, end to end
