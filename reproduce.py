@@ -20,11 +20,9 @@ whole reproduction at tiny scale on a CPU (phantom data, tiny models).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,8 +36,6 @@ REPO = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs"
 SD14 = "CompVis/stable-diffusion-v1-4"
 CXR_BERT = "microsoft/BiomedVLP-CXR-BERT-specialized"
-PACKAGES = ("torch", "lightning", "diffusers", "transformers", "torchmetrics", "torchxrayvision", "datasets",
-            "scikit-image", "numpy", "pandas")
 
 
 @dataclass(frozen=True)
@@ -93,16 +89,13 @@ class Step:
 
 
 # --------------------------------------------------------------------------------------------- plan
-def selection_for(images: Optional[Path], config: str) -> Optional[list[str]]:
-    """The dicom_ids of ``images`` (a reviewed selected.csv) whose finding the run ``config`` trains on."""
-    if images is None:
+def selection_for(images: Optional[Path], sel, config: str) -> Optional[list[str]]:
+    """The dicom_ids of ``sel`` (the reviewed image list ``images``) whose finding the run ``config`` trains on."""
+    if sel is None:
         return None
     import yaml
 
-    from datamodules.candidates import read_selection
-
     findings = yaml.safe_load((CONFIG_DIR / f"{config}.yaml").read_text())["data"]["init_args"]["findings"]
-    sel = read_selection(images)
     ids = sel.loc[sel["finding"].isin(findings), "dicom_id"].tolist()
     if not ids:
         raise ReproduceError(f"{images}: no image for {findings} (run {config}); the file lists {sorted(set(sel['finding']))}")
@@ -148,6 +141,12 @@ def build_plan(args) -> list[Step]:
     sd = "tiny-phantom" if demo else args.sd
     mimic = str(out / "data" / "mimic") if demo else args.mimic
     images = Path(args.images) if args.images else None
+    if images is not None:
+        from datamodules.candidates import read_selection
+
+        selection = read_selection(images)
+    else:
+        selection = None
     steps: list[Step] = []
     sample = ["--n", "4", "--steps", "5", "--scheduler", "ddim"] if demo else ["--n", "8", "--steps", "50", "--scheduler", "pndm"]
     steps.append(Step("base", "Base Stable Diffusion: the paper's prompts", ["generate.py", "--pretrained", sd, *sample,
@@ -163,7 +162,7 @@ def build_plan(args) -> list[Step]:
             else:
                 argv += ["--data.init_args.root", mimic]
         if run.family != "projection":
-            ids = selection_for(images, run.config)
+            ids = selection_for(images, selection, run.config)
             if ids:
                 argv += ["--data.init_args.dicom_ids", "[" + ", ".join(ids) + "]"]
         argv += ["--runs_dir", str(runs_dir), "--run_name", run.config, "--ckpt_path", "last", "--wandb_mode", args.wandb_mode]
@@ -292,7 +291,9 @@ def execute(args, steps: list[Step], on_done=None) -> int:
     by_name = {s.name: s for s in steps}
     for name in args.redo or []:
         redo(out, by_name[name])
-    changed = [s.name for s in steps if s.name in only and step_state(out, s) == "changed"]
+    state = {s.name: step_state(out, s) for s in steps}  # read once; finished steps are added to `done` below
+    done = {name for name, st in state.items() if st == "done"}
+    changed = [s.name for s in steps if s.name in only and state[s.name] == "changed"]
     if changed:
         raise ReproduceError(
             f"{', '.join(changed)}: finished earlier with a different command (see {out / 'steps'}). Pass --redo "
@@ -304,13 +305,13 @@ def execute(args, steps: list[Step], on_done=None) -> int:
     for step in steps:
         if step.name not in only:
             continue
-        if step_state(out, step) == "done":
+        if step.name in done:
             print(f"[{index[step.name]}/{len(steps)}] {step.name}: done, skipped", flush=True)
         else:
             pending.append(step)
     waiting = {p.name for p in pending}
     for step in pending:
-        missing = [n for n in step.needs if n not in waiting and step_state(out, by_name[n]) != "done"]
+        missing = [n for n in step.needs if n not in waiting and n not in done]
         if missing:
             raise ReproduceError(f"{step.name} needs {missing} to be done first")
 
@@ -343,16 +344,14 @@ def execute(args, steps: list[Step], on_done=None) -> int:
                 for step in list(pending):
                     if len(running) >= jobs:
                         break
-                    if any(step_state(out, by_name[n]) != "done" for n in step.needs):
+                    if any(n not in done for n in step.needs):
                         continue
                     gpu = free_gpus.pop(0) if gpus else None
                     extra = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
                     if share_cores:  # CPU runs: torch threads split between the steps that run side by side
-                        startable = sum(1 for p in pending if p is not step and
-                                        all(step_state(out, by_name[n]) == "done" for n in p.needs))
+                        startable = sum(1 for p in pending if p is not step and all(n in done for n in p.needs))
                         extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(jobs, len(running) + 1 + startable)))
-                    state = step_state(out, step)
-                    note = " (resuming from its last checkpoint)" if state == "started" else ""
+                    note = " (resuming from its last checkpoint)" if state[step.name] == "started" else ""
                     where = f" on GPU {gpu}" if gpu is not None else ""
                     print(f"[{index[step.name]}/{len(steps)}] {step.name}: {step.title}{note}{where}\n    $ {step.command()}\n"
                           f"    log: {out / 'logs' / (step.slug + '.log')}", flush=True)
@@ -374,6 +373,7 @@ def execute(args, steps: list[Step], on_done=None) -> int:
                     marker = marker_path(out, step)
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.write_text(json.dumps(record, indent=1) + "\n")
+                    done.add(step.name)
                     print(f"    {step.name}: done in {time.time() - job.t0:.0f} s", flush=True)
                 elif not received:
                     failures.append((step, rc))
@@ -394,11 +394,11 @@ def execute(args, steps: list[Step], on_done=None) -> int:
     if failures:
         # a step stopped by SIGTERM sent to it directly (a scheduler signals every process of the job): resumable
         return 143 if any(rc in (143, -signal.SIGTERM) for _, rc in failures) else 1
-    if all(step_state(out, s) == "done" for s in steps):
+    if len(done) == len(steps):
         path = on_done(out, steps, started) if on_done else None
         print(f"all {len(steps)} steps done" + (f": {path}" if path else ""), flush=True)
     else:
-        todo = [s.name for s in steps if step_state(out, s) != "done"]
+        todo = [s.name for s in steps if s.name not in done]
         print(f"steps not done yet: {todo}", flush=True)
     return 0
 
@@ -530,11 +530,12 @@ def check_inputs(args, p: argparse.ArgumentParser) -> None:
     mimic = Path(args.mimic).expanduser()
     if not (mimic / "mimic-cxr-2.0.0-metadata.csv.gz").is_file():
         p.error(f"--mimic {mimic}: not a MIMIC-CXR-JPG v2.0.0 root (no mimic-cxr-2.0.0-metadata.csv.gz there)")
-    laion = Path(args.laion).expanduser()
-    if laion.is_dir() and not any(laion.glob("*.parquet")):
-        p.error(f"--laion {laion}: no .parquet files in this folder (expected LAION-400M metadata parquet files)")
-    if not laion.exists() and not glob.glob(str(laion)):
-        p.error(f"--laion {laion}: no such file or folder")
+    from datamodules.laion import LAIONDataError, resolve_files
+
+    try:
+        resolve_files(args.laion)
+    except LAIONDataError as err:
+        p.error(f"--laion {err}")
     if args.reports is None:
         default = mimic / "mimic-cxr-reports"
         if not default.is_dir():

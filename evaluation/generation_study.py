@@ -146,12 +146,12 @@ class StudyConfig:
             names = [Path(r).name for r in self.runs]
             if self.figure1 not in names:
                 raise GenerationStudyError(f"--figure1 {self.figure1}: not one of the --runs ({names})")
-            if not figure1_prompts(self.prompts):
+            if not normal_and_effusion_prompts(self.prompts):
                 raise GenerationStudyError("--figure1: the prompts need a plain one and one naming a pleural effusion")
 
 
-def figure1_prompts(prompts: Sequence[str]) -> list[str]:
-    """The plain prompt and the effusion prompt (paper Figure 1), or [] when the prompts lack one of them."""
+def normal_and_effusion_prompts(prompts: Sequence[str]) -> list[str]:
+    """The plain prompt and the effusion prompt (paper Figure 1, finding correctness), or [] when one is missing."""
     normal = [p for p in prompts if prompt_finding(p) == NORMAL and "style" not in p.lower()]
     eff = [p for p in prompts if prompt_finding(p) == EFFUSION]
     return [normal[0], eff[0]] if normal and eff else []
@@ -246,13 +246,13 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
         grid = labelled_grid(torch.cat([grid_cells[(strategy.name, p)] for p in cfg.prompts]),
                              [p for p in strategy.prompts for _ in range(k)], k, title=strategy.name)
         grid.save(out / "grids" / f"{_slug(strategy.name)}.png")
-        eff = [p for p in cfg.prompts if prompt_finding(p) == EFFUSION]
-        normal = [p for p in cfg.prompts if prompt_finding(p) == NORMAL and "style" not in p.lower()]
-        if eff and normal:
-            pos, neg = p_effusion[eff[0]], p_effusion[normal[0]]
+        pair = normal_and_effusion_prompts(cfg.prompts)
+        if pair:
+            normal, eff = pair
+            pos, neg = p_effusion[eff], p_effusion[normal]
             res = auroc_with_ci(pos, neg, cfg.n_boot, cfg.seed)
             accuracy = float(((pos > 0.5).sum() + (neg <= 0.5).sum()) / (len(pos) + len(neg)))
-            corr_rows.append({"strategy": strategy.name, "finding_prompt": eff[0], "normal_prompt": normal[0],
+            corr_rows.append({"strategy": strategy.name, "finding_prompt": eff, "normal_prompt": normal,
                               "mean_p_effusion_finding_prompt": float(pos.mean()), "mean_p_effusion_normal_prompt": float(neg.mean()),
                               "threshold": 0.5, "accuracy": accuracy, **res})
         module.to("cpu")
@@ -265,7 +265,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     table4.to_csv(out / "table4.csv")
     figure4(grid_cells, [s.name for s in strategies], list(cfg.prompts), out / "figure4.png")
     if cfg.figure1:  # the same images as Figure 4, two rows: what fine-tuning changed
-        figure4(grid_cells, [strategies[0].name, cfg.figure1], figure1_prompts(cfg.prompts), out / "figure1.png")
+        figure4(grid_cells, [strategies[0].name, cfg.figure1], normal_and_effusion_prompts(cfg.prompts), out / "figure1.png")
     if kit_items:
         from evaluation.reader_kit import make_reader_kit
 

@@ -182,7 +182,7 @@ def test_bad_driver_inputs_are_named(real_inputs, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     rc, _, err = _main("--mimic", str(i["mimic"]), "--laion", str(empty), "--reports", str(i["reports"]), "--out", str(tmp_path / "r"))
-    assert rc == 2 and f"--laion {empty}: no .parquet files" in err
+    assert rc == 2 and f"--laion {empty}: folder holds no *.parquet files" in err
     only_effusion = tmp_path / "eff.csv"
     only_effusion.write_text("dicom_id,finding\neff1,Pleural Effusion\n")
     rc, _, err = _main("--mimic", str(i["mimic"]), "--laion", str(i["laion"]), "--reports", str(i["reports"]),
