@@ -125,3 +125,22 @@ def test_finding_correctness_of_a_run_without_checkpoint_is_a_clear_error(tmp_pa
     with pytest.raises(SystemExit) as exit_:
         demo.main([str(tmp_path)])
     assert "finding_correctness_demo.py: error:" in str(exit_.value.code) and "no checkpoint" in str(exit_.value.code)
+
+
+def test_every_sampler_reads_the_zero_terminal_snr_v_prediction_schedule(tiny_phantom):
+    """tiny-phantom predicts v on a zero-terminal-SNR schedule (MODEL_CARD.md); each sampler must read it, PNDM too."""
+    from lightning_modules.stable_diffusion import INFERENCE_SCHEDULERS
+
+    assert tiny_phantom.noise_scheduler.config.prediction_type == "v_prediction"
+    assert tiny_phantom.noise_scheduler.alphas_cumprod[-1] < 1e-7
+    cond = tiny_phantom.encode_prompts(["a photo of a lung xray"] * 2)
+    uncond = tiny_phantom.encode_prompts([""] * 2)
+    means = {}
+    for name in INFERENCE_SCHEDULERS:
+        scheduler = tiny_phantom.inference_scheduler(name)
+        assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.timestep_spacing == "trailing", name
+        assert torch.allclose(scheduler.alphas_cumprod, tiny_phantom.noise_scheduler.alphas_cumprod), name
+        images = tiny_phantom.sample(cond, uncond, seeds=[0, 1], steps=8, guidance=4.0, scheduler=name)
+        assert torch.isfinite(images).all() and images.std() > 0.1, name  # a drawing, not a blank or saturated frame
+        means[name] = images.mean().item()
+    assert max(means.values()) - min(means.values()) < 0.1, means  # the samplers agree on the picture's brightness
