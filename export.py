@@ -1,8 +1,11 @@
 """Export a trained run: ``python export.py runs/<name> OUT_DIR [--ckpt last]``.
 
-U-Net runs export a diffusers ``StableDiffusionPipeline`` folder (safetensors) that plain
-``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` loads; textual-inversion runs export
-``learned_embeds.safetensors`` for ``pipe.load_textual_inversion(OUT_DIR)``.
+Every export is a folder that plain diffusers loads, plus ``export.json`` naming its kind, strategy and base model
+(``models/exports.py``; ``generate.py --export`` and the studies read any of them with ``load_export``):
+
+* U-Net runs: a ``StableDiffusionPipeline`` folder (safetensors): ``StableDiffusionPipeline.from_pretrained(OUT_DIR)``;
+* textual-inversion runs: ``learned_embeds.safetensors`` for ``pipe.load_textual_inversion(OUT_DIR)``;
+* projection runs: ``projection.safetensors`` and ``projection.json`` (the domain encoder and the MLP).
 """
 from __future__ import annotations
 

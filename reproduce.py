@@ -116,8 +116,8 @@ def demo_config(run: Run, out: Path) -> Path:
         data.update(data_files=str(out / "data" / "laion"), max_captions=400, val_captions=40, batch_size=32, num_workers=0)
     else:
         data.update(root=str(out / "data" / "mimic"), resolution=64, batch_size=4, num_workers=0, max_val_images=8)
-        if data.get("prior_preservation"):
-            data["prior_preservation"].update(num_class_images=4, steps=5, scheduler="ddim")
+        if model.get("prior_preservation"):
+            model["prior_preservation"].update(num_class_images=4, steps=5, scheduler="ddim")
     trainer = cfg["trainer"]
     trainer.update(accelerator="cpu", devices=1, precision=32, max_steps=steps, val_check_interval=steps,
                    accumulate_grad_batches=1, log_every_n_steps=5)
@@ -276,10 +276,8 @@ def tail(path: Path, n: int = 30) -> str:
     return "\n".join(lines[-n:])
 
 
-def execute(args, steps: list[Step], on_done=None) -> int:
-    """Run the steps not done yet (``args.jobs`` at once, each when its needs are done); ``on_done(out, steps,
-    started)`` (the summary) once every step is done. Returns the exit code: 0, 1 (a step failed), 143 (SIGTERM)."""
-    out = Path(args.out)
+def select_pending(args, steps: list[Step], out: Path) -> tuple[list[Step], set, dict]:
+    """``(pending steps, names done, state of every step)`` after checking ``--only`` and ``--redo`` (and redoing)."""
     names = [s.name for s in steps]
     only = set(args.only or names)
     unknown = sorted(only - set(names))
@@ -291,7 +289,7 @@ def execute(args, steps: list[Step], on_done=None) -> int:
     by_name = {s.name: s for s in steps}
     for name in args.redo or []:
         redo(out, by_name[name])
-    state = {s.name: step_state(out, s) for s in steps}  # read once; finished steps are added to `done` below
+    state = {s.name: step_state(out, s) for s in steps}  # read once; finished steps are added to `done` later
     done = {name for name, st in state.items() if st == "done"}
     changed = [s.name for s in steps if s.name in only and state[s.name] == "changed"]
     if changed:
@@ -299,107 +297,128 @@ def execute(args, steps: list[Step], on_done=None) -> int:
             f"{', '.join(changed)}: finished earlier with a different command (see {out / 'steps'}). Pass --redo "
             f"{' '.join(changed)} to run it again (a training run's folder is kept aside as <name>.old-<time>), "
             "or use another --out.")
-    started = time.time()
-    index = {s.name: i for i, s in enumerate(steps, 1)}
     pending = []
-    for step in steps:
-        if step.name not in only:
-            continue
-        if step.name in done:
-            print(f"[{index[step.name]}/{len(steps)}] {step.name}: done, skipped", flush=True)
-        else:
+    for i, step in enumerate(steps, 1):
+        if step.name in only and step.name in done:
+            print(f"[{i}/{len(steps)}] {step.name}: done, skipped", flush=True)
+        elif step.name in only:
             pending.append(step)
     waiting = {p.name for p in pending}
     for step in pending:
         missing = [n for n in step.needs if n not in waiting and n not in done]
         if missing:
             raise ReproduceError(f"{step.name} needs {missing} to be done first")
+    return pending, done, state
 
-    jobs = max(1, int(getattr(args, "jobs", 1) or 1))
-    gpus = list(getattr(args, "gpus", None) or [])
-    free_gpus = list(gpus)
-    if jobs > 1:  # steps nothing else needs and that need nothing (base samples, VAE and text studies) go first:
-        # they are short, and the last step (the generation study) then starts alone with every core
-        needed = {n for s in steps for n in s.needs}
-        pending.sort(key=lambda s: (bool(s.needs) or s.name in needed))
-    share_cores = jobs > 1 and not gpus and "OMP_NUM_THREADS" not in os.environ
-    echo = not args.quiet and jobs == 1
-    running: dict[str, tuple[Job, Optional[str]]] = {}
-    failures: list[tuple[Step, int]] = []
-    received: list[int] = []
 
-    def on_signal(signum, _frame):
-        received.append(signum)
+class Scheduler:
+    """Runs pending steps as subprocesses, ``jobs`` at once (one GPU each with ``gpus``), each once what it needs is done;
+    on SIGTERM every running step is asked to save and stop, and nothing new starts."""
+
+    def __init__(self, args, steps: list[Step], pending: list[Step], done: set, state: dict):
+        self.out, self.steps, self.pending, self.done, self.state = Path(args.out), steps, pending, done, state
+        self.index = {s.name: i for i, s in enumerate(steps, 1)}
+        self.jobs = max(1, int(getattr(args, "jobs", 1) or 1))
+        self.gpus = list(getattr(args, "gpus", None) or [])
+        self.free_gpus = list(self.gpus)
+        if self.jobs > 1:  # steps nothing else needs and that need nothing (base samples, VAE and text studies) go first:
+            # they are short, and the last step (the generation study) then starts alone with every core
+            needed = {n for s in steps for n in s.needs}
+            self.pending.sort(key=lambda s: (bool(s.needs) or s.name in needed))
+        self.share_cores = self.jobs > 1 and not self.gpus and "OMP_NUM_THREADS" not in os.environ
+        self.echo = not args.quiet and self.jobs == 1
+        self.running: dict[str, tuple[Job, Optional[str]]] = {}
+        self.failures: list[tuple[Step, int]] = []
+        self.received: list[int] = []
+
+    def on_signal(self, signum, _frame) -> None:
+        self.received.append(signum)
         # SIGTERM (SLURM pre-emption, time limit, kill): each running step saves at the end of its batch, then stops.
         # SIGINT (Ctrl-C) already reached the children from the terminal: sending it twice would abort their saves.
         if signum == signal.SIGTERM:
-            for job, _ in running.values():
+            for job, _ in self.running.values():
                 if job.proc.poll() is None:
                     job.proc.send_signal(signal.SIGTERM)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while pending or running:
-            if not failures and not received:
-                for step in list(pending):
-                    if len(running) >= jobs:
-                        break
-                    if any(n not in done for n in step.needs):
-                        continue
-                    gpu = free_gpus.pop(0) if gpus else None
-                    extra = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
-                    if share_cores:  # CPU runs: torch threads split between the steps that run side by side
-                        startable = sum(1 for p in pending if p is not step and all(n in done for n in p.needs))
-                        extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(jobs, len(running) + 1 + startable)))
-                    note = " (resuming from its last checkpoint)" if state[step.name] == "started" else ""
-                    where = f" on GPU {gpu}" if gpu is not None else ""
-                    print(f"[{index[step.name]}/{len(steps)}] {step.name}: {step.title}{note}{where}\n    $ {step.command()}\n"
-                          f"    log: {out / 'logs' / (step.slug + '.log')}", flush=True)
-                    running[step.name] = (Job(step, out, echo, extra), gpu)
-                    pending.remove(step)
-                if pending and not running and not failures and not received:
-                    raise ReproduceError(f"cannot start {[s.name for s in pending]}: what they need is not done")
-            for name, (job, gpu) in list(running.items()):
-                rc = job.poll()
-                if rc is None:
-                    continue
-                del running[name]
-                if gpu is not None:
-                    free_gpus.append(gpu)
-                step = job.step
-                if rc == 0:
-                    record = {"step": step.name, "argv": [str(a) for a in step.argv], "env": step.env, "started": job.begun,
-                              "seconds": round(time.time() - job.t0, 1), "exit": rc, "output": step.output}
-                    marker = marker_path(out, step)
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.write_text(json.dumps(record, indent=1) + "\n")
-                    done.add(step.name)
-                    print(f"    {step.name}: done in {time.time() - job.t0:.0f} s", flush=True)
-                elif not received:
-                    failures.append((step, rc))
-                    print(f"reproduce.py: error: step {step.name} failed (exit {rc}). Last lines of {job.log_path}:\n"
-                          f"{tail(job.log_path)}", file=sys.stderr, flush=True)
-                    if running:
-                        print(f"reproduce.py: waiting for {sorted(running)} to finish; nothing new starts", file=sys.stderr, flush=True)
-            if pending and (failures or received) and not running:
+    def run(self) -> None:
+        previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.pending or self.running:
+                if not self.failures and not self.received:
+                    self.start_ready()
+                self.collect_finished()
+                if self.pending and (self.failures or self.received) and not self.running:
+                    break
+                time.sleep(0.1)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def start_ready(self) -> None:
+        for step in list(self.pending):
+            if len(self.running) >= self.jobs:
                 break
-            time.sleep(0.1)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
-        print(f"reproduce.py: interrupted by {signal.Signals(received[0]).name}. Run the same command again to continue "
-              "(finished steps are skipped, training resumes from its last checkpoint).", file=sys.stderr, flush=True)
+            if any(n not in self.done for n in step.needs):
+                continue
+            gpu = self.free_gpus.pop(0) if self.gpus else None
+            extra = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+            if self.share_cores:  # CPU runs: torch threads split between the steps that run side by side
+                startable = sum(1 for p in self.pending if p is not step and all(n in self.done for n in p.needs))
+                extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(self.jobs, len(self.running) + 1 + startable)))
+            note = " (resuming from its last checkpoint)" if self.state[step.name] == "started" else ""
+            where = f" on GPU {gpu}" if gpu is not None else ""
+            print(f"[{self.index[step.name]}/{len(self.steps)}] {step.name}: {step.title}{note}{where}\n    $ {step.command()}\n"
+                  f"    log: {self.out / 'logs' / (step.slug + '.log')}", flush=True)
+            self.running[step.name] = (Job(step, self.out, self.echo, extra), gpu)
+            self.pending.remove(step)
+        if self.pending and not self.running and not self.failures and not self.received:
+            raise ReproduceError(f"cannot start {[s.name for s in self.pending]}: what they need is not done")
+
+    def collect_finished(self) -> None:
+        for name, (job, gpu) in list(self.running.items()):
+            rc = job.poll()
+            if rc is None:
+                continue
+            del self.running[name]
+            if gpu is not None:
+                self.free_gpus.append(gpu)
+            step = job.step
+            if rc == 0:
+                record = {"step": step.name, "argv": [str(a) for a in step.argv], "env": step.env, "started": job.begun,
+                          "seconds": round(time.time() - job.t0, 1), "exit": rc, "output": step.output}
+                marker = marker_path(self.out, step)
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps(record, indent=1) + "\n")
+                self.done.add(step.name)
+                print(f"    {step.name}: done in {time.time() - job.t0:.0f} s", flush=True)
+            elif not self.received:
+                self.failures.append((step, rc))
+                print(f"reproduce.py: error: step {step.name} failed (exit {rc}). Last lines of {job.log_path}:\n"
+                      f"{tail(job.log_path)}", file=sys.stderr, flush=True)
+                if self.running:
+                    print(f"reproduce.py: waiting for {sorted(self.running)} to finish; nothing new starts", file=sys.stderr, flush=True)
+
+
+def execute(args, steps: list[Step], on_done=None) -> int:
+    """Run the steps not done yet (``args.jobs`` at once, each when its needs are done); ``on_done(out, steps,
+    started)`` (the summary) once every step is done. Returns the exit code: 0, 1 (a step failed), 143 (SIGTERM)."""
+    out = Path(args.out)
+    pending, done, state = select_pending(args, steps, out)
+    started = time.time()
+    scheduler = Scheduler(args, steps, pending, done, state)
+    scheduler.run()
+    if scheduler.received:
+        print(f"reproduce.py: interrupted by {signal.Signals(scheduler.received[0]).name}. Run the same command again to "
+              "continue (finished steps are skipped, training resumes from its last checkpoint).", file=sys.stderr, flush=True)
         return 143
-    if failures:
+    if scheduler.failures:
         # a step stopped by SIGTERM sent to it directly (a scheduler signals every process of the job): resumable
-        return 143 if any(rc in (143, -signal.SIGTERM) for _, rc in failures) else 1
+        return 143 if any(rc in (143, -signal.SIGTERM) for _, rc in scheduler.failures) else 1
     if len(done) == len(steps):
         path = on_done(out, steps, started) if on_done else None
         print(f"all {len(steps)} steps done" + (f": {path}" if path else ""), flush=True)
     else:
-        todo = [s.name for s in steps if s.name not in done]
-        print(f"steps not done yet: {todo}", flush=True)
+        print(f"steps not done yet: {[s.name for s in steps if s.name not in done]}", flush=True)
     return 0
 
 
@@ -561,21 +580,17 @@ def absolute(args) -> None:
 
 
 def prepare_demo(args) -> None:
-    """Phantom MIMIC-CXR-JPG data, synthetic LAION parquet files and the proposed hand-picked images, into OUT/data."""
-    from datamodules.candidates import propose
-    from datamodules.laion import write_synthetic_laion
-    from datamodules.phantoms import write_phantom_mimic
+    """Phantom MIMIC-CXR-JPG data, synthetic LAION parquet files and the proposed hand-picked images, into OUT/data.
 
+    The demo data come from the ``synthetic`` package, which the production code never imports: it is run as
+    ``python -m synthetic.demo_data``."""
     data = Path(args.out) / "data"
-    write_phantom_mimic(data / "mimic", n_per_finding=12, size=64, seed=0, findings=DEMO_CLASSES)
-    if not any((data / "laion").glob("*.parquet")):
-        write_synthetic_laion(data / "laion", n_captions=500, seed=0)
+    command = [sys.executable, "-m", "synthetic.demo_data", str(data), "--findings", *DEMO_CLASSES]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ReproduceError(f"writing the demo data failed ({shlex.join(command)}):\n{done.stderr[-2000:]}")
     if not args.images:
-        selected = data / "selected.csv"
-        if not selected.is_file():  # the helper's proposal, unreviewed: phantoms have no patients to protect
-            df = propose(data / "mimic", n=5, k=5)
-            df.loc[df["selected"], ["dicom_id", "finding"]].to_csv(selected, index=False)
-        args.images = str(selected)
+        args.images = str(data / "selected.csv")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,29 +1,29 @@
 """Train one adaptation strategy: ``python train.py --config unet_prior.yaml [--ckpt_path last]``.
 
 A bare config name resolves in ``configs/``. Every run lives in ``runs/<run_name>/`` (the name comes
-from ``--run_name``, the config's ``run_name`` or the config file's name) with its checkpoints,
-sample grids, W&B files, W&B run id, resolved config and provenance. ``--ckpt_path last`` continues
+from ``--run_name``, the config's ``run_name`` or the config file's name; :class:`core.run_folder.RunFolder`) with its
+checkpoints, sample grids, W&B files, W&B run id, resolved config and provenance. ``--ckpt_path last`` continues
 that folder and that W&B run; when the folder has no checkpoint yet it says so and starts fresh,
 so a cluster requeue script can always pass it.
+
+The run's callbacks (checkpoints, loss log, data manifest, progress bar, learning-rate monitor), its W&B logger and
+the atomic checkpoint writer are added through LightningCLI's public hooks (``before_instantiate_classes``,
+``instantiate_trainer``).
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
-import platform
 import sys
-from datetime import datetime, timezone
+import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, Optional
 
-from evaluation.provenance import git_commit, package_versions
+from core.run_folder import RunFolder, RunFolderError
 
 REPO = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs"
-PACKAGES = (
-    "torch", "lightning", "diffusers", "transformers", "torchmetrics", "wandb", "torchxrayvision",
-    "datasets", "scikit-image", "jsonargparse", "numpy", "safetensors",
-)
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
@@ -63,19 +63,48 @@ def wandb_is_online(mode: str) -> bool:
     return mode == "online"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    original_argv = list(sys.argv)
-    argv = resolve_config_args(list(sys.argv[1:] if argv is None else argv))
-    sys.argv = sys.argv[:1] + argv  # LightningCLI reads sys.argv; configs resolved above
+def quiet_library_noise() -> None:
+    """Warnings and tips that say nothing about this run."""
+    # The frozen VAE/text encoder are kept in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning-internal deprecation noise, and a logging-interval warning that assumes epoch-based runs
+    # (logging here counts optimizer steps across epochs).
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+    # Lightning's advertisement for its cloud logger, printed at every Trainer start.
+    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
-    import warnings
 
-    from lightning.pytorch.callbacks import LearningRateMonitor
-    from lightning.pytorch.cli import LightningCLI
+def run_callbacks(run: RunFolder, every_n_steps: int, user_callbacks: list, progress_bar: bool, logger: bool) -> list:
+    """The callbacks every run has, after the config's own."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
-    from callbacks.checkpointing import AtomicCheckpointIO, FinalCheckpoint, PeriodicCheckpoint, PreemptionCheckpoint
+    from callbacks.checkpointing import RunCheckpoint
     from callbacks.loss_log import LossLog
     from callbacks.manifest import DataManifest
+    from callbacks.progress import step_progress_bar
+
+    extra = [RunCheckpoint(run.last_checkpoint, every_n_steps), LossLog(run.losses_file), DataManifest(run)]
+    if progress_bar and not any(isinstance(c, ProgressBar) for c in user_callbacks):
+        extra.append(step_progress_bar())
+    if logger:
+        extra.append(LearningRateMonitor(logging_interval="step"))
+    return extra
+
+
+def wandb_logger(run: RunFolder, mode: str, project: str, entity: Optional[str]):
+    """Lightning's WandbLogger on the run's own W&B id (online only with a key; ``wandb sync`` uploads later)."""
+    if mode == "disabled":
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(project=project, entity=entity, name=run.name, id=run.wandb_id(), save_dir=str(run.path),
+                       offline=not wandb_is_online(mode), resume="allow", log_model=False)
+
+
+def make_cli(argv: list[str]):
+    from lightning.pytorch.cli import LightningCLI
+
     from lightning_modules.base import DiffusionModule
 
     class TrainCLI(LightningCLI):
@@ -94,86 +123,35 @@ def main(argv: Optional[list[str]] = None) -> None:
         def before_instantiate_classes(self) -> None:
             cfg = self.config
             cfg.run_name = cfg.run_name or config_stem(argv) or datetime.now().strftime("run-%Y%m%d-%H%M%S")
-            self.run_dir = Path(cfg.runs_dir) / cfg.run_name
-            self.ckpt_path = self._resolve_ckpt(cfg.ckpt_path)
-            has_ckpt = any((self.run_dir / "checkpoints").glob("*.ckpt"))
-            if has_ckpt and self.ckpt_path is None:
-                raise SystemExit(
-                    f"train.py: error: {self.run_dir} already holds checkpoints. Pass --ckpt_path last to resume it, "
-                    "or --run_name NEW to start another run."
-                )
-            cfg.trainer.default_root_dir = str(self.run_dir)
+            self.run = RunFolder.named(cfg.runs_dir, cfg.run_name)
+            try:
+                self.ckpt_path = self.run.resume_checkpoint(cfg.ckpt_path)
+            except RunFolderError as err:
+                raise SystemExit(f"train.py: error: {err}") from None
+            if cfg.ckpt_path == "last":
+                print(f"resuming {self.run.path} from {self.ckpt_path}" if self.ckpt_path else
+                      f"no checkpoint in {self.run.checkpoints}: starting fresh", flush=True)
+            if self.run.has_checkpoints() and self.ckpt_path is None:
+                raise SystemExit(f"train.py: error: {self.run.path} already holds checkpoints. Pass --ckpt_path last to resume "
+                                 "it, or --run_name NEW to start another run.")
+            cfg.trainer.default_root_dir = str(self.run.path)
 
-        def _resolve_ckpt(self, value: Optional[str]) -> Optional[str]:
-            if value is None:
-                return None
-            if value == "last":
-                last = self.run_dir / "checkpoints" / "last.ckpt"
-                if last.is_file():
-                    print(f"resuming {self.run_dir} from {last}", flush=True)
-                    return str(last)
-                print(f"no checkpoint in {self.run_dir / 'checkpoints'}: starting fresh", flush=True)
-                return None
-            if not Path(value).is_file():
-                raise SystemExit(f"train.py: error: --ckpt_path {value}: no such checkpoint file")
-            return value
+        def instantiate_trainer(self, **kwargs):
+            from callbacks.checkpointing import AtomicCheckpointIO
 
-        def _instantiate_trainer(self, config, callbacks):
-            cfg = self.config
-            run_dir = self.run_dir
-            run_dir.mkdir(parents=True, exist_ok=True)
-            callbacks = list(callbacks) + [
-                PeriodicCheckpoint(
-                    dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
-                    every_n_train_steps=cfg.checkpoint_every_n_steps,
-                ),
-                FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_steps=cfg.checkpoint_every_n_steps),
-                PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
-                LossLog(run_dir / "losses.csv"),
-                DataManifest(run_dir / "data.json"),
-            ]
-            plugins = config.get("plugins") or []
+            cfg, trainer_cfg = self.config, self.config_init.trainer
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            user = list(trainer_cfg.callbacks or [])
+            plugins = trainer_cfg.plugins or []
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-            config["plugins"] = plugins + [AtomicCheckpointIO()]  # a kill during a save never corrupts last.ckpt
-            from lightning.pytorch.callbacks import ProgressBar
+            logger = wandb_logger(self.run, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_entity)
+            extra = run_callbacks(self.run, cfg.checkpoint_every_n_steps, user, trainer_cfg.enable_progress_bar is not False,
+                                  bool(logger))
+            # a kill during a save never corrupts last.ckpt
+            return super().instantiate_trainer(callbacks=user + extra, logger=logger, plugins=plugins + [AtomicCheckpointIO()],
+                                               **kwargs)
 
-            from callbacks.progress import step_progress_bar
-
-            if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-                callbacks.append(step_progress_bar())
-            config["default_root_dir"] = str(run_dir)
-            config["logger"] = self._logger(run_dir)
-            if config["logger"]:
-                callbacks.append(LearningRateMonitor(logging_interval="step"))
-            return super()._instantiate_trainer(config, callbacks)
-
-        def _logger(self, run_dir: Path):
-            cfg = self.config
-            if cfg.wandb_mode == "disabled":
-                return False
-            from lightning.pytorch.loggers import WandbLogger
-
-            id_file = run_dir / "wandb_run_id.txt"
-            if id_file.exists():
-                run_id = id_file.read_text().strip()
-            else:
-                import uuid
-
-                run_id = uuid.uuid4().hex[:12]
-                id_file.write_text(run_id + "\n")
-            online = wandb_is_online(cfg.wandb_mode)
-            return WandbLogger(
-                project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.run_name, id=run_id,
-                save_dir=str(run_dir), offline=not online, resume="allow", log_model=False,
-            )
-
-    # The frozen VAE/text encoder are kept in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    # Lightning-internal deprecation noise, and a logging-interval warning that assumes epoch-based runs
-    # (logging here counts optimizer steps across epochs).
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
-    cli = TrainCLI(
+    return TrainCLI(
         DiffusionModule,
         None,
         subclass_mode_model=True,
@@ -181,59 +159,67 @@ def main(argv: Optional[list[str]] = None) -> None:
         run=False,
         seed_everything_default=0,
         save_config_callback=None,
-        trainer_defaults={"use_distributed_sampler": False, "num_sanity_val_steps": 0, "log_every_n_steps": 10},
+        trainer_defaults={"use_distributed_sampler": False, "num_sanity_val_steps": 0, "log_every_n_steps": 10,
+                          "enable_checkpointing": False},
         parser_kwargs={"description": __doc__.split("\n")[0]},
     )
-    if cli.trainer.is_global_zero:
-        write_provenance(cli, original_argv)
+
+
+def record_start(cli, argv: list[str]) -> None:
+    """The resolved config (no secrets: W&B keys come from the environment, never the config) and a provenance record."""
+    cli.parser.save(cli.config, cli.run.config_file, skip_unset=False, overwrite=True, multifile=False)
+    settings = {"seed_everything": cli.config.seed_everything, "model_seed": cli.model.hparams.get("seed"),
+                "data_seed": getattr(cli.datamodule, "seed", None), "config": str(cli.run.config_file)}
+    inputs = {"resumed_from": str(cli.ckpt_path) if cli.ckpt_path else None, "base_model": cli.model.spec.cache_key()}
+    cli.run.record_start(settings, inputs, argv)
+
+
+def fit(cli) -> int:
+    """Train; the exit status: 0 done, 143 stopped by SIGTERM after saving, 1 a clear error."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from callbacks.checkpointing import CheckpointSaveError
+    from callbacks.checkpointing import CheckpointSaveError, RunCheckpoint
     from lightning_modules.base import NonFiniteLossError
 
-    last = cli.run_dir / "checkpoints" / "last.ckpt"
-    preemption = next(c for c in cli.trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+    checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, RunCheckpoint))
+    zero = cli.trainer.is_global_zero
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     except SIGTERMException:  # during validation or setup, under Lightning's own handler
-        if cli.trainer.is_global_zero and preemption.saved_step is not None:
-            print(f"train.py: received SIGTERM: saved {last} at step {preemption.saved_step}. Resume with the same command "
-                  "and --ckpt_path last.", file=sys.stderr, flush=True)
-        elif cli.trainer.is_global_zero:
-            print(f"train.py: received SIGTERM before the first step ended: nothing new saved ({last} unchanged). "
-                  "Resume with the same command and --ckpt_path last.", file=sys.stderr, flush=True)
-        raise SystemExit(143)
+        if zero:
+            print(preempted_message(cli.run, checkpoint.preempted_step), file=sys.stderr, flush=True)
+        return 143
     except (NonFiniteLossError, CheckpointSaveError) as err:
         print(f"train.py: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    if preemption.saved_step is not None:
-        if cli.trainer.is_global_zero:
-            print(f"train.py: received SIGTERM: saved {last} at step {preemption.saved_step}. Resume with the same command "
-                  "and --ckpt_path last.", file=sys.stderr, flush=True)
-        raise SystemExit(143)
+        return 1
+    if checkpoint.preempted_step is not None:
+        if zero:
+            print(preempted_message(cli.run, checkpoint.preempted_step), file=sys.stderr, flush=True)
+        return 143
+    if zero:
+        print(f"run folder: {cli.run.path}", flush=True)
+    return 0
+
+
+def preempted_message(run: RunFolder, step: Optional[int]) -> str:
+    if step is None:
+        return (f"train.py: received SIGTERM before the first step ended: nothing new saved ({run.last_checkpoint} unchanged). "
+                "Resume with the same command and --ckpt_path last.")
+    return (f"train.py: received SIGTERM: saved {run.last_checkpoint} at step {step}. Resume with the same command "
+            "and --ckpt_path last.")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    original_argv = list(sys.argv)
+    argv = resolve_config_args(list(sys.argv[1:] if argv is None else argv))
+    sys.argv = sys.argv[:1] + argv  # LightningCLI reads sys.argv; configs resolved above
+    quiet_library_noise()
+    cli = make_cli(argv)
     if cli.trainer.is_global_zero:
-        print(f"run folder: {cli.run_dir}", flush=True)
-
-
-def write_provenance(cli, argv: list[str]) -> None:
-    """Resolved config (no secrets: W&B keys come from the environment, never the config), commit, versions, seeds."""
-    run_dir: Path = cli.run_dir
-    cli.parser.save(cli.config, run_dir / "config.yaml", skip_unset=False, overwrite=True, multifile=False)
-    record = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": argv,
-        "resumed_from": cli.ckpt_path,
-        "seed_everything": cli.config.seed_everything,
-        "model_seed": getattr(cli.model.hparams, "seed", None),
-        "data_seed": getattr(cli.datamodule, "seed", None),
-        "git": git_commit(),
-        "packages": package_versions(PACKAGES),
-        "host": platform.node(),
-    }
-    path = run_dir / "provenance.json"
-    history = json.loads(path.read_text()) if path.exists() else []
-    history.append(record)
-    path.write_text(json.dumps(history, indent=1))
+        record_start(cli, original_argv)
+    code = fit(cli)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

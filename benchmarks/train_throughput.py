@@ -36,8 +36,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 STRATEGIES = ("unet", "textual_inversion", "projection")
 SIZES = {
@@ -93,7 +91,7 @@ class Clock:
 
 # ============================================================================================ data
 def write_images(root: Path, resolution: int) -> Path:
-    from datamodules.phantoms import write_phantom_mimic
+    from synthetic.phantoms import write_phantom_mimic
 
     return write_phantom_mimic(root / "phantoms", n_per_finding=12, size=max(resolution, 64), seed=0, findings=FINDINGS)
 
@@ -149,7 +147,7 @@ def _cycle(loader):
 def reference_unet(args, data_root: Path, device: torch.device) -> dict:
     import torch.nn.functional as F
 
-    from lightning_modules.stable_diffusion import load_stable_diffusion
+    from models.stable_diffusion import load_stable_diffusion
 
     sd = load_stable_diffusion(args.pretrained)
     mixed = device.type == "cuda"
@@ -192,7 +190,7 @@ def reference_textual_inversion(args, data_root: Path, device: torch.device) -> 
 
     import torch.nn.functional as F
 
-    from lightning_modules.stable_diffusion import load_stable_diffusion
+    from models.stable_diffusion import load_stable_diffusion
     from lightning_modules.textual_inversion import TEMPLATES
 
     sd = load_stable_diffusion(args.pretrained)
@@ -250,7 +248,7 @@ def reference_textual_inversion(args, data_root: Path, device: torch.device) -> 
 
 
 def _captions(args) -> list[str]:
-    from datamodules.laion import SyntheticLAIONDataModule
+    from synthetic.laion import SyntheticLAIONDataModule
 
     dm = SyntheticLAIONDataModule(root=str(Path(args.work) / "laion"), n_captions=2048, cache_dir=str(Path(args.work) / "hf"))
     dm.setup()
@@ -311,7 +309,7 @@ def ours(args, strategy: str, data_root: Path, device: torch.device) -> dict:
         dm = datamodule(args, data_root, args.workers)
         batch = args.batch
     else:
-        from datamodules.laion import SyntheticLAIONDataModule
+        from synthetic.laion import SyntheticLAIONDataModule
         from lightning_modules.projection import TextualProjection
 
         module = TextualProjection(model={"pretrained": args.pretrained}, domain_encoder={"pretrained": args.domain}, level="document",

@@ -1,68 +1,90 @@
-"""Checkpointing helpers: a final checkpoint whenever training ends, one on SIGTERM, atomic writes."""
+"""Checkpoints of a run: one callback for when ``last.ckpt`` is written, one plugin for how.
+
+* :class:`RunCheckpoint` writes ``<run>/checkpoints/last.ckpt`` every ``every_n_steps`` optimizer steps, at the batch
+  that reaches ``max_steps``, at the end of training when it ended otherwise (``max_epochs``, ``max_time``, or a run
+  without optimizer steps), and on SIGTERM (SLURM pre-emption, ``scancel``, ``kill``). Every save happens at the end of
+  a training batch, where the loops describe a run in the middle of an epoch, so a resume continues exactly there.
+* :class:`AtomicCheckpointIO` writes each file to a temporary name, fsyncs it and renames it over the target: a kill or
+  a full disk during a save never leaves a truncated ``last.ckpt``.
+"""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 
-class FinalCheckpoint(Callback):
-    """Write ``path`` (normally ``<run>/checkpoints/last.ckpt``) for the last step of training.
+class RunCheckpoint(Callback):
+    """Write ``path`` periodically, at the last step, at the end of training and on SIGTERM.
 
-    ``ModelCheckpoint`` writes ``last.ckpt`` every ``every_n_steps``; this saves the final step
-    when it falls between two of those. It saves right after the batch that reaches ``max_steps``
-    (not in ``on_train_end``), because there the loops still describe a run in the middle of an
-    epoch: resuming it with a larger ``max_steps`` then continues exactly where it stopped.
-    Training that ends otherwise (``max_epochs``, ``max_time``) is saved in ``on_train_end``.
+    On SIGTERM the signal only sets a flag (Lightning's own handler, which raises in the middle of its loops where the
+    saved state would not resume exactly, is replaced from the start of training); at the end of the current batch
+    every rank agrees (one collective, in DDP only), ``path`` is saved and the trainer stops. ``train.py`` then exits
+    with status 143. ``preempted_step`` is the step saved on SIGTERM, or None.
     """
 
-    def __init__(self, path: str | Path, every_n_steps: int = 0):
+    def __init__(self, path: str | Path, every_n_steps: int = 100):
         self.path = Path(path)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = int(every_n_steps)
+        self.preempted_step: Optional[int] = None
+        self._requested = False
         self._saved_step = -1
+        self._previous_handler = None
 
-    def _covered(self, step: int, trainer: Optional[Trainer] = None) -> bool:
-        if trainer is not None and any(getattr(c, "saved_step", None) == step for c in trainer.callbacks
-                                       if isinstance(c, PreemptionCheckpoint)):
-            return True  # saved on SIGTERM at this batch: a second save at train end would describe another state
-        return step == self._saved_step or (self.every_n_steps > 0 and step % self.every_n_steps == 0)
+    def _save(self, trainer: Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self._saved_step = trainer.global_step
 
+    # ------------------------------------------------------------------ SIGTERM
+    def _on_sigterm(self, signum, frame) -> None:
+        self._requested = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and connector.received_sigterm:  # arrived during setup, under Lightning's handler
+            self._requested = True
+            connector.received_sigterm = False  # handled here, at the end of the first batch
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    # ------------------------------------------------------------------ when to save
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        requested = self._requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested and self.preempted_step is None:
+            self._save(trainer)
+            self.preempted_step = trainer.global_step
+            trainer.should_stop = True
+            return
         step = trainer.global_step
-        if 0 < trainer.max_steps <= step and not self._covered(step, trainer):
-            trainer.save_checkpoint(self.path, weights_only=False)
-            self._saved_step = step
+        if step == self._saved_step or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        periodic = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        if periodic or 0 < trainer.max_steps <= step:
+            self._save(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # training that ended otherwise than by max_steps; a run without optimizer steps still leaves its checkpoint
         step = trainer.global_step
-        # a run without optimizer steps (the projection "none" baseline) still leaves its (empty) checkpoint
-        if (step > 0 and not self._covered(step, trainer)) or not self.path.exists():
-            trainer.save_checkpoint(self.path, weights_only=False)
-            self._saved_step = step
+        if self.preempted_step is None and ((step > 0 and step != self._saved_step) or not self.path.exists()):
+            self._save(trainer)
 
-
-class PeriodicCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` for the periodic ``last.ckpt``, without its end-of-training save.
-
-    ``ModelCheckpoint.on_train_end`` saves ``last`` when it has not saved one yet (a run shorter than
-    ``every_n_train_steps``); the file then exists already (:class:`FinalCheckpoint` wrote it at the last
-    batch), so it would be versioned to ``last-v1.ckpt`` and hold the after-training loop state. The final
-    step is :class:`FinalCheckpoint`'s job (and SIGTERM's :class:`PreemptionCheckpoint`'s).
-    """
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        return None
-
-    @property
-    def state_key(self) -> str:
-        # the key ModelCheckpoint's state had in checkpoints written before this class existed
-        key = super().state_key
-        return "ModelCheckpoint" + key[len(type(self).__qualname__):] if key.startswith(type(self).__qualname__) else key
+    def state_dict(self) -> dict:
+        return {}
 
 
 class CheckpointSaveError(OSError):
@@ -98,52 +120,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-
-
-class PreemptionCheckpoint(Callback):
-    """On SIGTERM (SLURM pre-emption, ``scancel``, ``kill``) save ``path`` and stop cleanly.
-
-    From the start of training this replaces Lightning's SIGTERM handler, which raises in the middle of
-    its loops (after validation or an epoch's end), where the saved loop state would not resume exactly.
-    Here the signal only sets a flag; at the end of the current batch, the same point where periodic
-    checkpoints are written, every rank agrees (one collective, in DDP only), ``path`` is saved and the
-    trainer stops. ``train.py`` then exits with status 143. ``saved_step`` is the step saved, or None.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.requested = False
-        self.saved_step: Optional[int] = None
-        self._previous = None
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.requested = True
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is not None and connector.received_sigterm:  # arrived during setup, under Lightning's handler
-            self.requested = True
-            connector.received_sigterm = False  # handled here, at the end of the first batch
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        requested = self.requested
-        if trainer.world_size > 1:
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if requested and self.saved_step is None:
-            trainer.save_checkpoint(self.path, weights_only=False)
-            self.saved_step = trainer.global_step
-            trainer.should_stop = True
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        import signal
-        import threading
-
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None

@@ -1,21 +1,22 @@
 """FID during training: at every validation, generate N images per prompt and compare them with real
 validation images of the matching finding.
 
-* One torchmetrics ``FrechetInceptionDistance`` per prompt, with ``reset_real_features=False``: the real
-  images are encoded once (at the first validation), each rank its share, and only the generated half is
-  reset afterwards.
+* One :class:`metrics.scores.FeatureFID` (a torchmetrics ``Metric``) per prompt, keeping its real side across
+  resets: the real images are encoded once (at the first validation), each rank its share, and only the generated
+  half is reset afterwards.
 * Generation is sharded over ranks in equal counts (image ``i`` of a prompt, seed ``seed + i``, goes to
   rank ``i % world_size``); torchmetrics sums the feature statistics over ranks in ``compute()``, which
   every rank calls: no collective runs in rank-zero-only code, so DDP cannot hang here.
-* Features: Inception-2048 (torchmetrics' FID network; its weights file must be in the torch hub cache
-  or given) or a classifier's pooled ``features2`` (torchxrayvision DenseNet: 1024-d; ``tiny-phantom``:
-  the shipped phantom classifier) for a domain FID.
+* Features (:mod:`metrics.features`): Inception-2048 (torchmetrics' FID network; its weights file must be in the
+  torch hub cache or given) or a classifier's pooled ``features2`` (torchxrayvision DenseNet: 1024-d;
+  ``tiny-phantom``: the shipped phantom classifier) for a domain FID.
 * The feature network lives in this callback, never in the LightningModule: checkpoints do not hold it.
 * Logged as ``val/fid/<prompt>`` to every logger (W&B included) and appended to ``<run>/fid.csv``
   with the step and both N. FID on a few images is strongly biased upwards: compare runs only at equal N.
 
-Prompts name their reference finding as in the generation study: a prompt mentioning a pleural effusion
-is compared with effusion-positive validation images, every other prompt with "No Finding" images.
+Prompts name their reference finding as in the generation study (:func:`datamodules.prompts.prompt_finding`): a
+prompt mentioning a pleural effusion is compared with effusion-positive validation images, every other prompt with
+"No Finding" images. The datamodule provides them through :class:`~datamodules.contract.RealImages`.
 """
 from __future__ import annotations
 
@@ -24,12 +25,14 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.prompts import PAPER_PROMPTS
+from datamodules.contract import RealImages, require
+from datamodules.prompts import PAPER_PROMPTS, prompt_finding
+from metrics.features import feature_extractor
+from metrics.scores import FeatureFID
 
 
 def _key(prompt: str) -> str:
@@ -69,87 +72,75 @@ class FIDCallback(Callback):
         self._skipped: set[str] = set()
 
     # ------------------------------------------------------------------ setup
-    def _extractor(self) -> torch.nn.Module:
-        from evaluation.vae_study import ClassifierFeatures, InceptionFeatures
-
-        if self.features == "inception":
-            return InceptionFeatures(self.inception_weights)
-        from evaluation.classifiers import load_classifier
-
-        extractor = ClassifierFeatures(load_classifier(self.classifier, self.xrv_cache_dir))
-        with torch.no_grad():  # torchmetrics reads num_features instead of probing with a uint8 image
-            extractor.num_features = int(extractor(torch.rand(1, 1, 64, 64)).shape[-1])
-        return extractor
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self._metrics:
             return
         if self.n_per_prompt % trainer.world_size:
             raise ValueError(f"FIDCallback: n_per_prompt={self.n_per_prompt} must be a multiple of the {trainer.world_size} ranks "
                              "(each rank generates an equal share)")
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        extractor = self._extractor().eval()
+        options = {"inception_weights": self.inception_weights} if self.features == "inception" else \
+            {"classifier": self.classifier, "xrv_cache_dir": self.xrv_cache_dir}
+        # one extractor shared by the metrics: it is not a trained part and never enters a checkpoint
+        self._extractor = feature_extractor(self.features, **options)
         for prompt in self.prompts:
-            # one extractor shared by the metrics: it is not a trained part and never enters a checkpoint
-            self._metrics[prompt] = FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=True)
+            self._metrics[prompt] = FeatureFID(self._extractor.num_features, reset_real=False)
 
     # ------------------------------------------------------------------ images
-    def _real_images(self, trainer: Trainer, finding: str) -> torch.Tensor:
-        from datamodules.mimic_cxr import _read_png
+    def _add_real_images(self, trainer: Trainer, metric: FeatureFID, finding: str, device) -> bool:
+        """Encode this rank's share of the validation images of ``finding`` once; False when there are fewer than 2."""
+        data = require(trainer.datamodule, RealImages, "FIDCallback (real validation images with findings)")
+        ids = data.validation_images(finding, self.n_real)
+        self._real_counts[finding] = len(ids)
+        if len(ids) < 2:
+            return False
+        mine = ids[trainer.global_rank::trainer.world_size]
+        if mine:
+            images = torch.from_numpy(data.read_images(mine)).float().div(255).unsqueeze(1)
+            metric.update(self._features(images, device), real=True)
+        return True
 
-        dm = trainer.datamodule
-        records = getattr(dm, "val_records", None)
-        if records is None or not hasattr(dm, "image_cache_dir"):
-            raise ValueError("FIDCallback needs a MIMIC-CXR datamodule (real validation images with findings)")
-        records = records[records["finding"] == finding].head(self.n_real)
-        self._real_counts[finding] = len(records)
-        if len(records) < 2:
-            return None
-        mine = records.iloc[trainer.global_rank::trainer.world_size]
-        arrays = [_read_png(dm.image_cache_dir / f"{d}.png") for d in mine["dicom_id"]]
-        return torch.from_numpy(np.stack(arrays)).float().div(255).unsqueeze(1) if arrays else torch.zeros(0, 1, 1, 1)
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor, device) -> torch.Tensor:
+        return self._extractor.to(device)(images.to(device))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self._metrics:
             return
-        from evaluation.generation_study import prompt_finding
-
         device = pl_module.device
         rows = []
+        generator = pl_module.generator()
         for prompt, metric in self._metrics.items():
             metric.to(device)
             finding = prompt_finding(prompt)
-            if not metric.real_features_num_samples:
-                real = self._real_images(trainer, finding)
-                if real is None:  # the same on every rank: the validation records are
-                    if prompt not in self._skipped:
-                        self._skipped.add(prompt)
-                        rank_zero_warn(f"FIDCallback: {self._real_counts[finding]} validation image(s) of {finding!r}, FID needs "
-                                       f"at least 2: no FID for {prompt!r} (raise max_val_images or the validation split)")
-                    continue
-                if len(real):
-                    metric.update(real.to(device), real=True)
+            if not metric.real_count and not self._add_real_images(trainer, metric, finding, device):
+                if prompt not in self._skipped:  # the same on every rank: the validation records are
+                    self._skipped.add(prompt)
+                    rank_zero_warn(f"FIDCallback: {self._real_counts[finding]} validation image(s) of {finding!r}, FID needs "
+                                   f"at least 2: no FID for {prompt!r} (raise max_val_images or the validation split)")
+                continue
             seeds = [self.seed + i for i in range(trainer.global_rank, self.n_per_prompt, trainer.world_size)]
-            asked = pl_module.to_token_prompt(prompt) if hasattr(pl_module, "to_token_prompt") else prompt
             was_training = pl_module.training
-            images = pl_module.generate([asked] * len(seeds), seeds=seeds, steps=self.steps, guidance=self.guidance)
+            images = pl_module.generate([generator.paper_prompt(prompt)] * len(seeds), seeds=seeds, steps=self.steps,
+                                        guidance=self.guidance)
             pl_module.train(was_training)
-            metric.update(images.mean(1, keepdim=True).to(device), real=False)
+            metric.update(self._features(images.mean(1, keepdim=True), device), real=False)
             value = float(metric.compute())  # syncs the feature sums over ranks (every rank calls it)
-            metric.reset()  # generated half only (reset_real_features=False)
+            metric.reset()  # generated half only
             pl_module.log(f"val/fid/{_key(prompt)}", value, rank_zero_only=True)
             rows.append({"step": trainer.global_step, "prompt": prompt, "reference": finding, "fid": value,
                          "n_generated": self.n_per_prompt, "n_real": self._real_counts.get(finding, 0),
                          "features": self.features})
         if trainer.is_global_zero and rows:
-            path = Path(trainer.default_root_dir) / "fid.csv"
-            new = not path.exists()
-            with path.open("a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                if new:
-                    writer.writeheader()
-                writer.writerows(rows)
+            self._append_csv(Path(trainer.default_root_dir) / "fid.csv", rows)
+
+    @staticmethod
+    def _append_csv(path: Path, rows: list[dict]) -> None:
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
 
     def state_dict(self) -> dict:
         return {}  # nothing to resume: real statistics are recomputed, the feature network is never saved

@@ -1,26 +1,22 @@
 """``<run>/data.json``: the ids a run trains and validates on (provenance; no pixels, no report text).
 
-Written once per start by global rank 0 after the datamodule's ``setup``, from the datamodule's
-``manifest()`` (MIMIC-CXR: dicom ids per finding and how they were chosen; LAION: files, counts and
-the caption-set key). Datamodules without ``manifest()`` write nothing.
+Written once per start by global rank 0 when training starts (after the fit-time preparation, so the class images are
+known), from the datamodule's ``manifest()`` (MIMIC-CXR: dicom ids per finding and how they were chosen; LAION: files,
+counts and the caption-set key), through :meth:`core.run_folder.RunFolder.write_data`. A datamodule that is not
+:class:`~datamodules.contract.TrainingData` writes nothing.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from core.run_folder import RunFolder
+from datamodules.contract import TrainingData
 
 
 class DataManifest(Callback):
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, run: RunFolder):
+        self.run = run
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
-        if stage != "fit" or not trainer.is_global_zero or not hasattr(datamodule, "manifest"):
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(datamodule.manifest(), indent=1, default=str) + "\n")
-        tmp.replace(self.path)
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and isinstance(trainer.datamodule, TrainingData):
+            self.run.write_data(trainer.datamodule.manifest())

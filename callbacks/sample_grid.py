@@ -13,34 +13,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from core.grids import labelled_grid
+from datamodules.contract import RealImages
 from datamodules.prompts import PAPER_PROMPTS
-
-
-def labelled_grid(images: torch.Tensor, prompts: Sequence[str], per_prompt: int, title: str = ""):
-    """A PIL image: one row of ``per_prompt`` images per prompt, the prompt written above each row."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    n, _, h, w = images.shape
-    rows = n // per_prompt
-    font = ImageFont.load_default()
-    label_h = 14
-    pad = 2
-    text_w = max(int(font.getlength(p)) for p in [title, *prompts]) + 2 * pad
-    width = max(per_prompt * (w + pad) + pad, text_w)
-    canvas = Image.new("RGB", (width, rows * (h + label_h + pad) + pad + (label_h if title else 0)), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = pad
-    if title:
-        draw.text((pad, y), title, fill="black", font=font)
-        y += label_h
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
-    for r in range(rows):
-        draw.text((pad, y), prompts[r * per_prompt], fill="black", font=font)
-        y += label_h
-        for c in range(per_prompt):
-            canvas.paste(Image.fromarray(arr[r * per_prompt + c]), (pad + c * (w + pad), y))
-        y += h + pad
-    return canvas
 
 
 class SampleGrid(Callback):
@@ -112,7 +87,7 @@ class SampleGrid(Callback):
     def _log_real_images(self, trainer: Trainer, step: int) -> None:
         """Only with ``log_real_images: true``: up to ``n_per_prompt`` real training images, logged once."""
         datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "real_image_examples"):
+        if not isinstance(datamodule, RealImages):
             return
         images, captions = datamodule.real_image_examples(self.n_per_prompt)
         for logger in trainer.loggers:

@@ -1,6 +1,6 @@
 """LAION-400M captions (text only) for training the textual projection.
 
-Reads the real metadata parquet files (REFERENCE §2)::
+Reads the real metadata parquet files (docs/formats.md §2)::
 
     laion400m-meta/part-000NN-5b54c5d5-...-c000.snappy.parquet
         SAMPLE_ID, URL, TEXT, HEIGHT, WIDTH, LICENSE, NSFW, similarity   (TEXT may be null)
@@ -49,7 +49,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.mimic_cxr import default_cache_dir
+from core.cache import cache_root
+from datamodules.contract import CaptionSet, Prepared
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
 
 LAION_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "LICENSE", "NSFW", "similarity")
@@ -238,7 +239,7 @@ def read_captions(
         check_schema(path, need_nsfw=bool(drop))
     columns = ["TEXT"] + (["NSFW"] if drop else [])
     features = datasets.Features({c: datasets.Value("string") for c in columns})
-    cache = str(Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "hf_datasets")
+    cache = str(Path(cache_dir).expanduser() if cache_dir else cache_root() / "hf_datasets")
     big = sum(p.stat().st_size for p in paths) > 64 * 2**20
     parts, empty, total = [], [], 0
     with _progress_bars(big):
@@ -474,6 +475,25 @@ class LAIONCaptionDataModule(LightningDataModule):
             "caption_set_key": self.caption_set_key(),
         }
 
+    # ------------------------------------------------------------------ TrainingData (datamodules.contract)
+    def training_prompts(self) -> list[str]:
+        return []  # captions are not prompts of the text encoder being conditioned; a million are not scanned
+
+    def training_findings(self) -> list[str]:
+        return []
+
+    def training_images(self) -> None:
+        return None
+
+    def training_captions(self) -> CaptionSet:
+        """Every caption of the cleaned set (rows ``0 .. num_captions-1``), for the document-embedding cache."""
+        captions = self.caption_dataset()
+        return CaptionSet(self.caption_set_key(), self.num_captions,
+                          lambda rows: [item["caption"] for item in captions.__getitems__([int(r) for r in rows])])
+
+    def use_prepared(self, prepared: Prepared) -> None:
+        """Nothing to serve: document embeddings are looked up by the strategy (by each batch's ``index``)."""
+
     def prepare_data(self) -> None:
         self._read()  # builds the Arrow caches once per node
 
@@ -540,82 +560,3 @@ class LAIONCaptionDataModule(LightningDataModule):
             return []
         dataset = CaptionDataset(self.captions, self.val_indices, self.caption_style, self.seed)
         return self._loader(dataset, self.val_batch_size, shuffle=False)
-
-
-# ---------------------------------------------------------------------- synthetic captions (demo, tests)
-_SUBJECTS = ("dog", "cat", "red car", "old house", "mountain lake", "city street", "bowl of fruit", "wooden chair",
-             "sailing boat", "green field", "lung xray", "chest radiograph", "portrait of a woman", "pair of shoes")
-_DETAILS = ("at sunset", "in the snow", "on a white background", "in the rain", "with a blue sky", "at night",
-            "in black and white", "close up", "from above", "in a museum", "for sale", "on the beach")
-
-
-def write_synthetic_laion(folder: str | Path, n_captions: int = 2000, seed: int = 0, n_files: int = 2) -> list[Path]:
-    """Write ``n_files`` LAION-400M-format parquet files of made-up captions (demo and tests; no real data).
-
-    All 8 columns, in order, snappy-compressed, as in ``laion400m-meta``; about 2 % of TEXT values are
-    null and 1 % empty, and NSFW takes its three real values, so the reader's cleaning runs for real.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    per_file = -(-int(n_captions) // int(n_files))
-    for f in range(int(n_files)):
-        n = min(per_file, int(n_captions) - f * per_file)
-        texts = []
-        for _ in range(n):
-            r = rng.uniform()
-            if r < 0.02:
-                texts.append(None)
-            elif r < 0.03:
-                texts.append("  ")
-            else:
-                subject = _SUBJECTS[int(rng.integers(len(_SUBJECTS)))]
-                detail = _DETAILS[int(rng.integers(len(_DETAILS)))]
-                texts.append(f"{subject} {detail}" if rng.uniform() < 0.7 else f"a {subject}")
-        table = pa.table({
-            "SAMPLE_ID": pa.array(np.arange(f * per_file, f * per_file + n), pa.int64()),
-            "URL": pa.array([f"https://example.invalid/{f}/{i}.jpg" for i in range(n)]),
-            "TEXT": pa.array(texts, pa.string()),
-            "HEIGHT": pa.array(rng.integers(256, 1024, n), pa.int32()),
-            "WIDTH": pa.array(rng.integers(256, 1024, n), pa.int32()),
-            "LICENSE": pa.array(["?"] * n),
-            "NSFW": pa.array(rng.choice(list(NSFW_TAGS), n, p=[0.9, 0.07, 0.03]).tolist()),
-            "similarity": pa.array(rng.uniform(0.28, 0.4, n), pa.float64()),
-        })
-        path = folder / f"part-{f:05d}-synthetic-c000.snappy.parquet"
-        pq.write_table(table, path, compression="snappy")
-        paths.append(path)
-    return paths
-
-
-class SyntheticLAIONDataModule(LAIONCaptionDataModule):
-    """:class:`LAIONCaptionDataModule` over made-up captions written to ``root`` on first use (demo configs).
-
-    Args:
-        root: folder of the synthetic parquet files (written once; delete it to rewrite).
-        n_captions: how many rows to write.
-        **kwargs: see :class:`LAIONCaptionDataModule` (``data_files`` is ``root``).
-    """
-
-    def __init__(self, root: str = "data/laion_synthetic", n_captions: int = 2000, **kwargs):
-        self.root = Path(root)
-        self.n_captions = int(n_captions)
-        if not any(self.root.glob("*.parquet")):
-            # written whole into a private folder, then renamed: DDP ranks may get here at once
-            import shutil
-
-            tmp = self.root.parent / f".{self.root.name}.tmp-{os.getpid()}"
-            write_synthetic_laion(tmp, self.n_captions)
-            try:
-                if self.root.is_dir() and not any(self.root.iterdir()):
-                    self.root.rmdir()
-                os.replace(tmp, self.root)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)  # another process was first
-                if not any(self.root.glob("*.parquet")):
-                    raise
-        super().__init__(data_files=str(self.root), **kwargs)

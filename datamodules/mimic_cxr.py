@@ -1,6 +1,6 @@
 """MIMIC-CXR-JPG v2.0.0 image–prompt pairs for fine-tuning Stable Diffusion.
 
-Reads the real layout (REFERENCE §1)::
+Reads the real layout (docs/formats.md §1)::
 
     ROOT/mimic-cxr-2.0.0-metadata.csv.gz   dicom_id, subject_id, study_id, ..., ViewPosition, ...
     ROOT/mimic-cxr-2.0.0-chexpert.csv.gz   subject_id, study_id, <14 CheXpert columns>
@@ -18,12 +18,14 @@ Batches are dicts ``{"pixel_values", "prompt", "finding", "labels", "dicom_id"}`
 selected CheXpert class the image was chosen for; ``labels``: the 14 CheXpert values, 1 positive,
 0 negative or not mentioned, -1 uncertain); with prior preservation
 the training batch is ``{"instance": <batch>, "prior": <batch of class images>}``.
+
+The datamodule implements the fit-time contract (:mod:`datamodules.contract`): ``TrainingData`` (its prompts,
+findings and images; it serves the latents and class images the strategy prepared) and ``RealImages`` (validation
+images for the FID callback, real examples for ``SampleGrid(log_real_images=True)``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import io
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -38,7 +40,8 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zer
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.latent_cache import LatentCache, LatentCachePlan
+from core.cache import atomic_write, cache_key, cache_root
+from datamodules.contract import ClassImages, ImageSet, Prepared
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.reports import extract_impression, report_path
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
@@ -75,10 +78,6 @@ DEFAULT_TEMPLATES = dict(FINDING_PROMPTS)  # the paper's prompts (datamodules/pr
 
 class MIMICDataError(ValueError):
     """The MIMIC-CXR folder or one of its files is not as expected."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CXR_DIFFUSION_CACHE", Path.home() / ".cache" / "cxr-diffusion"))
 
 
 def image_path(root: Path, subject_id: int, study_id: int, dicom_id: str) -> Path:
@@ -168,54 +167,10 @@ def load_grayscale(path: Path, size: int) -> np.ndarray:
         raise OSError(f"{path}: cannot read image ({err})") from None
 
 
-@dataclass
-class PriorPreservation:
-    """DreamBooth-style prior preservation: class images from the frozen base model.
-
-    Args:
-        class_prompt: the prompt the base model generates class images from (our choice for the
-            paper's runs; the paper does not give it).
-        num_class_images: how many class images to generate once, before training.
-        class_images_dir: where they are cached; default ``<cache>/class_images/<hash>``.
-        steps, guidance_scale, scheduler: sampling settings for generating them.
-    """
-
-    class_prompt: str = "a photo of a chest xray"
-    num_class_images: int = 100
-    class_images_dir: Optional[str] = None
-    steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "pndm"
-
-
-@dataclass
-class ClassImageRequest:
-    """What the model must generate for prior preservation (filled by the datamodule)."""
-
-    directory: Path
-    prompt: str
-    count: int
-    steps: int
-    guidance_scale: float
-    scheduler: str
-    resolution: int
-    model_key: str = ""
-
-    def path(self, index: int) -> Path:
-        return self.directory / f"class_{index:05d}.png"
-
-    def missing(self) -> list[int]:
-        return [i for i in range(self.count) if not self.path(i).exists()]
-
-    def seed(self, index: int) -> int:
-        return 10_000 + index
-
-
 class CXRImageDataset(Dataset):
     """Cached grayscale images as 3-channel tensors in [-1, 1] with their prompts and labels."""
 
-    def __init__(self, records: pd.DataFrame, cache_dir: Path, hflip_probability: float = 0.0, seed: int = 0,
-                 latents: Optional[LatentCache] = None):
+    def __init__(self, records: pd.DataFrame, cache_dir: Path, hflip_probability: float = 0.0, seed: int = 0, latents=None):
         self.records = records.reset_index(drop=True)
         self.cache_dir = Path(cache_dir)
         self.hflip_probability = hflip_probability
@@ -232,11 +187,11 @@ class CXRImageDataset(Dataset):
         if self.latents is not None:
             return {"latent_dist": self.latents.get(row.dicom_id), "prompt": row.prompt, "finding": row.finding,
                     "labels": self.labels[i], "dicom_id": row.dicom_id}
-        x = torch.from_numpy(_read_png(self.cache_dir / f"{row.dicom_id}.png")).float().div(127.5).sub(1.0)
+        x = _pixels(_read_png(self.cache_dir / f"{row.dicom_id}.png"))
         if self.hflip_probability > 0 and random.Random(hash((self.seed, epoch, i))).random() < self.hflip_probability:
             x = x.flip(-1)
         return {
-            "pixel_values": x.unsqueeze(0).expand(3, -1, -1).contiguous(),
+            "pixel_values": x,
             "prompt": row.prompt,
             "finding": row.finding,
             "labels": self.labels[i],
@@ -257,34 +212,23 @@ def _pixels(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).float().div(127.5).sub(1.0).unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
-def class_image_id(index: int) -> str:
-    """The latent-cache id of class image ``index`` (dicom_ids never contain ':')."""
-    return f"class:{index:05d}"
-
-
 class ClassImageDataset(Dataset):
-    def __init__(self, request: ClassImageRequest, latents: Optional[LatentCache] = None):
-        self.request = request
+    """Prior-preservation class images (or their cached latents), with the class prompt."""
+
+    def __init__(self, images: ClassImages, latents=None):
+        self.images = images
         self.latents = latents
 
     def __len__(self) -> int:
-        return self.request.count
+        return self.images.count
 
     def __getitem__(self, index: int) -> dict:
-        i = int(index) % self.request.count
-        path = self.request.path(i)
+        i = int(index) % self.images.count
+        path = self.images.path(i)
+        item = {"prompt": self.images.prompt, "finding": "", "labels": torch.zeros(len(CHEXPERT_CLASSES)), "dicom_id": path.stem}
         if self.latents is not None:
-            return {"latent_dist": self.latents.get(class_image_id(i)), "prompt": self.request.prompt, "finding": "",
-                    "labels": torch.zeros(len(CHEXPERT_CLASSES)), "dicom_id": path.stem}
-        arr = load_grayscale(path, self.request.resolution)
-        x = torch.from_numpy(arr).float().div(127.5).sub(1.0)
-        return {
-            "pixel_values": x.unsqueeze(0).expand(3, -1, -1).contiguous(),
-            "prompt": self.request.prompt,
-            "finding": "",
-            "labels": torch.zeros(len(CHEXPERT_CLASSES)),
-            "dicom_id": path.stem,
-        }
+            return {"latent_dist": self.latents.get(ClassImages.image_id(i)), **item}
+        return {"pixel_values": _pixels(load_grayscale(path, self.images.resolution)), **item}
 
 
 class MIMICCXRDataModule(LightningDataModule):
@@ -310,8 +254,10 @@ class MIMICCXRDataModule(LightningDataModule):
         max_train_images, max_val_images: cap the sets (a seeded random subset).
         train_images_per_finding: a seeded random sample of this many training images per finding
             (e.g. 5, like the paper's 5 + 5, when no explicit ``dicom_ids`` are given).
-        cache_dir: where resized images go (default ``$CXR_DIFFUSION_CACHE`` or ``~/.cache/cxr-diffusion``).
-        prior_preservation: generate class images with the base model and serve them beside each batch.
+        cache_dir: the cache root for resized images (default ``$CXR_DIFFUSION_CACHE`` or ``~/.cache/cxr-diffusion``).
+
+    Prior preservation is the strategy's setting (``model.init_args.prior_preservation``); its class images are
+    served beside each training batch once prepared.
     """
 
     def __init__(
@@ -337,7 +283,6 @@ class MIMICCXRDataModule(LightningDataModule):
         max_val_images: Optional[int] = None,
         train_images_per_finding: Optional[int] = None,
         cache_dir: Optional[str] = None,
-        prior_preservation: Optional[PriorPreservation] = None,
     ):
         super().__init__()
         unknown = [f for f in findings if f not in CHEXPERT_CLASSES]
@@ -371,17 +316,21 @@ class MIMICCXRDataModule(LightningDataModule):
         self.on_bad_image = on_bad_image
         self.max_train_images, self.max_val_images = max_train_images, max_val_images
         self.train_images_per_finding = train_images_per_finding
-        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.prior_preservation = prior_preservation
+        self.cache_root = cache_root(cache_dir)
         self.train_records: Optional[pd.DataFrame] = None
         self.val_records: Optional[pd.DataFrame] = None
-        self.latent_cache: Optional[LatentCache] = None
+        self.prepared = Prepared()
 
     # ------------------------------------------------------------------ records
     @property
+    def image_key_parts(self) -> dict:
+        """What the served pixels depend on (the key of the resized-image cache and of latent caches)."""
+        return {"root": str(self.root.resolve()), "resolution": self.resolution, "preprocessing": PREPROCESSING_ID}
+
+    @property
     def image_cache_dir(self) -> Path:
-        key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
-        return self.cache_root / "images" / f"{key}-{self.resolution}px-centercrop"
+        """The resized-image cache (core.cache): one PNG per image, each written whole (atomic rename)."""
+        return self.cache_root / "images" / cache_key(self.image_key_parts)
 
     def _ensure_data(self) -> None:
         """Hook for subclasses that create their data on first use."""
@@ -482,9 +431,9 @@ class MIMICCXRDataModule(LightningDataModule):
                         raise MIMICDataError(f"{err}. Set on_bad_image: skip to leave such images out.") from None
                     bad.append(str(path))
                     continue
-                tmp = out / f".{r.dicom_id}.tmp.png"
-                Image.fromarray(arr, mode="L").save(tmp)
-                os.replace(tmp, out / f"{r.dicom_id}.png")
+                png = io.BytesIO()
+                Image.fromarray(arr, mode="L").save(png, format="PNG")
+                atomic_write(out / f"{r.dicom_id}.png", png.getvalue())
         return bad
 
     def prepare_data(self) -> None:
@@ -512,45 +461,55 @@ class MIMICCXRDataModule(LightningDataModule):
     def manifest(self) -> dict:
         """What this run trains and validates on, for the run folder's ``data.json`` (ids only, no pixels or report text)."""
         self.setup()
+        class_images = self.prepared.class_images
         return {
             "dataset": "MIMIC-CXR-JPG", "root": str(self.root), "findings": list(self.findings),
             "selection": "explicit dicom_ids" if self.dicom_ids else f"sampled: {self.train_images_per_finding} per finding, seed {self.seed}",
             "uncertain": self.uncertain, "resolution": self.resolution,
             "train": self.train_records[["dicom_id", "subject_id", "study_id", "finding"]].to_dict("records"),
             "validation_dicom_ids": self.val_records["dicom_id"].tolist(),
-            "class_prompt": self.prior_preservation.class_prompt if self.prior_preservation else None,
-            "num_class_images": self.prior_preservation.num_class_images if self.prior_preservation else 0,
+            "class_prompt": class_images.prompt if class_images else None,
+            "num_class_images": class_images.count if class_images else 0,
+            "class_images": str(class_images.directory) if class_images else None,
         }
 
-    def train_prompts(self) -> list[str]:
+    # ------------------------------------------------------------------ TrainingData (datamodules.contract)
+    def training_prompts(self) -> list[str]:
         self.setup()
-        prompts = list(self.train_records["prompt"])
-        if self.prior_preservation:
-            prompts.append(self.prior_preservation.class_prompt)
-        return prompts
+        return list(self.train_records["prompt"])
 
-    # ------------------------------------------------------------------ prior preservation
-    def class_image_request(self, model_key: Optional[str] = None) -> Optional[ClassImageRequest]:
-        """What the model must generate for prior preservation, or None without it.
+    def training_findings(self) -> list[str]:
+        return list(self.findings)
 
-        ``model_key`` identifies the generating (base) model; the model passes it at the start of fit
-        and it becomes part of the default cache folder, so class images of one base model are never
-        served to a run of another.
-        """
-        p = self.prior_preservation
-        if p is None:
+    def training_images(self) -> Optional[ImageSet]:
+        """The training images, or None when caching them cannot be exact (random flips change the pixels)."""
+        if self.hflip_probability > 0:
+            rank_zero_warn(f"cache_latents is off: hflip_probability={self.hflip_probability} changes the images every epoch; "
+                           "and flipped chest X-rays put the heart on the wrong side")
             return None
-        if model_key is not None:
-            self._class_model_key = model_key
-        model_key = getattr(self, "_class_model_key", None)
-        if model_key is None:
-            raise RuntimeError("class_image_request(): the generating model's key is not known yet (it is set at the start of fit)")
-        if p.class_images_dir:
-            directory = Path(p.class_images_dir).expanduser()
-        else:
-            parts = [model_key, p.class_prompt, p.steps, p.guidance_scale, p.scheduler, self.resolution]
-            directory = self.cache_root / "class_images" / hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
-        return ClassImageRequest(directory, p.class_prompt, p.num_class_images, p.steps, p.guidance_scale, p.scheduler, self.resolution, model_key)
+        self.setup()
+        cache_dir = self.image_cache_dir
+        return ImageSet(tuple(self.train_records["dicom_id"]), lambda d: _pixels(_read_png(cache_dir / f"{d}.png")),
+                        self.image_key_parts, self.resolution, self.cache_root)
+
+    def training_captions(self) -> None:
+        return None
+
+    def use_prepared(self, prepared: Prepared) -> None:
+        """Serve ``latent_dist`` (cached posteriors) instead of ``pixel_values``, and class images beside each batch."""
+        self.prepared = prepared
+
+    @property
+    def latent_cache(self):
+        return self.prepared.latents
+
+    # ------------------------------------------------------------------ RealImages (datamodules.contract)
+    def validation_images(self, finding: str, limit: int) -> list[str]:
+        self.setup()
+        return self.val_records.loc[self.val_records["finding"] == finding, "dicom_id"].head(int(limit)).tolist()
+
+    def read_images(self, ids) -> np.ndarray:
+        return np.stack([_read_png(self.image_cache_dir / f"{d}.png") for d in ids]) if len(ids) else np.zeros((0, 1, 1), np.uint8)
 
     def real_image_examples(self, n: int) -> tuple[list, list[str]]:
         """The first ``n`` training images (PIL) and their findings: for ``SampleGrid(log_real_images=True)`` only."""
@@ -558,34 +517,6 @@ class MIMICCXRDataModule(LightningDataModule):
         rows = self.train_records.head(int(n))
         images = [Image.open(self.image_cache_dir / f"{r.dicom_id}.png").convert("L") for r in rows.itertuples()]
         return images, [f"{r.finding} ({r.dicom_id})" for r in rows.itertuples()]
-
-    # ------------------------------------------------------------------ latent cache
-    def latent_cache_plan(self, model_key: str) -> Optional[LatentCachePlan]:
-        """The training (and class) images whose VAE posteriors the model should cache, or None when
-        caching cannot be exact (random flips change the pixels from epoch to epoch)."""
-        if self.hflip_probability > 0:
-            rank_zero_warn(f"cache_latents is off: hflip_probability={self.hflip_probability} changes the images every epoch")
-            return None
-        self.setup()
-        ids = list(self.train_records["dicom_id"])
-        cache_dir = self.image_cache_dir
-        loaders = {d: (lambda d=d: _pixels(_read_png(cache_dir / f"{d}.png"))) for d in ids}
-        key_parts = {"model": model_key, "preprocessing": PREPROCESSING_ID, "resolution": self.resolution,
-                     "root": str(self.root.resolve())}
-        request = self.class_image_request() if self.prior_preservation is not None else None
-        if request is not None:
-            digest = hashlib.sha1()
-            for i in range(request.count):
-                cid = class_image_id(i)
-                ids.append(cid)
-                loaders[cid] = lambda i=i: _pixels(load_grayscale(request.path(i), request.resolution))
-                digest.update(request.path(i).read_bytes())
-            key_parts["class_images"] = digest.hexdigest()
-        return LatentCachePlan(self.cache_root, ids, lambda image_id: loaders[image_id](), key_parts)
-
-    def attach_latent_cache(self, cache: Optional[LatentCache]) -> None:
-        """Serve ``latent_dist`` (cached posteriors) instead of ``pixel_values`` in training batches."""
-        self.latent_cache = cache
 
     # ------------------------------------------------------------------ loaders
     def _rank_world(self) -> tuple[int, int]:
@@ -608,30 +539,18 @@ class MIMICCXRDataModule(LightningDataModule):
 
     def train_dataloader(self):
         self.setup()
-        loaders = {
-            "instance": self._loader(
-                CXRImageDataset(self.train_records, self.image_cache_dir, self.hflip_probability, self.seed, self.latent_cache),
-                self.batch_size,
-                self.shuffle,
-                self.seed,
-            )
-        }
-        request = self.class_image_request() if self.prior_preservation is not None else None
-        if request is not None:
-            missing = request.missing()
-            if missing:
-                raise MIMICDataError(
-                    f"{request.directory}: {len(missing)} of {request.count} class images are missing; they are generated "
-                    "by the model at the start of fit (use a strategy module that supports prior preservation)"
-                )
-            loaders["prior"] = self._loader(ClassImageDataset(request, self.latent_cache), self.batch_size, self.shuffle, self.seed + 1)
+        latents, class_images = self.prepared.latents, self.prepared.class_images
+        dataset = CXRImageDataset(self.train_records, self.image_cache_dir, self.hflip_probability, self.seed, latents)
+        loaders = {"instance": self._loader(dataset, self.batch_size, self.shuffle, self.seed)}
+        if class_images is not None:
+            loaders["prior"] = self._loader(ClassImageDataset(class_images, latents), self.batch_size, self.shuffle, self.seed + 1)
         lengths = [batches_per_epoch(len(dl.sampler), dl.batch_size) for dl in loaders.values()]
         position = resume_position(self.trainer, lengths)
         if position is not None:
             epoch, pos = position
             for dl, length in zip(loaders.values(), lengths):
                 dl.sampler.resume(epoch, (pos % length) * dl.batch_size)
-        if request is None:
+        if class_images is None:
             return loaders["instance"]
         return CombinedLoader(loaders, mode="max_size_cycle")
 

@@ -24,3 +24,16 @@ def finding_prompt(finding: str, base: str = BASE_PROMPT) -> str:
 
 FINDING_PROMPTS = {finding: finding_prompt(finding) for finding in FINDING_PHRASES}
 PAPER_PROMPTS = (BASE_PROMPT, FINDING_PROMPTS["Pleural Effusion"], STYLE_PROMPT)
+
+
+def prompt_finding(prompt: str) -> str:
+    """The reference finding of a prompt (FID reference images, finding correctness): prompts that name a pleural
+    effusion -> ``Pleural Effusion``, every other prompt (the plain and the style prompt) -> ``No Finding``."""
+    return "Pleural Effusion" if "effusion" in prompt.lower() else "No Finding"
+
+
+def normal_and_effusion_prompts(prompts) -> list[str]:
+    """The plain prompt and the effusion prompt (paper Figure 1, finding correctness), or [] when one is missing."""
+    normal = [p for p in prompts if prompt_finding(p) == "No Finding" and "style" not in p.lower()]
+    effusion = [p for p in prompts if prompt_finding(p) == "Pleural Effusion"]
+    return [normal[0], effusion[0]] if normal and effusion else []

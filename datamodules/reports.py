@@ -1,6 +1,6 @@
 """MIMIC-CXR free-text reports: section splitting and impression extraction.
 
-Follows the logic of MIT-LCP's ``txt/section_parser.py`` (REFERENCE §1): sections are split on a
+Follows the logic of MIT-LCP's ``txt/section_parser.py`` (docs/formats.md §1): sections are split on a
 newline, one space and an ALL-CAPS header followed by a colon; the chunk before the first header is
 the ``preamble``; a handful of header spellings are normalised to ``impression``/``findings``; an
 empty section is dropped; if neither impression nor findings exists, the text after the first blank

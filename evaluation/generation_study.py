@@ -1,29 +1,28 @@
 """The generation study (paper Table 4, Figure 4) and the finding-correctness metric it asks for:
 ``python evaluate.py generation``.
 
-For the base Stable Diffusion and each trained run (any strategy), the same prompts are sampled with
+For the base Stable Diffusion and each trained run or export (any strategy), the same prompts are sampled with
 the same seeds. Per (strategy, prompt):
 
 * **FID** against real images of the matching finding, with its N and a bootstrap interval over the
-  generated images (:mod:`evaluation.generation_stats`). What the paper leaves open, fixed here:
+  generated images (:mod:`metrics.scores`). What the paper leaves open, fixed here:
   the reference set is frontal images of the chosen split (``test`` by default); prompts that name a
   pleural effusion are compared with effusion-positive images, every other prompt (the plain and the
   style prompt) with "No Finding" images. KID is added where N is small (``--kid``).
 * **Diversity**: mean pairwise MS-SSIM of the prompt's samples (higher = less diverse), with its
   scale setting.
 
-Per strategy, **finding correctness**: a classifier (torchxrayvision's DenseNet, or the shipped
-phantom classifier) scores P(effusion) for every image; the AUROC of separating the effusion
+Per strategy, **finding correctness** (:mod:`metrics.finding_correctness`): a classifier (torchxrayvision's DenseNet,
+or the shipped phantom classifier) scores P(effusion) for every image; the AUROC of separating the effusion
 prompt's images from the plain prompt's images, with a bootstrap interval, and the accuracy at the
-classifier's 0.5 operating point. Textual-inversion runs use their token in place of "lung xray".
+classifier's 0.5 operating point. Textual-inversion models use their token in place of "lung xray".
 
 The paper's Table 4 values (0.03–0.27) are not on the scale of standard Inception FID; ours are not
-comparable with them.
+comparable with them. :func:`run_study` is the sequence of steps; each step is a function below it.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,8 +33,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from datamodules.prompts import PAPER_PROMPTS
-from evaluation.generation_stats import (GenerationStatsError, auroc_with_ci, fid_with_ci, kid, ms_ssim_diversity)
+from core import provenance
+from core.grids import labelled_grid
+from datamodules.prompts import PAPER_PROMPTS, normal_and_effusion_prompts, prompt_finding
+from datamodules.study_images import reference_images
+from metrics.classifiers import finding_probabilities, load_classifier
+from metrics.features import extract, feature_extractor
+from metrics.finding_correctness import finding_correctness
+from metrics.scores import MetricInputError, fid_with_ci, kid, ms_ssim_diversity
 
 EFFUSION = "Pleural Effusion"
 NORMAL = "No Finding"
@@ -46,61 +51,41 @@ class GenerationStudyError(ValueError):
     """Bad input to the generation study: the message names the option, file or value."""
 
 
-def prompt_finding(prompt: str) -> str:
-    """The reference finding of a prompt: effusion prompts -> Pleural Effusion, every other prompt -> No Finding."""
-    return EFFUSION if "effusion" in prompt.lower() else NORMAL
-
-
 @dataclass
 class Strategy:
     name: str
-    module: object
+    generator: object  # models.generator.Generator
     source: str
-    prompts: list[str]  # the prompts as this strategy is asked (TI: with its token)
+    prompts: list[str]  # the prompts as this strategy is asked (textual inversion: with its token)
 
 
 def load_strategies(base: Optional[str], runs: Sequence[str], prompts: Sequence[str], ckpt: str = "last") -> list[Strategy]:
-    from lightning_modules.runs import RunLoadError, load_run
+    """The base model (if any), then each run folder or export folder, as generators."""
+    from lightning_modules.runs import RunLoadError, load_run_generator
+    from models.exports import ExportError, load_export
+    from models.generator import Generator
+    from models.stable_diffusion import StableDiffusionLoadError, load_stable_diffusion
 
     out = []
     if base:
-        from lightning_modules.stable_diffusion import StableDiffusionLoadError
-        from lightning_modules.unet import UNetFineTuning
-
         try:
-            module = UNetFineTuning(model={"pretrained": base}).eval()  # untrained: the base model itself
+            out.append(Strategy("Stable Diffusion (base)", Generator(load_stable_diffusion({"pretrained": base})), base, list(prompts)))
         except StableDiffusionLoadError as err:
             raise GenerationStudyError(f"--base {base}: {err}") from None
-        out.append(Strategy("Stable Diffusion (base)", module, base, list(prompts)))
     for run in runs:
         try:
-            module, path = load_run(run, ckpt)
-        except RunLoadError as err:
+            if (Path(run) / "config.yaml").is_file() or not Path(run).is_dir():
+                generator, source = load_run_generator(run, ckpt)
+            else:
+                generator = load_export(run)
+                source = run
+        except (RunLoadError, ExportError) as err:
             raise GenerationStudyError(f"--runs {run}: {err}") from None
-        asked = [module.to_token_prompt(p) for p in prompts] if hasattr(module, "to_token_prompt") else list(prompts)
-        out.append(Strategy(Path(run).name, module, str(path), asked))
+        out.append(Strategy(Path(run).name, generator, str(source), [generator.paper_prompt(p) for p in prompts]))
     names = [s.name for s in out]
     if len(set(names)) < len(names):
         raise GenerationStudyError(f"--runs: two strategies have the same name {names}; run folders need distinct names")
     return out
-
-
-def reference_images(mimic_root: str, finding: str, split: str, n: Optional[int], resolution: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """Frontal images of ``split`` positive for ``finding`` (for No Finding: its label 1.0), uint8 ``[N, H, W]``."""
-    from evaluation.vae_study import VAEStudyError, load_images, select_mimic
-
-    try:
-        records = select_mimic(mimic_root, None, seed, split)
-    except (VAEStudyError, ValueError) as err:
-        raise GenerationStudyError(str(err)) from None
-    records = records[records[finding] == 1.0].reset_index(drop=True)
-    if len(records) < 2:
-        raise GenerationStudyError(f"{mimic_root}: {len(records)} frontal {split!r} image(s) positive for {finding!r}; "
-                                   "FID needs at least 2 (choose another --split)")
-    if n is not None and n < len(records):
-        records = records.sample(n=n, random_state=seed).reset_index(drop=True)
-    kept, images = load_images(records, resolution)[:2]
-    return kept, images
 
 
 @dataclass
@@ -150,23 +135,163 @@ class StudyConfig:
                 raise GenerationStudyError("--figure1: the prompts need a plain one and one naming a pleural effusion")
 
 
-def normal_and_effusion_prompts(prompts: Sequence[str]) -> list[str]:
-    """The plain prompt and the effusion prompt (paper Figure 1, finding correctness), or [] when one is missing."""
-    normal = [p for p in prompts if prompt_finding(p) == NORMAL and "style" not in p.lower()]
-    eff = [p for p in prompts if prompt_finding(p) == EFFUSION]
-    return [normal[0], eff[0]] if normal and eff else []
+@dataclass
+class Tables:
+    """What the steps collect: one row per (strategy, prompt) for FID and diversity, one per strategy for correctness."""
+
+    fid: list = field(default_factory=list)
+    diversity: list = field(default_factory=list)
+    correctness: list = field(default_factory=list)
+    cells: dict = field(default_factory=dict)  # (strategy, prompt) -> the first images, for the figures
+    kit_items: list = field(default_factory=list)
+    kit_ids: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- the study
+def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
+    cfg.validate()
+    started = time.time()
+    device = _device(cfg.device)
+    out = Path(cfg.out)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    classifier, extractor = load_networks(cfg, device)  # weights first: a missing file stops the study before any generation
+    strategies = load_strategies(cfg.base, cfg.runs, cfg.prompts)
+    resolution = cfg.resolution or strategies[0].generator.native_size
+    real_features, real_n = encode_references(cfg, extractor, resolution, device, log)
+    tables = Tables()
+    add_real_images_to_kit(cfg, resolution, tables)
+    for strategy in strategies:
+        evaluate_strategy(cfg, strategy, classifier, extractor, real_features, resolution, device, tables, out)
+    write_outputs(cfg, strategies, tables, real_n, resolution, out, log)
+    write_provenance(cfg, strategies, real_n, resolution, out, started)
+    return out
+
+
+def load_networks(cfg: StudyConfig, device):
+    """The finding classifier and the FID feature network (Inception or the classifier's features2)."""
+    try:
+        classifier = load_classifier(cfg.classifier, cfg.xrv_cache_dir).to(device)
+        options = {"inception_weights": cfg.inception_weights} if cfg.fid_features == "inception" else {"classifier": classifier}
+        extractor = feature_extractor("inception" if cfg.fid_features == "inception" else "classifier", **options).to(device)
+    except FileNotFoundError as err:
+        raise GenerationStudyError(str(err)) from None
+    return classifier, extractor
+
+
+def _references(cfg: StudyConfig, finding: str, n: Optional[int], resolution: int, seed: int) -> np.ndarray:
+    from datamodules.mimic_cxr import MIMICDataError
+    from datamodules.study_images import ImageSelectionError
+
+    try:
+        return reference_images(cfg.mimic_root, finding, cfg.split, n, resolution, seed)[1]
+    except (ImageSelectionError, MIMICDataError) as err:
+        raise GenerationStudyError(str(err)) from None
+
+
+def encode_references(cfg: StudyConfig, extractor, resolution: int, device, log) -> tuple[dict, dict]:
+    """Features of the fixed reference set of every finding the prompts name."""
+    features, counts = {}, {}
+    for finding in sorted({prompt_finding(p) for p in cfg.prompts}):
+        images = _references(cfg, finding, cfg.n_real, resolution, cfg.seed)
+        features[finding] = extract(extractor, _u8_to_float(images), device)
+        counts[finding] = len(images)
+        log(f"reference {finding!r}: {len(images)} frontal {cfg.split!r} images at {resolution} px")
+    return features, counts
+
+
+def add_real_images_to_kit(cfg: StudyConfig, resolution: int, tables: Tables) -> None:
+    for finding in sorted({prompt_finding(p) for p in cfg.prompts}) if cfg.reader_real > 0 else ():
+        images = _references(cfg, finding, cfg.reader_real, resolution, cfg.seed + 1)
+        tables.kit_items += list(images)
+        tables.kit_ids += [f"real | {finding}"] * len(images)
+
+
+def generate_prompt(cfg: StudyConfig, strategy: Strategy, asked: str, resolution: int) -> torch.Tensor:
+    """``cfg.n_per_prompt`` images of one prompt, seeds ``cfg.seed + i``: ``[N, 3, H, W]`` in [0, 1]."""
+    from tqdm.auto import tqdm
+
+    seeds = [cfg.seed + i for i in range(cfg.n_per_prompt)]
+    images = []
+    for s in tqdm(range(0, len(seeds), cfg.batch_size), desc=f"{strategy.name}: {asked[:40]}", disable=len(seeds) <= cfg.batch_size):
+        chunk = seeds[s:s + cfg.batch_size]
+        images.append(strategy.generator.generate([asked] * len(chunk), seeds=chunk, steps=cfg.steps, guidance=cfg.guidance,
+                                                  scheduler=cfg.scheduler, height=resolution, width=resolution,
+                                                  batch_size=cfg.batch_size).cpu())
+    return torch.cat(images)
+
+
+def evaluate_strategy(cfg: StudyConfig, strategy: Strategy, classifier, extractor, real_features: dict, resolution: int, device,
+                      tables: Tables, out: Path) -> None:
+    """Every prompt of one strategy: FID (and KID), diversity, P(effusion); then its grid and finding correctness."""
+    strategy.generator.to(device)
+    p_effusion = {}
+    for prompt, asked in zip(cfg.prompts, strategy.prompts):
+        images = generate_prompt(cfg, strategy, asked, resolution)
+        gray = images.mean(1, keepdim=True)
+        finding = prompt_finding(prompt)
+        fake = extract(extractor, gray, device)  # encoded once, for FID and KID
+        row = {"strategy": strategy.name, "prompt": prompt, "prompt_used": asked, "reference": finding, "features": cfg.fid_features,
+               **fid_with_ci(real_features[finding], fake, cfg.n_boot, cfg.seed)}
+        if cfg.kid:
+            row.update({k: v for k, v in kid(real_features[finding], fake).items() if k in ("kid", "kid_std", "subset_size")})
+        tables.fid.append(row)
+        tables.diversity.append({"strategy": strategy.name, "prompt": prompt,
+                                 **ms_ssim_diversity(gray, max_pairs=2000, seed=cfg.seed, n_boot=cfg.n_boot)})
+        p_effusion[prompt] = finding_probabilities(classifier, images.to(device), EFFUSION).numpy()
+        tables.cells[(strategy.name, prompt)] = images[: cfg.grid_per_prompt]
+        for img in gray[: cfg.reader_kit]:
+            tables.kit_items.append((img[0].numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8))
+            tables.kit_ids.append(f"{strategy.name} | {prompt}")
+    k = min(cfg.grid_per_prompt, cfg.n_per_prompt)
+    grid = labelled_grid(torch.cat([tables.cells[(strategy.name, p)] for p in cfg.prompts]),
+                         [p for p in strategy.prompts for _ in range(k)], k, title=strategy.name)
+    grid.save(out / "grids" / f"{_slug(strategy.name)}.png")
+    pair = normal_and_effusion_prompts(cfg.prompts)
+    if pair:
+        normal, eff = pair
+        score = finding_correctness(p_effusion[eff], p_effusion[normal], EFFUSION, cfg.n_boot, cfg.seed)
+        tables.correctness.append({"strategy": strategy.name, "finding_prompt": eff, "normal_prompt": normal,
+                                   "mean_p_effusion_finding_prompt": score["mean_prob_finding_prompt"],
+                                   "mean_p_effusion_normal_prompt": score["mean_prob_normal_prompt"],
+                                   **{k: v for k, v in score.items() if not k.startswith("mean_prob") and k != "finding"}})
+    strategy.generator.to("cpu")
+
+
+def write_outputs(cfg: StudyConfig, strategies: list[Strategy], tables: Tables, real_n: dict, resolution: int, out: Path, log) -> None:
+    """table4.csv, fid.csv, diversity.csv, finding_correctness.csv, figure4.png (figure1.png), the reader kit, results.md."""
+    fid_df, div_df, corr_df = pd.DataFrame(tables.fid), pd.DataFrame(tables.diversity), pd.DataFrame(tables.correctness)
+    fid_df.to_csv(out / "fid.csv", index=False)
+    div_df.to_csv(out / "diversity.csv", index=False)
+    corr_df.to_csv(out / "finding_correctness.csv", index=False)
+    names = [s.name for s in strategies]
+    fid_df.pivot(index="strategy", columns="prompt", values="fid").reindex(index=names, columns=list(cfg.prompts)).to_csv(out / "table4.csv")
+    figure4(tables.cells, names, list(cfg.prompts), out / "figure4.png")
+    if cfg.figure1:  # the same images as Figure 4, two rows: what fine-tuning changed
+        figure4(tables.cells, [names[0], cfg.figure1], normal_and_effusion_prompts(cfg.prompts), out / "figure1.png")
+    if tables.kit_items:
+        from evaluation.reader_kit import make_reader_kit
+
+        make_reader_kit(tables.kit_items, out / "reader_kit", seed=cfg.seed, ids=tables.kit_ids, title="Generated chest X-rays",
+                        questions={"finding_present": "Is a pleural effusion visible?"})
+        log(f"reader kit: {len(tables.kit_items)} blinded images in {out / 'reader_kit'} (keep key_PRIVATE.csv from the reader); "
+            f"summarise the filled sheet with `python evaluate.py generation-scores {out / 'reader_kit' / 'scores.csv'}`")
+    md = results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolution)
+    (out / "results.md").write_text(md)
+    log(md)
+    log(f"wrote {out}/results.md, table4.csv, fid.csv, diversity.csv, finding_correctness.csv, figure4.png"
+        f"{', figure1.png' if cfg.figure1 else ''}, grids/, provenance.json")
+
+
+def write_provenance(cfg: StudyConfig, strategies: list[Strategy], real_n: dict, resolution: int, out: Path, started: float) -> None:
+    settings = {**asdict(cfg), "resolution": resolution, "seeds": [cfg.seed + i for i in range(cfg.n_per_prompt)],
+                "seconds": round(time.time() - started, 1)}
+    inputs = {"reference_counts": real_n,
+              "strategies": [{"name": s.name, "source": s.source, "prompts_used": s.prompts, **s.generator.info} for s in strategies]}
+    provenance.write(out / "provenance.json", provenance.record("study/generation", settings, inputs, packages=STUDY_PACKAGES))
 
 
 def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
-@torch.no_grad()
-def _features(extractor: torch.nn.Module, images: torch.Tensor, device, batch: int = 32) -> torch.Tensor:
-    out = []
-    for s in range(0, len(images), batch):
-        out.append(extractor(images[s:s + batch].to(device)).double().cpu())
-    return torch.cat(out)
 
 
 def _u8_to_float(images_u8: np.ndarray) -> torch.Tensor:
@@ -178,114 +303,6 @@ def _fmt_ci(v: float, lo: float, hi: float, digits: int = 1) -> str:
         return "n/a"
     ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(lo) else ""
     return f"{v:.{digits}f}{ci}"
-
-
-def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
-    from tqdm.auto import tqdm
-
-    from callbacks.sample_grid import labelled_grid
-    from evaluation.classifiers import finding_probabilities, load_classifier
-    from evaluation.vae_study import ClassifierFeatures, InceptionFeatures
-
-    cfg.validate()
-    device = _device(cfg.device)
-    out = Path(cfg.out)
-    (out / "grids").mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    try:  # weights first: a missing file stops the study before any generation
-        classifier = load_classifier(cfg.classifier, cfg.xrv_cache_dir).to(device)
-        extractor = (InceptionFeatures(cfg.inception_weights) if cfg.fid_features == "inception" else ClassifierFeatures(classifier)).to(device).eval()
-    except FileNotFoundError as err:
-        raise GenerationStudyError(str(err)) from None
-    strategies = load_strategies(cfg.base, cfg.runs, cfg.prompts)
-    resolution = cfg.resolution or int(strategies[0].module.sd.unet.config.sample_size * strategies[0].module.sd.vae_scale_factor)
-
-    real_feats, real_n = {}, {}
-    for finding in sorted({prompt_finding(p) for p in cfg.prompts}):
-        _, imgs = reference_images(cfg.mimic_root, finding, cfg.split, cfg.n_real, resolution, cfg.seed)
-        real_feats[finding] = _features(extractor, _u8_to_float(imgs), device)
-        real_n[finding] = len(imgs)
-        log(f"reference {finding!r}: {len(imgs)} frontal {cfg.split!r} images at {resolution} px")
-
-    seeds = [cfg.seed + i for i in range(cfg.n_per_prompt)]
-    fid_rows, div_rows, corr_rows, grid_cells = [], [], [], {}
-    kit_items, kit_ids = [], []
-    if cfg.reader_real > 0:
-        for finding in sorted({prompt_finding(p) for p in cfg.prompts}):
-            _, imgs = reference_images(cfg.mimic_root, finding, cfg.split, cfg.reader_real, resolution, cfg.seed + 1)
-            kit_items += list(imgs)
-            kit_ids += [f"real | {finding}"] * len(imgs)
-    for strategy in strategies:
-        module = strategy.module.to(device)
-        p_effusion: dict[str, np.ndarray] = {}
-        for prompt, asked in zip(cfg.prompts, strategy.prompts):
-            images = []
-            for s in tqdm(range(0, len(seeds), cfg.batch_size), desc=f"{strategy.name}: {asked[:40]}", disable=len(seeds) <= cfg.batch_size):
-                chunk = seeds[s:s + cfg.batch_size]
-                images.append(module.generate([asked] * len(chunk), seeds=chunk, steps=cfg.steps, guidance=cfg.guidance,
-                                              scheduler=cfg.scheduler, height=resolution, width=resolution,
-                                              batch_size=cfg.batch_size).cpu())
-            images = torch.cat(images)  # [N, 3, H, W] in [0, 1]
-            gray = images.mean(1, keepdim=True)
-            finding = prompt_finding(prompt)
-            fake_feats = _features(extractor, gray, device)  # encoded once, for FID and KID
-            fid = fid_with_ci(real_feats[finding], fake_feats, cfg.n_boot, cfg.seed)
-            row = {"strategy": strategy.name, "prompt": prompt, "prompt_used": asked, "reference": finding,
-                   "features": cfg.fid_features, **fid}
-            if cfg.kid:
-                row.update({k: v for k, v in kid(real_feats[finding], fake_feats).items()
-                            if k in ("kid", "kid_std", "subset_size")})
-            fid_rows.append(row)
-            div_rows.append({"strategy": strategy.name, "prompt": prompt, **ms_ssim_diversity(gray, max_pairs=2000, seed=cfg.seed, n_boot=cfg.n_boot)})
-            p_effusion[prompt] = finding_probabilities(classifier, images.to(device), EFFUSION).numpy()
-            grid_cells[(strategy.name, prompt)] = images[: cfg.grid_per_prompt]
-            for img in gray[: cfg.reader_kit]:
-                kit_items.append((img[0].numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8))
-                kit_ids.append(f"{strategy.name} | {prompt}")
-        k = min(cfg.grid_per_prompt, cfg.n_per_prompt)
-        grid = labelled_grid(torch.cat([grid_cells[(strategy.name, p)] for p in cfg.prompts]),
-                             [p for p in strategy.prompts for _ in range(k)], k, title=strategy.name)
-        grid.save(out / "grids" / f"{_slug(strategy.name)}.png")
-        pair = normal_and_effusion_prompts(cfg.prompts)
-        if pair:
-            normal, eff = pair
-            pos, neg = p_effusion[eff], p_effusion[normal]
-            res = auroc_with_ci(pos, neg, cfg.n_boot, cfg.seed)
-            accuracy = float(((pos > 0.5).sum() + (neg <= 0.5).sum()) / (len(pos) + len(neg)))
-            corr_rows.append({"strategy": strategy.name, "finding_prompt": eff, "normal_prompt": normal,
-                              "mean_p_effusion_finding_prompt": float(pos.mean()), "mean_p_effusion_normal_prompt": float(neg.mean()),
-                              "threshold": 0.5, "accuracy": accuracy, **res})
-        module.to("cpu")
-
-    fid_df, div_df, corr_df = pd.DataFrame(fid_rows), pd.DataFrame(div_rows), pd.DataFrame(corr_rows)
-    fid_df.to_csv(out / "fid.csv", index=False)
-    div_df.to_csv(out / "diversity.csv", index=False)
-    corr_df.to_csv(out / "finding_correctness.csv", index=False)
-    table4 = fid_df.pivot(index="strategy", columns="prompt", values="fid").reindex(index=[s.name for s in strategies], columns=list(cfg.prompts))
-    table4.to_csv(out / "table4.csv")
-    figure4(grid_cells, [s.name for s in strategies], list(cfg.prompts), out / "figure4.png")
-    if cfg.figure1:  # the same images as Figure 4, two rows: what fine-tuning changed
-        figure4(grid_cells, [strategies[0].name, cfg.figure1], normal_and_effusion_prompts(cfg.prompts), out / "figure1.png")
-    if kit_items:
-        from evaluation.reader_kit import make_reader_kit
-
-        make_reader_kit(kit_items, out / "reader_kit", seed=cfg.seed, ids=kit_ids, title="Generated chest X-rays",
-                        questions={"finding_present": "Is a pleural effusion visible?"})
-        log(f"reader kit: {len(kit_items)} blinded images in {out / 'reader_kit'} (keep key_PRIVATE.csv from the reader); "
-            f"summarise the filled sheet with `python evaluate.py generation-scores {out / 'reader_kit' / 'scores.csv'}`")
-    md = results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolution)
-    (out / "results.md").write_text(md)
-    from evaluation.provenance import git_commit, package_versions
-
-    summary = {"study": "generation (paper Table 4, Figure 4) and finding correctness", "settings": asdict(cfg),
-               "resolution": resolution, "reference_counts": real_n,
-               "strategies": [{"name": s.name, "source": s.source, "prompts_used": s.prompts} for s in strategies],
-               "seeds": seeds, "seconds": round(time.time() - started, 1), "git": git_commit(), "packages": package_versions(STUDY_PACKAGES)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    log(md)
-    log(f"wrote {out}/results.md, table4.csv, fid.csv, diversity.csv, finding_correctness.csv, figure4.png"
-        f"{', figure1.png' if cfg.figure1 else ''}, grids/, summary.json")
-    return out
 
 
 def _slug(name: str) -> str:
@@ -370,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py generation", description="Generation study (paper Table 4, Figure 4) and finding correctness.")
     p.add_argument("--mimic_root", required=True, help="MIMIC-CXR-JPG root (reference images of the matching finding)")
     p.add_argument("--out", required=True)
-    p.add_argument("--runs", nargs="*", default=[], help="run folders written by train.py (any strategy)")
+    p.add_argument("--runs", nargs="*", default=[], help="run folders written by train.py or export folders written by export.py (any strategy)")
     p.add_argument("--base", default="CompVis/stable-diffusion-v1-4", help="base SD (hub id, folder or preset); 'none' to leave it out")
     p.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS))
     p.add_argument("--n_per_prompt", type=int, default=100)
@@ -424,7 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.base = None
     try:
         run_study(cfg)
-    except (GenerationStudyError, GenerationStatsError) as err:
+    except (GenerationStudyError, MetricInputError) as err:
         print(f"evaluate.py generation: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -16,10 +16,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from evaluation.provenance import git_commit, package_versions
-
-PACKAGES = ("torch", "lightning", "diffusers", "transformers", "torchmetrics", "torchxrayvision", "datasets",
-            "scikit-image", "numpy", "pandas", "wandb")
+from core import provenance
+from core.run_folder import RunFolder
 
 # (key, title, file under the results folder, index column, note)
 TABLES = (
@@ -75,8 +73,8 @@ def write_summary(out: Path, steps: Sequence, runs: Sequence, args, started: flo
         md += ["**Demo scale** (`reproduce.py --demo`): tiny models, phantom chest X-rays, a few training steps on a CPU. "
                "These tables show that every step runs and writes what the paper reports; the numbers say nothing about "
                "Stable Diffusion or MIMIC-CXR.", ""]
-    git = git_commit()
-    commit = (git.get("commit") or "unknown")[:12] + (" (with uncommitted changes)" if git.get("dirty") else "") if isinstance(git, dict) else str(git)
+    git = provenance.git_commit()
+    commit = (git.get("commit") or "unknown")[:12] + (" (with uncommitted changes)" if git.get("dirty") else "")
     md += [f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit}. Commands, "
            "inputs, seeds and sampled ids: [provenance.json](provenance.json). Runbook: docs/reproduce.md.", ""]
     tables = {}
@@ -114,38 +112,28 @@ def write_summary(out: Path, steps: Sequence, runs: Sequence, args, started: flo
 
 
 def write_provenance(out: Path, steps: Sequence, runs: Sequence, args, started: float) -> Path:
+    """provenance.json (core.provenance, ``what: reproduce``): the driver's command and inputs, every step's record, and
+    where each run's and study's own provenance, resolved config, seeds and sampled ids are."""
     records = []
     for step in steps:
         marker = out / "steps" / f"{step.slug}.json"
         records.append(json.loads(marker.read_text()) if marker.is_file() else {"step": step.name, "state": "not done"})
     run_info = {}
     for run in runs:
-        folder = out / "runs" / run.config
-        seeds = None
-        config = folder / "config.yaml"
-        if config.is_file():
-            import yaml
-
-            cfg = yaml.safe_load(config.read_text()) or {}
-            seeds = {"seed_everything": cfg.get("seed_everything"),
-                     "model_seed": ((cfg.get("model") or {}).get("init_args") or {}).get("seed"),
-                     "data_seed": ((cfg.get("data") or {}).get("init_args") or {}).get("seed")}
+        folder = RunFolder(out / "runs" / run.config)
+        starts = folder.starts() if folder.provenance_file.is_file() else []
         run_info[run.config] = {"paper": run.paper, "resolved_config": f"runs/{run.config}/config.yaml",
                                 "starts": f"runs/{run.config}/provenance.json", "data_ids": f"runs/{run.config}/data.json",
-                                "seeds": seeds}
-    studies = {
-        "vae": {"sampled_images": "studies/vae/per_image_metrics.csv (image_id)", "provenance": "studies/vae/provenance.json"},
-        "text-encoders": {"sampled_reports": "studies/text_encoders/sample.csv", "settings": "studies/text_encoders/summary.json"},
-        "generation": {"seeds_and_settings": "studies/generation/summary.json"},
-    }
+                                "seeds": starts[-1]["settings"] if starts else None}
+    studies = {name: {"provenance": f"studies/{folder}/provenance.json"}
+               for name, folder in (("vae", "vae"), ("text-encoders", "text_encoders"), ("generation", "generation"))}
+    studies["vae"]["sampled_images"] = "studies/vae/per_image_metrics.csv (image_id)"
+    studies["text-encoders"]["sampled_reports"] = "studies/text_encoders/sample.csv"
     inputs = {k: getattr(args, k, None) for k in ("mimic", "laion", "reports", "images", "sd", "cxr_bert", "xrv_cache_dir",
                                                    "inception_weights", "wandb_mode")}
     if inputs.get("images") and Path(inputs["images"]).is_file():
         inputs["image_ids"] = pd.read_csv(inputs["images"], dtype=str).to_dict("records")
-    record = {"driver": getattr(args, "argv", None), "mode": "demo" if getattr(args, "demo", False) else "full",
-              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "seconds_this_invocation": round(time.time() - started, 1), "git": git_commit(),
-              "packages": package_versions(PACKAGES), "inputs": inputs, "steps": records, "runs": run_info, "studies": studies}
-    path = out / "provenance.json"
-    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    return path
+    settings = {"mode": "demo" if getattr(args, "demo", False) else "full", "seconds_this_invocation": round(time.time() - started, 1),
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    inputs.update(steps=records, runs=run_info, studies=studies)
+    return provenance.write(out / "provenance.json", provenance.record("reproduce", settings, inputs, argv=getattr(args, "argv", None)))

@@ -16,7 +16,7 @@ An extraction a model does not have is reported as ``None`` with the reason, nev
 a BERT checkpoint saved as a masked-LM model (RadBERT, CXR-BERT-general, CXR-BERT-specialized) carries
 no pooler weights: transformers would draw that layer at random, so ``pooler`` is ``None`` for them.
 
-Reports are scored by CheXpert@k (:mod:`evaluation.chexpert_at_k`, which documents our reading of the
+Reports are scored by CheXpert@k (:mod:`metrics.chexpert_at_k`, which documents our reading of the
 paper's formula and the tie rule), against the paper's bag-of-words baseline (intersection over union of
 word sets). The sample is class-balanced: ``n_per_class`` reports positive for each of the 14 CheXpert
 classes, drawn with a seed, rarest class first and without replacement, so that no report is drawn for
@@ -39,7 +39,8 @@ import torch
 
 from datamodules.mimic_cxr import CHEXPERT_CLASSES, CHEXPERT_CSV, MIMICDataError, read_mimic_csv
 from datamodules.reports import split_sections, PRIORITY
-from evaluation.chexpert_at_k import (DEFAULT_MAX_CHUNK_ELEMENTS, MODES, CosineSimilarity, TokenIoUSimilarity,
+from core import plugins, provenance
+from metrics.chexpert_at_k import (DEFAULT_MAX_CHUNK_ELEMENTS, MODES, CosineSimilarity, TokenIoUSimilarity,
                                       chexpert_at_k, class_matrices, is_degenerate)
 
 EXTRACTIONS = ("cls", "mean", "pooler", "specific")
@@ -57,7 +58,7 @@ class EncoderEntry:
     source: str  # hub id, folder or preset
 
 
-# The paper's seven encoders (ids from ../shared/REFERENCE.md §6), in its table order.
+# The paper's seven encoders (ids in docs/formats.md §6), in its table order.
 REGISTRY: dict[str, EncoderEntry] = {
     e.key: e
     for e in (
@@ -71,13 +72,13 @@ REGISTRY: dict[str, EncoderEntry] = {
     )
 }
 PAPER_ENCODERS = tuple(REGISTRY)
-# Offline stand-ins (random weights, or the tiny-phantom SD's CLIP): they exercise every code path.
-TINY_PRESETS = {
-    "tiny-bert": "BERT",
-    "tiny-cxr-bert": "CXR-BERT",
-    "tiny-random": "CLIP (SD preset)",
-    "tiny-phantom": "CLIP (SD preset)",
-}
+
+
+def offline_presets() -> dict[str, str]:
+    """Encoders that need no download (plugins): domain-encoder presets (BERT) and SD presets (their CLIP); the suite's
+    own have random or phantom-trained weights and exercise every code path."""
+    return {**{name: "BERT" for name in plugins.names(plugins.DOMAIN_ENCODERS)},
+            **{name: "CLIP (SD preset)" for name in plugins.names(plugins.STABLE_DIFFUSION)}}
 
 
 class TextEncoderStudyError(ValueError):
@@ -292,20 +293,20 @@ class StudyEncoder:
 
 
 def _offline_hint(entry: EncoderEntry) -> str:
-    from lightning_modules.stable_diffusion import is_local_path
+    from models.stable_diffusion import is_local_path
 
     hub_id = REGISTRY[entry.key].source if entry.key in REGISTRY else entry.source
     how = (f"Download it on a machine with internet access (`hf download {hub_id} --local-dir <folder>`) and pass the folder as "
            f"{entry.key}=<folder>, or put the hub id in your Hugging Face cache (HF_HOME)." if not is_local_path(hub_id) else
            "Pass a folder holding the model's config.json, weights and tokenizer files.")
-    return f"Text encoder {entry.key!r} ({entry.source}) could not be loaded. {how} Offline presets: " + ", ".join(TINY_PRESETS) + "."
+    return f"Text encoder {entry.key!r} ({entry.source}) could not be loaded. {how} Offline presets: " + ", ".join(offline_presets()) + "."
 
 
 def _is_clip_source(entry: EncoderEntry, local_files_only: bool, revision: Optional[str]) -> tuple[bool, Optional[str]]:
     """``(is CLIP, subfolder)``: a CLIP(-text) config at the root, or a diffusers pipeline with text_encoder/."""
     from transformers import PretrainedConfig
 
-    from lightning_modules.stable_diffusion import is_local_path
+    from models.stable_diffusion import is_local_path
 
     source = entry.source
     if is_local_path(source):
@@ -331,21 +332,21 @@ def _is_clip_source(entry: EncoderEntry, local_files_only: bool, revision: Optio
 def preflight(entries: Sequence[EncoderEntry], local_files_only: bool = False) -> None:
     """Fail before any work when an encoder's config cannot be found (missing folder, id not cached offline)."""
     for entry in entries:
-        if entry.source not in TINY_PRESETS:
+        if entry.source not in offline_presets():
             _is_clip_source(entry, local_files_only, None)
 
 
 def load_study_encoder(entry: EncoderEntry, local_files_only: bool = False, revision: Optional[str] = None) -> StudyEncoder:
     """Load ``entry``'s model and tokenizer and work out which extractions it really has."""
-    from lightning_modules.domain_encoder import DomainEncoderLoadError, DomainEncoderSpec, load_domain_encoder
-    from lightning_modules.stable_diffusion import StableDiffusionLoadError, load_text_encoder
+    from models.domain_encoder import DomainEncoderLoadError, DomainEncoderSpec, load_domain_encoder
+    from models.stable_diffusion import StableDiffusionLoadError, load_text_encoder, preset_names
 
     source = entry.source
     clip_reasons = {"specific": "SD's CLIP text encoder has no model-specific sentence embedding (it is used without CLIP's projection)"}
-    if source in ("tiny-random", "tiny-phantom"):
+    if source in preset_names():
         tokenizer, model = load_text_encoder(source)
         return StudyEncoder(entry, model, tokenizer, "clip", clip_reasons, int(tokenizer.model_max_length))
-    if source not in ("tiny-bert", "tiny-cxr-bert"):
+    if source not in offline_presets():
         is_clip, subfolder = _is_clip_source(entry, local_files_only, revision)
         if is_clip:
             from transformers import CLIPTextModel, CLIPTokenizer
@@ -385,14 +386,14 @@ def parse_encoders(specs: Sequence[str]) -> list[EncoderEntry]:
             entries.append(EncoderEntry(key, base.name if base else key, base.short if base else key[:8], source.strip()))
         elif key in REGISTRY:
             entries.append(REGISTRY[key])
-        elif key in TINY_PRESETS:
+        elif key in offline_presets():
             entries.append(EncoderEntry(key, key, key, key))
         elif Path(key).expanduser().exists() or "/" in key:
             name = Path(key).name or key
             entries.append(EncoderEntry(key, name, name[:8], key))
         else:
             raise TextEncoderStudyError(
-                f"encoder {key!r}: not a registered encoder ({', '.join(REGISTRY)}), a preset ({', '.join(TINY_PRESETS)}), "
+                f"encoder {key!r}: not a registered encoder ({', '.join(REGISTRY)}), a preset ({', '.join(offline_presets())}), "
                 "a hub id (owner/name) or a folder"
             )
     names = [e.name for e in entries]
@@ -487,6 +488,21 @@ class Cell:
     note: str = ""
 
 
+@dataclass
+class Sample:
+    """The reports of the study and which class each is scored for."""
+
+    corpus: object  # Corpus
+    table: pd.DataFrame
+    member: torch.Tensor
+    scored_for: torch.Tensor
+    classes: list[str]  # the classes with at least one scored report
+
+    @property
+    def n(self) -> int:
+        return len(self.table)
+
+
 def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     """Run the study and write its tables; return the output folder."""
     cfg.validate()
@@ -496,11 +512,25 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
         hf_logging.disable_progress_bar()
     entries = parse_encoders(cfg.encoders)
     reports_root, labels_csv = cfg.resolve_inputs()
-    preflight(entries, cfg.local_files_only)
+    preflight(entries, cfg.local_files_only)  # a missing encoder stops the study before any work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    sample = draw_sample(cfg, reports_root, labels_csv, out, log)
+    cells, encoders_info, timings = [], {}, {}
+    if cfg.baseline:
+        cells.append(score_baseline(cfg, sample, timings))
+    for entry in entries:
+        entry_cells, encoders_info[entry.name] = score_encoder(cfg, entry, sample, log)
+        cells += entry_cells
+    log(write_outputs(out, cfg, entries, cells, sample.classes, sample.n))
+    write_summary_and_provenance(cfg, out, reports_root, labels_csv, sample, cells, encoders_info, timings, started)
+    log(f"wrote {out}/results.md, table2.csv, table3.csv, table3_heatmap.png, scores.csv, sample.csv, summary.json, provenance.json")
+    return out
 
+
+def draw_sample(cfg: StudyConfig, reports_root: Path, labels_csv: Path, out: Path, log) -> Sample:
+    """Read the corpus, draw the class-balanced sample (or take every report) and write sample.csv (ids only)."""
     corpus = load_corpus(reports_root, labels_csv, cfg.uncertain, cfg.progress, log)
     sk = corpus.skipped
     log(f"reports: {len(corpus.table)} usable (sections: " + ", ".join(f"{k} {v}" for k, v in corpus.sections_used.items())
@@ -508,92 +538,90 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
         f"{sk['labels_without_report']} label rows without a report, {sk['unreadable']} unreadable"
         + (f", {sk['uncertain_excluded']} with an uncertain label (--uncertain exclude)" if cfg.uncertain == "exclude" else ""))
     if cfg.n_per_class > 0:
-        sample = sample_per_class(corpus, cfg.n_per_class, cfg.seed, cfg.uncertain, cfg.allow_short_classes, cfg.classes)
-        drawn = torch.tensor(sample["class"].map({c: i for i, c in enumerate(CHEXPERT_CLASSES)}).to_numpy())
+        table = sample_per_class(corpus, cfg.n_per_class, cfg.seed, cfg.uncertain, cfg.allow_short_classes, cfg.classes)
+        drawn = torch.tensor(table["class"].map({c: i for i, c in enumerate(CHEXPERT_CLASSES)}).to_numpy())
     else:
-        sample, drawn = corpus.table.copy(), None
-    n = len(sample)
+        table, drawn = corpus.table.copy(), None
+    n = len(table)
     if cfg.k >= n:
         raise TextEncoderStudyError(f"--k {cfg.k}: the study has only {n} reports, and each report's k neighbours exclude itself; "
                                     f"use k <= {n - 1} or more reports")
-    positives = torch.from_numpy(positive_matrix(sample, cfg.uncertain))
+    positives = torch.from_numpy(positive_matrix(table, cfg.uncertain))
     member, scored_for = class_matrices(drawn, positives, len(CHEXPERT_CLASSES), cfg.mode)
     scored_for = scored_for & torch.tensor([c in cfg.classes for c in CHEXPERT_CLASSES])
-    scored_classes = [c for i, c in enumerate(CHEXPERT_CLASSES) if bool(scored_for[:, i].any())]
+    classes = [c for i, c in enumerate(CHEXPERT_CLASSES) if bool(scored_for[:, i].any())]
     # ids only: the results folder holds no report text, so it can be shared without the credentialed data
-    sample_cols = ["subject_id", "study_id"] + (["class"] if "class" in sample else []) + ["section"]
-    sample[sample_cols].to_csv(out / "sample.csv", index=False)
+    columns = ["subject_id", "study_id"] + (["class"] if "class" in table else []) + ["section"]
+    table[columns].to_csv(out / "sample.csv", index=False)
     log(f"study: {n} reports" + (f", {cfg.n_per_class} per class (seed {cfg.seed})" if cfg.n_per_class else " (all)")
         + f"; CheXpert@{cfg.k}, mode {cfg.mode}, uncertain labels {cfg.uncertain}")
+    return Sample(corpus, table, member, scored_for, classes)
 
-    texts = sample["text"].tolist()
+
+def _score(cfg: StudyConfig, sample: Sample, similarity) -> tuple[float, dict]:
+    res = chexpert_at_k(similarity, sample.n, sample.member, sample.scored_for, cfg.k, CHEXPERT_CLASSES, cfg.max_chunk_elements)
+    return res.macro, res.per_class
+
+
+def score_baseline(cfg: StudyConfig, sample: Sample, timings: dict) -> "Cell":
+    """The paper's bag-of-words baseline: intersection over union of the reports' word sets."""
+    t0 = time.perf_counter()
+    macro, per_class = _score(cfg, sample, TokenIoUSimilarity(sample.table["text"].tolist()))
+    timings["baseline"] = time.perf_counter() - t0
+    return Cell(BASELINE, "bag of words (IoU)", "scored", macro, per_class)
+
+
+def score_encoder(cfg: StudyConfig, entry: EncoderEntry, sample: Sample, log) -> tuple[list["Cell"], dict]:
+    """Every extraction of one encoder: embed the reports once, score each extraction (None and degenerate ones flagged)."""
     device = _device(cfg.device)
-
-    def score(similarity) -> tuple[float, dict]:
-        res = chexpert_at_k(similarity, n, member, scored_for, cfg.k, CHEXPERT_CLASSES, cfg.max_chunk_elements)
-        return res.macro, res.per_class
-
-    cells: list[Cell] = []
-    encoders_info: dict[str, dict] = {}
-    timings: dict[str, float] = {}
-    if cfg.baseline:
-        t0 = time.perf_counter()
-        macro, per_class = score(TokenIoUSimilarity(texts))
-        timings["baseline"] = time.perf_counter() - t0
-        cells.append(Cell(BASELINE, "bag of words (IoU)", "scored", macro, per_class))
-
-    for entry in entries:
-        t0 = time.perf_counter()
-        enc = load_study_encoder(entry, cfg.local_files_only)
-        embeddings, truncated = enc.embed(texts, cfg.extractions, cfg.batch_size, device, DTYPES[cfg.dtype], cfg.progress)
-        t_embed = time.perf_counter() - t0
-        info = {"source": entry.source, "kind": enc.kind, "class": type(enc.model).__name__,
-                "parameters": int(sum(p.numel() for p in enc.model.parameters())), "max_length": enc.max_length,
-                "truncated_reports": truncated, "unavailable": {e: enc.unavailable[e] for e in cfg.extractions if e in enc.unavailable},
-                "seconds_embedding": round(t_embed, 3)}
-        if truncated:
-            log(f"note: {entry.name}: {truncated} of {n} impressions are longer than {enc.max_length} tokens and were truncated")
-        t_metric = 0.0
-        for extraction in cfg.extractions:
-            emb = embeddings[extraction]
-            if emb is None:
-                cells.append(Cell(entry.name, extraction, "none", note=enc.unavailable[extraction]))
-                continue
-            if is_degenerate(emb):
-                cells.append(Cell(entry.name, extraction, "degenerate",
-                                  note="identical embedding for every report: the ranking would be tie-breaking only"))
-                log(f"note: {entry.name} / {EXTRACTION_TITLES[extraction]}: every report gets the same embedding; flagged, not scored")
-                continue
+    t0 = time.perf_counter()
+    enc = load_study_encoder(entry, cfg.local_files_only)
+    embeddings, truncated = enc.embed(sample.table["text"].tolist(), cfg.extractions, cfg.batch_size, device, DTYPES[cfg.dtype],
+                                      cfg.progress)
+    info = {"source": entry.source, "kind": enc.kind, "class": type(enc.model).__name__,
+            "parameters": int(sum(p.numel() for p in enc.model.parameters())), "max_length": enc.max_length,
+            "truncated_reports": truncated, "unavailable": {e: enc.unavailable[e] for e in cfg.extractions if e in enc.unavailable},
+            "seconds_embedding": round(time.perf_counter() - t0, 3)}
+    if truncated:
+        log(f"note: {entry.name}: {truncated} of {sample.n} impressions are longer than {enc.max_length} tokens and were truncated")
+    cells, t_metric = [], 0.0
+    for extraction in cfg.extractions:
+        emb = embeddings[extraction]
+        if emb is None:
+            cells.append(Cell(entry.name, extraction, "none", note=enc.unavailable[extraction]))
+        elif is_degenerate(emb):
+            cells.append(Cell(entry.name, extraction, "degenerate",
+                              note="identical embedding for every report: the ranking would be tie-breaking only"))
+            log(f"note: {entry.name} / {EXTRACTION_TITLES[extraction]}: every report gets the same embedding; flagged, not scored")
+        else:
             t1 = time.perf_counter()
-            macro, per_class = score(CosineSimilarity(emb, device))
+            cells.append(Cell(entry.name, extraction, "scored", *_score(cfg, sample, CosineSimilarity(emb, device))))
             t_metric += time.perf_counter() - t1
-            cells.append(Cell(entry.name, extraction, "scored", macro, per_class))
-        info["seconds_metric"] = round(t_metric, 4)
-        encoders_info[entry.name] = info
-        del enc, embeddings
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    info["seconds_metric"] = round(t_metric, 4)
+    del enc, embeddings
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return cells, info
 
-    tables = write_outputs(out, cfg, entries, cells, scored_classes, n)
+
+def write_summary_and_provenance(cfg: StudyConfig, out: Path, reports_root: Path, labels_csv: Path, sample: Sample, cells: list,
+                                 encoders_info: dict, timings: dict, started: float) -> None:
+    """summary.json (counts, encoders, every cell) and provenance.json (core.provenance)."""
+    corpus, scored_for = sample.corpus, sample.scored_for
     summary = {
         "study": "text encoders, CheXpert@k (paper Tables 2 and 3)",
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
-        "reports_root": str(reports_root), "labels_csv": str(labels_csv),
         "reports_usable": int(len(corpus.table)), "skipped": corpus.skipped, "sections_used": corpus.sections_used,
-        "reports_in_study": n, "reports_per_class": {c: int(scored_for[:, i].sum()) for i, c in enumerate(CHEXPERT_CLASSES)},
+        "reports_in_study": sample.n, "reports_per_class": {c: int(scored_for[:, i].sum()) for i, c in enumerate(CHEXPERT_CLASSES)},
         "encoders": encoders_info,
         "cells": [asdict(c) for c in cells],
         "seconds_total": round(time.time() - started, 1),
         "seconds_baseline_metric": round(timings.get("baseline", 0.0), 4),
     }
-    from evaluation.provenance import git_commit, package_versions
-
-    summary["git"] = git_commit()
-    summary["packages"] = package_versions(STUDY_PACKAGES)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    log(tables)
-    log(f"wrote {out}/results.md, table2.csv, table3.csv, table3_heatmap.png, scores.csv, sample.csv, summary.json")
-    return out
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
+    inputs = {"reports_root": str(reports_root), "labels_csv": str(labels_csv),
+              "encoders": {name: info["source"] for name, info in encoders_info.items()}}
+    provenance.write(out / "provenance.json", provenance.record("study/text-encoders", settings, inputs, packages=STUDY_PACKAGES))
 
 
 # ============================================================================================ outputs
@@ -731,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--encoders", nargs="+", default=list(PAPER_ENCODERS), metavar="ENC",
                    help="registry keys (" + ", ".join(PAPER_ENCODERS) + "), KEY=FOLDER for a local copy, any hub id or "
-                   "folder, or an offline preset (" + ", ".join(TINY_PRESETS) + "); default: the paper's seven")
+                   "folder, or an offline preset (tiny-bert, tiny-cxr-bert, tiny-phantom, ...); default: the paper's seven")
     p.add_argument("--extractions", nargs="+", default=list(EXTRACTIONS), choices=EXTRACTIONS)
     p.add_argument("--classes", nargs="+", default=list(CHEXPERT_CLASSES), metavar="CLASS",
                    help="CheXpert classes to draw and score (default: all 14)")

@@ -4,7 +4,7 @@ N random frontal MIMIC-CXR images (paper: 700, 512 px) or every image of a plain
 and decoded by Stable Diffusion's VAE (posterior mean, no sampling) and compared:
 
 * per-image RMSE / PSNR / SSIM (scikit-image, explicit data range) on the 8-bit scale and on
-  torchxrayvision's [-1024, 1024] scale (see :mod:`evaluation.image_metrics`), optionally with the
+  torchxrayvision's [-1024, 1024] scale (see :mod:`metrics.image_quality`), optionally with the
   corners (burnt-in annotations) masked out;
 * a torchxrayvision classifier on originals and reconstructions: Table 1 (prevalence, accuracy, F1,
   % change) plus AUROC, and the cosine similarity of its pooled ``features2``;
@@ -12,17 +12,16 @@ and decoded by Stable Diffusion's VAE (posterior mean, no sampling) and compared
   with Inception-v3 (2048) or the classifier's features (a domain FID).
 
 Everything, including real images (Figure 3a panels, the reader kit), goes only to the local
-output folder ``--out``.
+output folder ``--out``. :func:`run_study` is the sequence of steps; each step is a function below it.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -31,112 +30,153 @@ import pandas as pd
 import torch
 from torch import nn
 
-from evaluation.classifiers import CHEXPERT_TO_XRV
-from evaluation.provenance import git_commit, package_versions
-from evaluation.image_metrics import (SCALES, SSIM_KWARGS, corner_mask, format_summary, pair_metrics, pooled_psnr,
-                                      summarize)
+from core import provenance
+from datamodules.mimic_cxr import CHEXPERT_CLASSES
+from datamodules.study_images import load_images, select_folder, select_mimic
+from metrics.classifiers import CHEXPERT_TO_XRV, classifier_outputs, classifier_targets, classifier_weights_file, load_classifier
+from metrics.features import INCEPTION_WEIGHTS_FILE, ClassifierFeatures, extract, feature_extractor, inception_weights_path
+from metrics.image_quality import SCALES, SSIM_KWARGS, corner_mask, pair_metrics, pooled_psnr
+from metrics.scores import accuracy_f1, auroc, cosine_similarities, fid_minibatches, format_summary, summarize
+from models.stable_diffusion import StableDiffusionSpec, load_vae
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-# Table 1's 12 rows: the 11 exact CheXpert<->xrv matches plus the paper's loose "Pleural Other" (REFERENCE §3).
-
+# Table 1's 12 rows: the 11 exact CheXpert<->xrv matches plus the paper's loose "Pleural Other" (docs/formats.md §3).
 TABLE1_MAPPING = {**CHEXPERT_TO_XRV, "Pleural Other": "Pleural_Thickening"}
 TABLE1_MAPPING = {k: TABLE1_MAPPING[k] for k in sorted(TABLE1_MAPPING)}
 LOOSE_MATCHES = {"Pleural Other"}
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 TABLE1_COLUMNS = [
     "label", "xrv_label", "n", "prevalence_pct",
     "acc_original_pct", "acc_recon_pct", "acc_change_pct",
     "f1_original_pct", "f1_recon_pct", "f1_change_pct",
     "auroc_original", "auroc_recon", "acc_always_negative_pct", "threshold",
 ]
+VAE_STUDY_PACKAGES = ("torch", "diffusers", "torchxrayvision", "torchmetrics", "torch-fidelity", "scikit-image", "numpy", "pandas",
+                      "matplotlib", "scipy")
 
 
 class VAEStudyError(ValueError):
     """Bad input for the VAE study (no images, unreadable image, bad option)."""
 
 
-# ---------------------------------------------------------------------------------------------- input
-def select_mimic(root, n: Optional[int], seed: int, split: str = "all") -> pd.DataFrame:
-    """Random ``n`` frontal (PA/AP) images of a MIMIC-CXR-JPG root, with their CheXpert values.
+# ---------------------------------------------------------------------------------------------- configuration
+@dataclass
+class StudyConfig:
+    out: str
+    mimic_root: Optional[str] = None
+    image_folder: Optional[str] = None
+    n: Optional[int] = None
+    seed: int = 0
+    split: str = "all"
+    resolution: int = 512
+    pretrained: str = "CompVis/stable-diffusion-v1-4"
+    batch_size: int = 8
+    device: str = "auto"
+    classifier: str = "densenet121-res224-all"
+    xrv_cache_dir: Optional[str] = None
+    threshold: float = 0.5
+    fid_features: str = "inception"
+    inception_weights: Optional[str] = None
+    fid_batch: int = 32
+    mask_corners: float = 0.0
+    on_bad_image: str = "fail"
+    n_examples: int = 4
+    reader_pairs: int = 100
 
-    Uses the datamodule's readers and checks. Images of studies without a CheXpert row keep NaN
-    labels (treated as negative, like every missing value). The sample is ``DataFrame.sample(n,
-    random_state=seed)`` of the frontal images sorted by dicom_id, so it is reproducible.
-    """
-    from datamodules.mimic_cxr import (CHEXPERT_CLASSES, CHEXPERT_CSV, FRONTAL_VIEWS, METADATA_CSV, SPLIT_CSV, SPLITS,
-                                       MIMICDataError, image_path, read_csv_checked)
-
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise MIMICDataError(f"{root}: MIMIC-CXR-JPG root not found")
-    meta = read_csv_checked(root, METADATA_CSV)
-    labels = read_csv_checked(root, CHEXPERT_CSV)
-    df = meta[meta["ViewPosition"].isin(FRONTAL_VIEWS)][["dicom_id", "subject_id", "study_id", "ViewPosition"]]
-    df = df.merge(labels[["subject_id", "study_id", *CHEXPERT_CLASSES]], on=["subject_id", "study_id"], how="left")
-    if split != "all":
-        if split not in SPLITS:
-            raise VAEStudyError(f"split {split!r} is not one of {('all',) + SPLITS}")
-        splits = read_csv_checked(root, SPLIT_CSV)
-        df = df.merge(splits[["dicom_id", "split"]], on="dicom_id", how="left")
-        df = df[df["split"] == split]
-    df = df.sort_values("dicom_id").reset_index(drop=True)
-    if len(df) == 0:
-        raise VAEStudyError(f"{root}: no frontal (PA/AP) images" + (f" in split {split!r}" if split != "all" else ""))
-    if n is not None and n < len(df):
-        df = df.sample(n=n, random_state=seed).reset_index(drop=True)
-    elif n is not None and n > len(df):
-        warnings.warn(f"--n {n} but only {len(df)} frontal images are available: using all of them")
-    df["image_id"] = df["dicom_id"]
-    df["path"] = [str(image_path(root, r.subject_id, r.study_id, r.dicom_id)) for r in df.itertuples()]
-    return df
-
-
-def select_folder(folder, n: Optional[int] = None, seed: int = 0) -> pd.DataFrame:
-    """Every image under ``folder`` (recursive, sorted), or a seeded random ``n`` of them. No labels."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise VAEStudyError(f"{folder}: image folder not found")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise VAEStudyError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
-    df = pd.DataFrame({"image_id": [str(p.relative_to(folder)) for p in paths], "path": [str(p) for p in paths]})
-    if n is not None and n < len(df):
-        df = df.sample(n=n, random_state=seed).reset_index(drop=True)
-    return df
+    def validate(self) -> None:
+        if (self.mimic_root is None) == (self.image_folder is None):
+            raise VAEStudyError("give exactly one of --mimic_root or --image_folder")
+        if self.n is not None and self.n < 1:
+            raise VAEStudyError(f"--n must be >= 1, got {self.n}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise VAEStudyError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
+        if self.fid_features not in ("inception", "xrv", "none"):
+            raise VAEStudyError(f"--fid_features must be inception, xrv or none, got {self.fid_features!r}")
+        if self.fid_features == "xrv" and self.classifier == "none":
+            raise VAEStudyError("--fid_features xrv needs a classifier (--classifier is 'none')")
+        if not 0 <= self.mask_corners < 0.5:
+            raise VAEStudyError(f"--mask_corners must be in [0, 0.5), got {self.mask_corners}")
+        if self.on_bad_image not in ("fail", "skip"):
+            raise VAEStudyError(f"--on_bad_image must be fail or skip, got {self.on_bad_image!r}")
+        if self.batch_size < 1 or self.fid_batch < 2:
+            raise VAEStudyError("--batch_size must be >= 1 and --fid_batch >= 2")
 
 
-def load_images(records: pd.DataFrame, resolution: int, on_bad_image: str = "fail") -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
-    """Decode, resize (shorter side) and centre-crop every record; returns (kept records, uint8 [N,H,W], skipped)."""
-    from tqdm.auto import tqdm
+@dataclass
+class Results:
+    """What the steps of the study compute, in order."""
 
-    from datamodules.mimic_cxr import load_grayscale
+    source: str = ""
+    records: Optional[pd.DataFrame] = None
+    originals: Optional[np.ndarray] = None  # uint8 [N, H, W]
+    skipped: list = field(default_factory=list)
+    vae_key: str = ""
+    recons: Optional[np.ndarray] = None
+    per_image: Optional[pd.DataFrame] = None
+    summary: Optional[pd.DataFrame] = None
+    pooled: dict = field(default_factory=dict)
+    targets: Optional[list[str]] = None
+    features: Optional[tuple[np.ndarray, np.ndarray]] = None  # classifier features2 of originals and reconstructions
+    table: Optional[pd.DataFrame] = None
+    table_notes: list = field(default_factory=list)
+    cos: Optional[np.ndarray] = None
+    fid: Optional[dict] = None
+    by_finding: Optional[pd.DataFrame] = None
+    kit_dir: Optional[Path] = None
 
-    if on_bad_image not in ("fail", "skip"):
-        raise VAEStudyError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
-    images, keep, skipped = [], [], []
-    for i, row in enumerate(tqdm(records.itertuples(), total=len(records), desc="loading images", disable=len(records) < 20)):
-        try:
-            images.append(load_grayscale(Path(row.path), resolution))
-            keep.append(i)
-        except OSError as err:
-            if on_bad_image == "fail":
-                raise VAEStudyError(f"{err}. Pass --on_bad_image skip to leave such images out (they are then listed in the summary).") from None
-            skipped.append({"image_id": row.image_id, "path": row.path, "error": str(err)})
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s): {[s['path'] for s in skipped[:5]]}")
-    if not images:
-        raise VAEStudyError(f"all {len(records)} selected images were unreadable, e.g. {skipped[0]['error'] if skipped else ''}")
-    return records.iloc[keep].reset_index(drop=True), np.stack(images), skipped
+    @property
+    def has_labels(self) -> bool:
+        return "Atelectasis" in self.records.columns
 
 
-# ---------------------------------------------------------------------------------------------- VAE
-def load_vae(pretrained: str):
-    """The VAE of a Stable Diffusion spec (hub id, pipeline folder or preset); returns (vae, weights key)."""
-    from lightning_modules.stable_diffusion import StableDiffusionSpec, load_vae as load_sd_vae
+# ---------------------------------------------------------------------------------------------- the study
+def run_study(cfg: StudyConfig, fid_extractor: Optional[nn.Module] = None, log: Callable[[str], None] = print) -> Path:
+    """Run the whole study; write everything into ``cfg.out``; return it. ``fid_extractor`` overrides ``fid_features``."""
+    cfg.validate()
+    started = time.time()
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
+    classifier, fid_extractor = load_networks(cfg, fid_extractor)  # fail fast on missing weights
+    r = load_inputs(cfg, log)
+    r.recons, r.vae_key = reconstruct_all(cfg, r.originals, device)
+    image_quality(cfg, r)
+    if classifier is not None:
+        classify(cfg, classifier.to(device), r, out, device)
+    if fid_extractor is not None:
+        fid_originals_vs_reconstructions(cfg, fid_extractor, r, device)
+    write_tables(cfg, r, out)
+    write_figures(cfg, r, out)
+    write_provenance(cfg, r, out, fid_extractor, device, started)
+    log(write_summary(out, cfg, r))
+    return out
 
-    spec = StableDiffusionSpec(pretrained=pretrained)
-    return load_sd_vae(spec), spec.cache_key()
+
+def load_networks(cfg: StudyConfig, fid_extractor: Optional[nn.Module]) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """The classifier and the FID feature network, before any long computation (a missing weights file stops here)."""
+    if fid_extractor is None and cfg.fid_features == "inception":
+        inception_weights_path(cfg.inception_weights)
+    classifier = load_classifier(cfg.classifier, cfg.xrv_cache_dir) if cfg.classifier != "none" else None
+    if fid_extractor is None and cfg.fid_features == "inception":
+        fid_extractor = feature_extractor("inception", inception_weights=cfg.inception_weights)
+        fid_extractor.description = "Inception-v3 pool3 (2048)"
+    elif fid_extractor is None and cfg.fid_features == "xrv":
+        fid_extractor = ClassifierFeatures(classifier)
+        fid_extractor.description = f"{cfg.classifier} features2 (domain FID)"
+    elif fid_extractor is not None:
+        fid_extractor.description = f"custom extractor {type(fid_extractor).__name__}"
+    return classifier, fid_extractor
+
+
+def load_inputs(cfg: StudyConfig, log: Callable[[str], None]) -> Results:
+    """N random frontal MIMIC images (700 by default) or the images of a folder, decoded at ``cfg.resolution``."""
+    if cfg.mimic_root:
+        records = select_mimic(cfg.mimic_root, 700 if cfg.n is None else cfg.n, cfg.seed, cfg.split)
+        source = f"MIMIC-CXR-JPG at {cfg.mimic_root}: {len(records)} random frontal images (seed {cfg.seed}, split {cfg.split})"
+    else:
+        records = select_folder(cfg.image_folder, cfg.n, cfg.seed)
+        source = f"image folder {cfg.image_folder}: {len(records)} images"
+    records, originals, skipped = load_images(records, cfg.resolution, cfg.on_bad_image)
+    log(f"{source}; {len(records)} loaded, {len(skipped)} skipped")
+    return Results(source=source, records=records, originals=originals, skipped=skipped)
 
 
 @torch.no_grad()
@@ -150,147 +190,70 @@ def reconstruct(vae, images_u8: np.ndarray, device) -> np.ndarray:
     return out.add(1).mul(127.5).round().to(torch.uint8).cpu().numpy()
 
 
-# ---------------------------------------------------------------------------------------------- features
-def inception_weights_path(path: Optional[str] = None) -> Path:
-    """The Inception-v3 FID weights: ``path`` or torch.hub's cache; a clear error when absent (no download)."""
-    if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"--inception_weights {p}: file not found (expected torch-fidelity's {INCEPTION_WEIGHTS_FILE})")
-        return p
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
-    if not cache.is_file():
-        raise FileNotFoundError(
-            f"Inception-v3 FID weights not found at {cache}. Download {INCEPTION_URL} (~95 MB) on a machine with internet "
-            f"access and put it there (torch.hub cache, $TORCH_HOME/hub/checkpoints), or pass --inception_weights FILE, "
-            "or use --fid_features xrv|none."
-        )
-    return cache
+def reconstruct_all(cfg: StudyConfig, originals: np.ndarray, device) -> tuple[np.ndarray, str]:
+    """Every image through the VAE (``cfg.batch_size`` at a time); returns the reconstructions and the VAE's key."""
+    from tqdm.auto import tqdm
+
+    spec = StableDiffusionSpec(pretrained=cfg.pretrained)
+    vae = load_vae(spec).to(device)
+    recons = np.empty_like(originals)
+    for s in tqdm(range(0, len(originals), cfg.batch_size), desc="VAE encode/decode"):
+        recons[s : s + cfg.batch_size] = reconstruct(vae, originals[s : s + cfg.batch_size], device)
+    return recons, spec.cache_key()
 
 
-class InceptionFeatures(nn.Module):
-    """torchmetrics' FID Inception-v3 (2048 pool features); input gray [0, 1] ``[B, 1|3, H, W]``."""
+def image_quality(cfg: StudyConfig, r: Results) -> None:
+    """Per-image RMSE/PSNR/SSIM on both scales, their summaries, and the pooled PSNR."""
+    from tqdm.auto import tqdm
 
-    num_features = 2048
-
-    def __init__(self, weights_path: Optional[str] = None):
-        super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        self.weights_path = str(inception_weights_path(weights_path))
-        self.inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                            feature_extractor_weights_path=self.weights_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return self.inception((x.clamp(0, 1) * 255).round().to(torch.uint8)).reshape(x.shape[0], -1)
+    mask = corner_mask(r.originals.shape[1:], cfg.mask_corners)
+    rows = [pair_metrics(r.originals[i], r.recons[i], mask)
+            for i in tqdm(range(len(r.originals)), desc="RMSE/PSNR/SSIM", disable=len(r.originals) < 20)]
+    r.per_image = pd.concat([r.records[["image_id"]].reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+    r.pooled = {scale: pooled_psnr(r.per_image[f"mse_{scale}"], scale) for scale in SCALES}
 
 
-class ClassifierFeatures(nn.Module):
-    """A classifier's pooled ``features2`` (xrv DenseNet: 1024-d) as FID features; input gray [0, 1]."""
-
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from evaluation.classifiers import to_classifier_input
-
-        return self.classifier.features2(to_classifier_input(x)).flatten(1)
-
-
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID on precomputed feature vectors ``[N, d]``, float64: torchmetrics' formula (unbiased covariances,
-    ``|mu1 - mu2|² + tr S1 + tr S2 - 2 sum sqrt(eig(S1 S2))``).
-
-    torchmetrics takes a general (non-symmetric) ``eigvals(S1 @ S2)``; that is slow and its convergence
-    data-dependent for rank-deficient d x d covariances (12 s for d = 1024 seen on CPU). The eigenvalues
-    of ``S1 S2`` equal those of the symmetric PSD ``sqrt(S1) S2 sqrt(S1)``, so symmetric ``eigh`` is used;
-    tests check the value against ``torchmetrics.image.fid.FrechetInceptionDistance``.
-    """
-    real, fake = real.double(), fake.double()
-    if real.shape[0] < 2 or fake.shape[0] < 2:
-        raise VAEStudyError("FID needs at least 2 samples on each side")
-    mu1, mu2 = real.mean(0), fake.mean(0)
-    s1, s2 = torch.cov(real.T).reshape(real.shape[1], -1), torch.cov(fake.T).reshape(fake.shape[1], -1)
-    w, v = torch.linalg.eigh(s1)
-    root = (v * w.clamp(min=0).sqrt()) @ v.T
-    m = root @ s2 @ root
-    ev = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0)
-    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * ev.sqrt().sum())
+def classify(cfg: StudyConfig, classifier: nn.Module, r: Results, out: Path, device) -> None:
+    """The classifier on originals and reconstructions: probabilities, Table 1 (with labels), feature cosine similarity."""
+    r.targets = classifier_targets(classifier)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*resolution.*")
+        p_orig, f_orig = classifier_outputs(classifier, r.originals, cfg.batch_size, device)
+        p_recon, f_recon = classifier_outputs(classifier, r.recons, cfg.batch_size, device)
+    r.features = (f_orig, f_recon)
+    r.cos = cosine_similarities(f_orig, f_recon)
+    r.per_image["feature_cosine_similarity"] = r.cos
+    probs = {"image_id": r.per_image["image_id"]}
+    for j, t in enumerate(r.targets):
+        if t:
+            probs[f"p_original_{t}"], probs[f"p_recon_{t}"] = p_orig[:, j], p_recon[:, j]
+    pd.DataFrame(probs).to_csv(out / "classifier_probabilities.csv", index=False)
+    if r.has_labels:
+        r.table, r.table_notes = table1(r.records, r.targets, p_orig, p_recon, cfg.threshold)
 
 
-def fid_report(real: torch.Tensor, fake: torch.Tensor, batch: int = 32) -> dict:
-    """FID on consecutive minibatches of ``batch`` pairs (a last incomplete one is dropped unless it is the only one) and on the whole set."""
-    n = real.shape[0]
-    if n < 2:
-        raise VAEStudyError(f"FID needs at least 2 images, got {n}")
-    starts = list(range(0, n - batch + 1, batch)) or [0]
-    size = batch if n >= batch else n
-    per_batch = [frechet_distance(real[s : s + size], fake[s : s + size]) for s in starts]
-    return {
-        "minibatch": {"batch_size": size, "n_batches": len(per_batch), "n_images_used": size * len(per_batch),
-                      "values": per_batch, **summarize(per_batch)},
-        "whole_set": {"n": n, "fid": frechet_distance(real, fake)},
-        "feature_dim": int(real.shape[1]),
-    }
+def fid_originals_vs_reconstructions(cfg: StudyConfig, extractor: nn.Module, r: Results, device) -> None:
+    """FID on minibatches of ``cfg.fid_batch`` (the paper's protocol) and on the whole set."""
+    if isinstance(extractor, ClassifierFeatures) and r.features is not None:  # features2 were computed by classify()
+        real, fake = (torch.from_numpy(f).double() for f in r.features)
+    else:
+        extractor = extractor.to(device).eval()
+        as_float = lambda arr: torch.from_numpy(arr).float().div(255.0).unsqueeze(1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*resolution.*")
+            real = extract(extractor, as_float(r.originals), device, cfg.batch_size)
+            fake = extract(extractor, as_float(r.recons), device, cfg.batch_size)
+    r.fid = {**fid_minibatches(real, fake, cfg.fid_batch), "features": extractor.description}
 
 
-# ---------------------------------------------------------------------------------------------- classifier
 def binary_labels(values: pd.Series) -> np.ndarray:
     """The paper's convention: uncertain (-1) counts as positive, missing (NaN) and 0 as negative."""
     v = pd.to_numeric(values, errors="coerce")
     return v.isin([1.0, -1.0]).to_numpy().astype(np.int64)
 
 
-def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann–Whitney, ties averaged); NaN if only one class is present."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(y).astype(bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def accuracy_f1(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
-    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
-    tp, fp, fn = int((y & pred).sum()), int((~y & pred).sum()), int((y & ~pred).sum())
-    acc = float((y == pred).mean())
-    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 0.0
-    return acc, float(f1)
-
-
 def pct_change(new: float, old: float) -> float:
     return float((new - old) / old * 100) if old and np.isfinite(old) and np.isfinite(new) else float("nan")
-
-
-@torch.no_grad()
-def classifier_outputs(classifier: nn.Module, images_u8: np.ndarray, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities ``[N, n_targets]``, pooled features ``[N, F]``) of uint8 gray images."""
-    from evaluation.classifiers import to_classifier_input
-
-    # xrv's DenseNet and the phantom classifier both feed exactly features2(x) into their final Linear
-    # ``classifier``: catch its input during forward instead of running the network twice.
-    head = getattr(classifier, "classifier", None)
-    caught: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda m, inp, out: caught.append(inp[0])) if isinstance(head, nn.Linear) else None
-    probs, feats = [], []
-    try:
-        for s in range(0, len(images_u8), batch_size):
-            x = torch.from_numpy(images_u8[s : s + batch_size]).float().div(255.0).unsqueeze(1).to(device)
-            xin = to_classifier_input(x)
-            caught.clear()
-            probs.append(classifier(xin).float().cpu())
-            f = caught[0] if len(caught) == 1 else classifier.features2(xin)
-            feats.append(f.float().flatten(1).cpu())
-    finally:
-        if hook is not None:
-            hook.remove()
-    return torch.cat(probs).numpy(), torch.cat(feats).numpy()
 
 
 def table1(labels: pd.DataFrame, targets: Sequence[str], p_orig: np.ndarray, p_recon: np.ndarray, threshold: float = 0.5) -> tuple[pd.DataFrame, list[str]]:
@@ -315,18 +278,9 @@ def table1(labels: pd.DataFrame, targets: Sequence[str], p_orig: np.ndarray, p_r
     return pd.DataFrame(rows, columns=TABLE1_COLUMNS), notes
 
 
-def cosine_similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(denom > 0, (a * b).sum(axis=1) / np.where(denom > 0, denom, 1), np.nan)
-
-
-# ---------------------------------------------------------------------------------------------- breakdown
 def metrics_by_finding(per_image: pd.DataFrame, labels: pd.DataFrame, metrics=("rmse_xrv", "psnr_8bit", "ssim_8bit")) -> pd.DataFrame:
     """Per CheXpert class: metric mean ± sd for positive and negative images, and a Mann–Whitney p (uncorrected)."""
     from scipy.stats import mannwhitneyu
-
-    from datamodules.mimic_cxr import CHEXPERT_CLASSES
 
     rows = []
     for finding in CHEXPERT_CLASSES:
@@ -342,6 +296,61 @@ def metrics_by_finding(per_image: pd.DataFrame, labels: pd.DataFrame, metrics=("
             row[f"{m}_mwu_p"] = float(mannwhitneyu(pos, neg).pvalue) if pos.size and neg.size else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+SUMMARY_METRICS = [("rmse_8bit", "RMSE, 8-bit (0–255), data_range 255"), ("rmse_xrv", "RMSE, xrv scale ([-1024, 1024]), data_range 2048"),
+                   ("psnr_8bit", "PSNR per image (dB), data_range 255"), ("psnr_xrv", "PSNR per image (dB), data_range 2048 on xrv scale"),
+                   ("ssim_8bit", "SSIM, data_range 255"), ("ssim_xrv", "SSIM, data_range 2048 on xrv scale")]
+
+
+def write_tables(cfg: StudyConfig, r: Results, out: Path) -> None:
+    """per_image_metrics.csv, image_metrics_summary.csv, classifier_table.csv, fid.csv, metrics_by_finding.csv."""
+    r.per_image.to_csv(out / "per_image_metrics.csv", index=False)
+    specs = SUMMARY_METRICS + ([("feature_cosine_similarity", f"cosine similarity of {cfg.classifier} features2")] if r.cos is not None else [])
+    rows = [{"metric": col, "description": desc, **summarize(r.per_image[col]),
+             "n_infinite": int(np.isinf(r.per_image[col].to_numpy(np.float64)).sum())} for col, desc in specs]
+    r.summary = pd.DataFrame(rows)
+    r.summary.to_csv(out / "image_metrics_summary.csv", index=False)
+    if r.table is not None:
+        r.table.to_csv(out / "classifier_table.csv", index=False)
+    if r.fid is not None:
+        mb, ws, name = r.fid["minibatch"], r.fid["whole_set"], r.fid["features"]
+        pd.DataFrame([
+            {"kind": f"minibatch (batch {mb['batch_size']})", "n_per_side": mb["batch_size"], "n_batches": mb["n_batches"],
+             "mean": mb["mean"], "sd": mb["sd"], "median": mb["median"], "min": mb["min"], "max": mb["max"], "features": name},
+            {"kind": "whole set", "n_per_side": ws["n"], "n_batches": 1, "mean": ws["fid"], "sd": float("nan"),
+             "median": ws["fid"], "min": ws["fid"], "max": ws["fid"], "features": name},
+        ]).to_csv(out / "fid.csv", index=False)
+    if r.has_labels:
+        r.by_finding = metrics_by_finding(r.per_image, r.records)
+        r.by_finding.to_csv(out / "metrics_by_finding.csv", index=False)
+
+
+def write_figures(cfg: StudyConfig, r: Results, out: Path) -> None:
+    """Figure 3b (metric distributions), Figure 3a (examples) and the blinded reader kit."""
+    plot_distributions(r.per_image, out / "metrics_distribution.png")
+    plot_examples(r.originals, r.recons, list(r.records["image_id"]), out / "examples.png", cfg.n_examples, cfg.seed)
+    if cfg.reader_pairs > 0:
+        from evaluation.reader_kit import make_reader_kit
+
+        r.kit_dir = make_reader_kit(list(zip(r.originals, r.recons)), out / "reader_kit", n=cfg.reader_pairs, seed=cfg.seed,
+                                    ids=list(r.records["image_id"]), title="VAE reconstruction reader study")
+
+
+def write_provenance(cfg: StudyConfig, r: Results, out: Path, fid_extractor: Optional[nn.Module], device, started: float) -> None:
+    """provenance.json (core.provenance): settings, the image ids, weights and package versions."""
+    ids_key = "dicom_ids" if cfg.mimic_root else "image_ids"
+    inputs = {"source": r.source, ids_key: list(r.records["image_id"]), "skipped": r.skipped, "vae_weights": r.vae_key,
+              "classifier": cfg.classifier, "classifier_weights_file": classifier_weights_file(cfg.classifier, cfg.xrv_cache_dir),
+              "fid_features": r.fid["features"] if r.fid else None,
+              "inception_weights_file": getattr(fid_extractor, "weights_path", None)}
+    settings = {**asdict(cfg), "table1_mapping": TABLE1_MAPPING, "ssim_settings": SSIM_KWARGS, "device": str(device),
+                "reconstruction": "VAE posterior mean, decoded, channel mean, rounded to uint8",
+                "seconds": round(time.time() - started, 1)}
+    provenance.write(out / "provenance.json", provenance.record("study/vae", settings, inputs, packages=VAE_STUDY_PACKAGES))
+
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -396,249 +405,12 @@ def plot_examples(originals: np.ndarray, recons: np.ndarray, ids: Sequence[str],
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------- provenance
-VAE_STUDY_PACKAGES = ("torch", "diffusers", "torchxrayvision", "torchmetrics", "torch-fidelity", "scikit-image", "numpy", "pandas", "matplotlib", "scipy")
-
-
-def _sha256(path: Path) -> Optional[str]:
-    try:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    except OSError:
-        return None
-
-
-def classifier_weights_file(name: str, cache_dir: Optional[str]) -> Optional[str]:
-    if name in ("none", "tiny-phantom"):
-        from evaluation.classifiers import CLASSIFIER_FILE, TINY_PHANTOM_DIR
-
-        return str(TINY_PHANTOM_DIR / CLASSIFIER_FILE) if name == "tiny-phantom" else None
-    import torchxrayvision as xrv
-
-    urls = xrv.models.model_urls
-    key = name if name in urls else next((k for k in urls if k.endswith(f"-{name}")), None)
-    if key is None:
-        return None
-    folder = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".torchxrayvision" / "models_data"
-    return str(folder / Path(urls[key]["weights_url"]).name)
-
-
-# ---------------------------------------------------------------------------------------------- study
-@dataclass
-class StudyConfig:
-    out: str
-    mimic_root: Optional[str] = None
-    image_folder: Optional[str] = None
-    n: Optional[int] = None
-    seed: int = 0
-    split: str = "all"
-    resolution: int = 512
-    pretrained: str = "CompVis/stable-diffusion-v1-4"
-    batch_size: int = 8
-    device: str = "auto"
-    classifier: str = "densenet121-res224-all"
-    xrv_cache_dir: Optional[str] = None
-    threshold: float = 0.5
-    fid_features: str = "inception"
-    inception_weights: Optional[str] = None
-    fid_batch: int = 32
-    mask_corners: float = 0.0
-    on_bad_image: str = "fail"
-    n_examples: int = 4
-    reader_pairs: int = 100
-
-    def validate(self) -> None:
-        if (self.mimic_root is None) == (self.image_folder is None):
-            raise VAEStudyError("give exactly one of --mimic_root or --image_folder")
-        if self.n is not None and self.n < 1:
-            raise VAEStudyError(f"--n must be >= 1, got {self.n}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise VAEStudyError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
-        if self.fid_features not in ("inception", "xrv", "none"):
-            raise VAEStudyError(f"--fid_features must be inception, xrv or none, got {self.fid_features!r}")
-        if self.fid_features == "xrv" and self.classifier == "none":
-            raise VAEStudyError("--fid_features xrv needs a classifier (--classifier is 'none')")
-        if not 0 <= self.mask_corners < 0.5:
-            raise VAEStudyError(f"--mask_corners must be in [0, 0.5), got {self.mask_corners}")
-        if self.on_bad_image not in ("fail", "skip"):
-            raise VAEStudyError(f"--on_bad_image must be fail or skip, got {self.on_bad_image!r}")
-        if self.batch_size < 1 or self.fid_batch < 2:
-            raise VAEStudyError("--batch_size must be >= 1 and --fid_batch >= 2")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _fmt(x, digits=1) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def run_study(cfg: StudyConfig, fid_extractor: Optional[nn.Module] = None, log: Callable[[str], None] = print) -> Path:
-    """Run the whole study; write everything into ``cfg.out``; return it. ``fid_extractor`` overrides ``fid_features``."""
-    from tqdm.auto import tqdm
-
-    cfg.validate()
-    started = time.time()
-    out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
-    # fail fast on missing weights, before any long computation
-    if fid_extractor is None and cfg.fid_features == "inception":
-        inception_weights_path(cfg.inception_weights)
-    classifier = None
-    if cfg.classifier != "none":
-        from evaluation.classifiers import load_classifier
-
-        classifier = load_classifier(cfg.classifier, cfg.xrv_cache_dir).eval()
-
-    # --- input
-    if cfg.mimic_root:
-        n = 700 if cfg.n is None else cfg.n
-        records = select_mimic(cfg.mimic_root, n, cfg.seed, cfg.split)
-        source = f"MIMIC-CXR-JPG at {cfg.mimic_root}: {len(records)} random frontal images (seed {cfg.seed}, split {cfg.split})"
-    else:
-        records = select_folder(cfg.image_folder, cfg.n, cfg.seed)
-        source = f"image folder {cfg.image_folder}: {len(records)} images"
-    records, originals, skipped = load_images(records, cfg.resolution, cfg.on_bad_image)
-    has_labels = "Atelectasis" in records.columns
-    log(f"{source}; {len(records)} loaded, {len(skipped)} skipped")
-
-    # --- reconstruction
-    vae, vae_key = load_vae(cfg.pretrained)
-    vae.to(device)
-    recons = np.empty_like(originals)
-    for s in tqdm(range(0, len(originals), cfg.batch_size), desc="VAE encode/decode"):
-        recons[s : s + cfg.batch_size] = reconstruct(vae, originals[s : s + cfg.batch_size], device)
-    vae.to("cpu")
-    del vae
-
-    # --- image metrics
-    mask = corner_mask(originals.shape[1:], cfg.mask_corners)
-    rows = []
-    for i in tqdm(range(len(originals)), desc="RMSE/PSNR/SSIM", disable=len(originals) < 20):
-        rows.append(pair_metrics(originals[i], recons[i], mask))
-    per_image = pd.concat([records[["image_id"]].reset_index(drop=True), pd.DataFrame(rows)], axis=1)
-
-    # --- classifier
-    table, table_notes, cos, clf_targets = None, [], None, None
-    if classifier is not None:
-        classifier = classifier.to(device)
-        clf_targets = list(getattr(classifier, "targets", getattr(classifier, "pathologies", [])))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*resolution.*")
-            p_orig, f_orig = classifier_outputs(classifier, originals, cfg.batch_size, device)
-            p_recon, f_recon = classifier_outputs(classifier, recons, cfg.batch_size, device)
-        cos = cosine_similarities(f_orig, f_recon)
-        per_image["feature_cosine_similarity"] = cos
-        probs = {"image_id": per_image["image_id"]}
-        for j, t in enumerate(clf_targets):
-            if t:
-                probs[f"p_original_{t}"] = p_orig[:, j]
-                probs[f"p_recon_{t}"] = p_recon[:, j]
-        pd.DataFrame(probs).to_csv(out / "classifier_probabilities.csv", index=False)
-        if has_labels:
-            table, table_notes = table1(records, clf_targets, p_orig, p_recon, cfg.threshold)
-            table.to_csv(out / "classifier_table.csv", index=False)
-
-    # --- FID
-    fid, fid_name = None, None
-    if fid_extractor is not None or cfg.fid_features != "none":
-        if fid_extractor is None:
-            if cfg.fid_features == "inception":
-                fid_extractor, fid_name = InceptionFeatures(cfg.inception_weights), "Inception-v3 pool3 (2048)"
-            else:
-                fid_extractor, fid_name = ClassifierFeatures(classifier), f"{cfg.classifier} features2 (domain FID)"
-        else:
-            fid_name = f"custom extractor {type(fid_extractor).__name__}"
-        if isinstance(fid_extractor, ClassifierFeatures):  # the classifier's features2: computed above already
-            real, fake = torch.from_numpy(f_orig).double(), torch.from_numpy(f_recon).double()
-        else:
-            fid_extractor = fid_extractor.to(device).eval()
-            feats = {"original": [], "reconstruction": []}
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*resolution.*")
-                for s in tqdm(range(0, len(originals), cfg.batch_size), desc="FID features"):
-                    for key, arr in (("original", originals), ("reconstruction", recons)):
-                        x = torch.from_numpy(arr[s : s + cfg.batch_size]).float().div(255.0).unsqueeze(1).to(device)
-                        feats[key].append(fid_extractor(x).double().cpu())
-            real, fake = torch.cat(feats["original"]), torch.cat(feats["reconstruction"])
-        fid = fid_report(real, fake, cfg.fid_batch)
-        fid["features"] = fid_name
-        rows_fid = [{"kind": f"minibatch (batch {fid['minibatch']['batch_size']})", "n_per_side": fid["minibatch"]["batch_size"],
-                     "n_batches": fid["minibatch"]["n_batches"], "mean": fid["minibatch"]["mean"], "sd": fid["minibatch"]["sd"],
-                     "median": fid["minibatch"]["median"], "min": fid["minibatch"]["min"], "max": fid["minibatch"]["max"], "features": fid_name},
-                    {"kind": "whole set", "n_per_side": fid["whole_set"]["n"], "n_batches": 1, "mean": fid["whole_set"]["fid"],
-                     "sd": float("nan"), "median": fid["whole_set"]["fid"], "min": fid["whole_set"]["fid"], "max": fid["whole_set"]["fid"],
-                     "features": fid_name}]
-        pd.DataFrame(rows_fid).to_csv(out / "fid.csv", index=False)
-
-    # --- tables
-    per_image.to_csv(out / "per_image_metrics.csv", index=False)
-    summary_rows = []
-    for col, desc in [("rmse_8bit", "RMSE, 8-bit (0–255), data_range 255"), ("rmse_xrv", "RMSE, xrv scale ([-1024, 1024]), data_range 2048"),
-                      ("psnr_8bit", "PSNR per image (dB), data_range 255"), ("psnr_xrv", "PSNR per image (dB), data_range 2048 on xrv scale"),
-                      ("ssim_8bit", "SSIM, data_range 255"), ("ssim_xrv", "SSIM, data_range 2048 on xrv scale")] + \
-            ([("feature_cosine_similarity", f"cosine similarity of {cfg.classifier} features2")] if cos is not None else []):
-        s = summarize(per_image[col])
-        summary_rows.append({"metric": col, "description": desc, **s, "n_infinite": int(np.isinf(per_image[col].to_numpy(np.float64)).sum())})
-    summary_df = pd.DataFrame(summary_rows)
-    summary_df.to_csv(out / "image_metrics_summary.csv", index=False)
-    pooled = {scale: pooled_psnr(per_image[f"mse_{scale}"], scale) for scale in SCALES}
-    by_finding = None
-    if has_labels:
-        by_finding = metrics_by_finding(per_image, records)
-        by_finding.to_csv(out / "metrics_by_finding.csv", index=False)
-
-    # --- figures, reader kit
-    plot_distributions(per_image, out / "metrics_distribution.png")
-    plot_examples(originals, recons, list(records["image_id"]), out / "examples.png", cfg.n_examples, cfg.seed)
-    kit_dir = None
-    if cfg.reader_pairs > 0:
-        from evaluation.reader_kit import make_reader_kit
-
-        kit_dir = make_reader_kit(list(zip(originals, recons)), out / "reader_kit", n=cfg.reader_pairs, seed=cfg.seed,
-                                  ids=list(records["image_id"]), title="VAE reconstruction reader study")
-
-    # --- provenance
-    provenance = {
-        "study": "vae-reconstruction",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
-        "config": cfg.__dict__,
-        "source": source,
-        "dicom_ids" if cfg.mimic_root else "image_ids": list(records["image_id"]),
-        "skipped": skipped,
-        "seed": cfg.seed,
-        "vae_weights": vae_key,
-        "classifier": cfg.classifier,
-        "classifier_weights_file": classifier_weights_file(cfg.classifier, cfg.xrv_cache_dir),
-        "fid_features": fid_name,
-        "inception_weights_file": getattr(fid_extractor, "weights_path", None),
-        "table1_mapping": TABLE1_MAPPING,
-        "ssim_settings": SSIM_KWARGS,
-        "reconstruction": "VAE posterior mean, decoded, channel mean, rounded to uint8",
-        "mask_corners": cfg.mask_corners,
-        "device": str(device),
-        "git_commit": git_commit()["commit"],
-        "packages": package_versions(VAE_STUDY_PACKAGES),
-        "seconds": round(time.time() - started, 1),
-    }
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str), encoding="utf-8")
-
-    # --- summary.md
-    md = write_summary(out, cfg, source, len(records), skipped, summary_df, pooled, table, table_notes, clf_targets, cos, fid, by_finding, kit_dir)
-    log(md)
-    return out
-
-
-def write_summary(out, cfg, source, n, skipped, summary_df, pooled, table, table_notes, clf_targets, cos, fid, by_finding, kit_dir) -> str:
-    s = {r["metric"]: r for r in summary_df.to_dict("records")}
+def write_summary(out, cfg: StudyConfig, res: Results) -> str:
+    """summary.md: every table, with N, scales and conventions spelt out."""
+    source, n, skipped, pooled = res.source, len(res.records), res.skipped, res.pooled
+    table, table_notes, clf_targets, cos, fid, by_finding, kit_dir = (res.table, res.table_notes, res.targets, res.cos, res.fid,
+                                                                      res.by_finding, res.kit_dir)
+    s = {r["metric"]: r for r in res.summary.to_dict("records")}
     L = [f"# VAE reconstruction study", "",
          f"- Images: {source}; **N = {n}** used, {len(skipped)} skipped (unreadable)." + (f" Skipped: {[k['path'] for k in skipped]}" if skipped else ""),
          f"- Resolution: {cfg.resolution} px (shorter side resized, centre crop), VAE: `{cfg.pretrained}` (posterior mean, no sampling).",
@@ -649,7 +421,7 @@ def write_summary(out, cfg, source, n, skipped, summary_df, pooled, table, table
          "## Image quality (per image)", "",
          "PSNR is computed **per image** and then summarised; the pooled PSNR (from the mean MSE over all images) is given separately.",
          "RMSE depends on the scale: 8-bit gray levels (0–255) or torchxrayvision's [-1024, 1024] (× 2048/255). PSNR does not, "
-         "because data_range follows the scale. SSIM does (its luminance term is not invariant to the offset of the scale), so it is given on both. The paper's \"RMSE 41.0, PSNR 33.6 dB\" fits only on the xrv scale (REFERENCE §5).", "",
+         "because data_range follows the scale. SSIM does (its luminance term is not invariant to the offset of the scale), so it is given on both. The paper's \"RMSE 41.0, PSNR 33.6 dB\" fits only on the xrv scale (docs/formats.md §5).", "",
          "| metric | mean ± sd; median; range (n) |", "|---|---|"]
     for key in ("rmse_xrv", "rmse_8bit", "psnr_8bit", "ssim_8bit", "ssim_xrv") + (("feature_cosine_similarity",) if cos is not None else ()):
         digits = 3 if key.startswith(("ssim", "feature")) else 2
@@ -687,7 +459,7 @@ def write_summary(out, cfg, source, n, skipped, summary_df, pooled, table, table
               f"{mb['batch_size']} reconstructions: {format_summary(mb, 2)} — per batch N = {mb['batch_size']} per side.",
               f"- **Whole-set FID**: N = {ws['n']} per side: {_fmt(ws['fid'], 2)}.", "",
               "With N far below the feature dimension the covariances are rank-deficient: FID on 32 samples is dominated by sample-size bias, "
-              "and is comparable neither to standard FID (>= 10k samples) nor across different N (REFERENCE §4).", ""]
+              "and is comparable neither to standard FID (>= 10k samples) nor across different N (docs/formats.md §4).", ""]
     if by_finding is not None:
         L += ["## Image quality by finding", "", "Mean ± sd for images positive / negative for each CheXpert class (uncertain = positive); "
               "p: Mann–Whitney U, uncorrected for multiple testing. Full table: metrics_by_finding.csv.", "",
@@ -709,6 +481,17 @@ def write_summary(out, cfg, source, n, skipped, summary_df, pooled, table, table
     text = "\n".join(L) + "\n"
     (Path(out) / "summary.md").write_text(text, encoding="utf-8")
     return text
+
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _fmt(x, digits=1) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
 # ---------------------------------------------------------------------------------------------- CLI

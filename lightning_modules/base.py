@@ -1,8 +1,8 @@
-"""The training step every strategy shares, and the sampling contract.
+"""The training step every strategy shares, checkpoints of what was trained, and the sampling contract.
 
-A strategy subclasses :class:`DiffusionModule` and says three things: what it trains
-(:meth:`configure_trainable`), how prompts become U-Net conditioning (:meth:`conditioning`), and
-how its result is exported (:meth:`export`). Everything else is here:
+A strategy subclasses :class:`DiffusionModule` and says three things: what it trains and how prompts become U-Net
+conditioning (:meth:`configure_trainable`, which returns the conditioning, a :mod:`models.generator` object), and how its
+result is exported (:meth:`export`, through the plain model layer). Everything else is here:
 
 * the step: images -> VAE latents -> noise at a random timestep -> U-Net -> MSE against ε (or v
   when the scheduler predicts v), optionally Min-SNR weighted, with prior preservation when the
@@ -10,13 +10,14 @@ how its result is exported (:meth:`export`). Everything else is here:
 * randomness that survives a resume: each step's noise, timesteps and latent samples come from a
   generator seeded by ``(seed, rank, global batch index)``, so a resumed run draws exactly what an
   uninterrupted run would have drawn;
+* fit-time preparation (class images, latent and document caches) through :mod:`lightning_modules.preparation`;
 * checkpoints that hold only what was trained (the frozen parts are re-loaded from the spec);
 * mixed precision: frozen parts take the run's weight dtype, trainable parameters stay fp32;
-* ``generate(prompts, seed, steps, guidance)`` -> images in [0, 1], used by callbacks and studies.
+* ``generate(prompts, seed, steps, guidance)`` -> images in [0, 1] and :meth:`generator` (a plain
+  :class:`~models.generator.Generator`), used by callbacks, ``generate.py`` and the studies.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -24,9 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype
+from datamodules.contract import Prepared, TrainingData, require
+from lightning_modules.preparation import FitPreparation, Needs, PriorPreservation
+from models.generator import Conditioning, Generator
+from models.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype
 
 
 def step_generator(*keys: int) -> torch.Generator:
@@ -54,7 +58,8 @@ class DiffusionModule(LightningModule):
         lr_warmup_steps: linear warm-up steps.
         snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023); None = plain MSE. Applied per
             sample, to the instance and the prior half alike.
-        prior_loss_weight: weight of the prior-preservation term (used when batches carry one).
+        prior_preservation: DreamBooth-style prior preservation (class images from the base model, their loss
+            weight); None = off. Strategies that cannot use it refuse it.
         seed: seed of the per-step noise.
         keep_vae_fp32: keep the VAE in fp32 under 16-bit mixed precision (fp16 VAEs can overflow).
         sample_scheduler: sampler for ``generate`` (ddim, pndm, euler, dpm).
@@ -85,7 +90,7 @@ class DiffusionModule(LightningModule):
         lr_scheduler: str = "constant_with_warmup",
         lr_warmup_steps: int = 0,
         snr_gamma: Optional[float] = None,
-        prior_loss_weight: float = 1.0,
+        prior_preservation: Optional[PriorPreservation] = None,
         seed: int = 0,
         keep_vae_fp32: bool = False,
         sample_scheduler: Literal["ddim", "pndm", "euler", "dpm"] = "ddim",
@@ -100,43 +105,54 @@ class DiffusionModule(LightningModule):
         on_nonfinite_loss: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
+        if on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss: unknown value {on_nonfinite_loss!r}; expected 'stop' or 'skip'")
         self.spec = model if isinstance(model, StableDiffusionSpec) else StableDiffusionSpec(**dict(model))
+        self.prior_preservation = (prior_preservation if prior_preservation is None or isinstance(prior_preservation, PriorPreservation)
+                                   else PriorPreservation(**dict(prior_preservation)))
         # hyperparameters stay plain data so checkpoints load with weights_only=True
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "prior_preservation"])
         self.hparams["model"] = dict(vars(self.spec))
+        self.hparams["prior_preservation"] = dict(vars(self.prior_preservation)) if self.prior_preservation else None
         self.sd = load_stable_diffusion(self.spec)
-        self.configure_trainable()
+        self.conditioning: Conditioning = self.configure_trainable()
         # Checkpoints hold only the trained parameters, so loading is not strict; completeness of
         # the trained part is checked in on_load_checkpoint instead.
         self.strict_loading = False
-        self._warned_long_prompts = False
         self._compiled = False
+        self.prepared = Prepared()
         self.skipped_nonfinite: list[int] = []  # global steps whose batch was skipped
-        if on_nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite_loss: unknown value {on_nonfinite_loss!r}; expected 'stop' or 'skip'")
         if gradient_checkpointing:
             self.sd.unet.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ what a strategy defines
-    def configure_trainable(self) -> None:
+    def configure_trainable(self) -> Conditioning:
+        """Mark what trains (``requires_grad``) and return how prompts become U-Net conditioning."""
         raise NotImplementedError
-
-    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """U-Net conditioning ``[B, 77, D]`` for training prompts (gradients flow if trained)."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Conditioning for generation (no gradients)."""
-        return self.conditioning(prompts)
-
-    @torch.no_grad()
-    def negative_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """The unconditional (negative-prompt) input of classifier-free guidance."""
-        return self.prompt_embeddings(prompts)
 
     def export(self, out_dir: str | Path) -> Path:
         raise NotImplementedError(f"{type(self).__name__} does not implement export yet")
+
+    def generator_options(self) -> dict:
+        """Extra :class:`~models.generator.Generator` arguments of this strategy (tokens, subject)."""
+        return {}
+
+    def needs(self) -> Needs:
+        """What to prepare at the start of fit (:mod:`lightning_modules.preparation`)."""
+        data = self.trainer.datamodule
+        return Needs(prompts=data.training_prompts(), latents=bool(self.hparams.cache_latents), prior=self.prior_preservation)
+
+    # ------------------------------------------------------------------ generation
+    def generator(self) -> Generator:
+        """This model as a plain :class:`~models.generator.Generator` (shares the weights, no copy)."""
+        return Generator(self.sd, self.conditioning, sample_scheduler=self.hparams.sample_scheduler,
+                         info={"strategy": type(self).__name__}, **self.generator_options())
+
+    def generate(self, prompts: Sequence[str], **kwargs) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [0, 1] (CPU, float32); image ``i`` uses seed ``seed + i``. Keyword arguments: those of
+        :meth:`models.generator.Generator.generate` (seed, seeds, steps, guidance, negative_prompt, scheduler, height,
+        width, batch_size); the networks run in the frozen parts' dtype."""
+        return self.generator().generate(prompts, dtype=self.frozen_dtype, **kwargs)
 
     # ------------------------------------------------------------------ trained state
     def trained_state_keys(self) -> list[str]:
@@ -145,6 +161,11 @@ class DiffusionModule(LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: by default one, every trainable parameter at ``learning_rate``. A strategy
+        that trains parts at different rates returns several (``{"params": [...], "lr": ...}``)."""
+        return [{"params": self.trainable_parameters()}]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = set(self.trained_state_keys())
@@ -183,95 +204,15 @@ class DiffusionModule(LightningModule):
             self._compiled = True
 
     def on_fit_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "train_prompts"):
-            self._warn_long_prompts(datamodule.train_prompts())
-        if datamodule is not None and hasattr(datamodule, "class_image_request"):
-            request = datamodule.class_image_request(self.spec.cache_key())
-            if request is not None:
-                self.generate_class_images(request)
-        self.prepare_latent_cache()
+        data = require(self.trainer.datamodule, TrainingData, f"{type(self).__name__} (fit-time preparation)")
+        self.prepared = FitPreparation(self).run(self.needs(), data)
 
     @torch.no_grad()
-    def _encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of the VAE posterior of images in [-1, 1] (for the latent cache)."""
         vae_param = next(self.sd.vae.parameters())
         dist = self.sd.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
         return dist.mean, dist.logvar
-
-    def prepare_latent_cache(self) -> None:
-        """Build (local rank 0 of each node) or open the VAE latent cache and hand it to the datamodule."""
-        from datamodules.latent_cache import LatentCache, build_latent_cache
-
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not self.hparams.cache_latents or datamodule is None or not hasattr(datamodule, "latent_cache_plan"):
-            return
-        plan = datamodule.latent_cache_plan(self.spec.cache_key())
-        if plan is None:
-            return
-        if self.trainer.local_rank == 0 and not LatentCache.is_complete(plan.directory):
-            rank_zero_info(f"caching VAE latents of {len(plan.ids)} images into {plan.directory}")
-            build_latent_cache(plan, self._encode_posterior, self.hparams.latent_cache_batch_size, progress=self.global_rank == 0)
-        self.trainer.strategy.barrier("latent_cache")
-        datamodule.attach_latent_cache(LatentCache(plan.directory))
-
-    def _warn_long_prompts(self, prompts: Sequence[str]) -> None:
-        unique = sorted(set(prompts))
-        too_long = {p for p in unique if self.sd.count_too_long([p])}
-        if too_long:
-            n = sum(p in too_long for p in prompts)
-            example = next(iter(too_long))
-            rank_zero_warn(
-                f"{n} of {len(prompts)} training prompts ({len(too_long)} distinct) are longer than the text encoder's "
-                f"{self.sd.max_token_length} tokens and will be truncated, e.g. {example[:120]!r}"
-            )
-
-    def generate_class_images(self, request) -> None:
-        """Generate the missing class images, each rank its own share, then wait for all."""
-        manifest_path = request.directory / "CLASS_IMAGES.json"
-        manifest = {"prompt": request.prompt, "model": request.model_key, "steps": request.steps,
-                    "guidance_scale": request.guidance_scale, "scheduler": request.scheduler, "resolution": request.resolution}
-        if manifest_path.exists():
-            found = json.loads(manifest_path.read_text())
-            changed = {k: (found.get(k), v) for k, v in manifest.items() if found.get(k) != v}
-            if changed:
-                raise ValueError(
-                    f"{request.directory}: these class images were made with other settings "
-                    f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in changed.items())}). "
-                    "Point class_images_dir elsewhere or delete the folder."
-                )
-        missing = request.missing()
-        if missing and self.trainer.ckpt_path:
-            raise FileNotFoundError(
-                f"{request.directory}: {len(missing)} of {request.count} class images are missing while resuming; they must "
-                "come from the base model, which the resumed weights no longer are. Restore the folder or start a new run."
-            )
-        if missing:
-            from PIL import Image
-            from tqdm.auto import tqdm
-
-            request.directory.mkdir(parents=True, exist_ok=True)
-            mine = missing[self.global_rank :: self.trainer.world_size]
-            rank_zero_info(f"generating {len(missing)} class images for prior preservation into {request.directory}")
-            batch = 4
-            for start in tqdm(range(0, len(mine), batch), desc="class images", disable=self.global_rank != 0):
-                indices = mine[start : start + batch]
-                images = self.generate(
-                    [request.prompt] * len(indices),
-                    seeds=[request.seed(i) for i in indices],
-                    steps=request.steps,
-                    guidance=request.guidance_scale,
-                    scheduler=request.scheduler,
-                    height=request.resolution,
-                    width=request.resolution,
-                )
-                for i, img in zip(indices, images):
-                    arr = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-                    tmp = request.directory / f".class_{i:05d}.tmp.png"
-                    Image.fromarray(arr).save(tmp)
-                    tmp.replace(request.path(i))
-            if self.global_rank == 0:
-                manifest_path.write_text(json.dumps(manifest, indent=1))
-        self.trainer.strategy.barrier("class_images")
 
     # ------------------------------------------------------------------ the step
     def _split_batch(self, batch: dict) -> tuple[str, torch.Tensor, list[str], int]:
@@ -323,7 +264,8 @@ class DiffusionModule(LightningModule):
                "timesteps": timesteps, "n_instance": n_instance}
         if per_sample.shape[0] > n_instance:
             out["prior"] = weighted[n_instance:].mean()
-            out["loss"] = out["instance"] + self.hparams.prior_loss_weight * out["prior"]
+            weight = self.prior_preservation.loss_weight if self.prior_preservation is not None else 1.0
+            out["loss"] = out["instance"] + weight * out["prior"]
         else:
             out["loss"] = out["instance"]
         return out
@@ -380,7 +322,7 @@ class DiffusionModule(LightningModule):
     def configure_optimizers(self) -> Any:
         from diffusers.optimization import get_scheduler
 
-        params = self.trainable_parameters()
+        params = [group for group in self.param_groups() if group["params"]]
         if not params:
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
         kwargs = dict(lr=self.hparams.learning_rate, betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_epsilon,
@@ -423,43 +365,3 @@ class DiffusionModule(LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    # ------------------------------------------------------------------ sampling contract
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[str],
-        seed: int = 0,
-        steps: int = 25,
-        guidance: float = 7.5,
-        negative_prompt: str = "",
-        scheduler: Optional[str] = None,
-        seeds: Optional[Sequence[int]] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        batch_size: int = 8,
-    ) -> torch.Tensor:
-        """Images ``[N, 3, H, W]`` in [0, 1] (CPU, float32); image ``i`` uses seed ``seed + i``."""
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("generate() needs at least one prompt")
-        seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
-        dtype = self.frozen_dtype
-        out = []
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
-                cond = self.prompt_embeddings(chunk)
-                uncond = self.negative_embeddings([negative_prompt] * len(chunk))
-                out.append(
-                    self.sd.sample(
-                        cond,
-                        uncond,
-                        seeds[start : start + batch_size],
-                        steps=steps,
-                        guidance=guidance,
-                        height=height,
-                        width=width,
-                        scheduler=scheduler or self.hparams.sample_scheduler,
-                    )
-                )
-        return torch.cat(out)

@@ -1,32 +1,15 @@
-"""Load a trained run (``runs/<name>/``) back into its LightningModule, for export and generation."""
+"""A trained run folder (``runs/<name>/``, :class:`core.run_folder.RunFolder`) back as its LightningModule, for export,
+generation and the studies."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
+from core.run_folder import RunFolder, RunFolderError
 
-class RunLoadError(FileNotFoundError):
-    """A run folder is incomplete or its checkpoint cannot be read."""
-
-
-def find_checkpoint(run_dir: Path, ckpt: Optional[str] = "last") -> Path:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunLoadError(f"{run_dir}: no such run folder")
-    if ckpt in (None, "last"):
-        path = run_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            raise RunLoadError(f"{run_dir}: no checkpoint ({path} is missing); train the run first")
-        return path
-    path = Path(ckpt)
-    if not path.is_file():
-        path = run_dir / "checkpoints" / ckpt
-    if not path.is_file():
-        raise RunLoadError(f"{ckpt}: no such checkpoint (looked in {run_dir / 'checkpoints'})")
-    return path
+RunLoadError = RunFolderError  # the name callers catch
 
 
 def load_checkpoint_file(path: Path) -> dict:
@@ -37,8 +20,8 @@ def load_checkpoint_file(path: Path) -> dict:
         raise RunLoadError(f"{path}: cannot be read as a checkpoint ({err})") from None
 
 
-def load_run(run_dir: str | Path, ckpt: Optional[str] = "last", trained: bool = True):
-    """``(module, checkpoint_path)``: the run's model built from its saved config, with the trained weights.
+def load_run(run_dir: str | Path | RunFolder, ckpt: Optional[str] = "last", trained: bool = True):
+    """``(module, checkpoint_path)``: the run's model built from its saved config, with the trained weights, in eval mode.
 
     ``trained=False`` returns the same model before training (the base weights), for before/after comparisons.
     """
@@ -46,20 +29,22 @@ def load_run(run_dir: str | Path, ckpt: Optional[str] = "last", trained: bool = 
 
     from lightning_modules.base import DiffusionModule
 
-    run_dir = Path(run_dir)
-    path = find_checkpoint(run_dir, ckpt)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise RunLoadError(f"{config_file}: missing; every run folder written by train.py has one")
-    config = yaml.safe_load(config_file.read_text())
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    path = run.checkpoint(ckpt)
+    config = run.config()
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(DiffusionModule, "model", required=True)
-    namespace = parser.parse_object({"model": config["model"]})
-    module = parser.instantiate_classes(namespace).model
-    if not trained:
-        return module.eval(), path
-    checkpoint = load_checkpoint_file(path)
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
-    module.eval()
-    return module, path
+    module = parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
+    if trained:
+        checkpoint = load_checkpoint_file(path)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
+    return module.eval(), path
+
+
+def load_run_generator(run_dir: str | Path | RunFolder, ckpt: Optional[str] = "last", trained: bool = True):
+    """``(generator, checkpoint_path)``: the run as a plain :class:`~models.generator.Generator` (see :func:`load_run`)."""
+    module, path = load_run(run_dir, ckpt, trained)
+    generator = module.generator()
+    generator.info.update({"kind": "run", "run": str(Path(run_dir)), "checkpoint": str(path)})
+    return generator, path

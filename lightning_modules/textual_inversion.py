@@ -2,17 +2,8 @@
 
 New placeholder tokens (``<lung-xray>``, ``<pleural-effusion>``, ...) are added to the CLIP tokenizer,
 and only their embedding rows train. The VAE, the U-Net and every other text-encoder weight stay
-frozen, and the rows of the existing vocabulary are bit-identical after training **by construction**:
-
-* The text encoder's ``token_embedding`` is replaced by :class:`ExtendedTokenEmbedding`, which holds the
-  original frozen ``nn.Embedding`` untouched plus one small ``new_rows`` Parameter
-  ``[n_new, dim]``. Ids below the original vocabulary size look up the frozen table; the new ids
-  look up ``new_rows``. The optimizer, its state, weight decay, gradients and checkpoints see only
-  ``new_rows``: kilobytes instead of the 49408×768 matrix plus ~300 MB of AdamW state that
-  diffusers' script carries (it trains the whole matrix and writes the old rows back after every
-  step, diffusers#507/#1176).
-* The ordinary tokenizer (extended with the new tokens) and the ordinary text encoder forward are
-  used everywhere else, so ``StableDiffusion.encode_prompts``, pipelines and sampling need no change.
+frozen, and the rows of the existing vocabulary are bit-identical after training **by construction**
+(:mod:`models.token_embedding`: the new rows are their own small Parameter spliced into the embedding lookup).
 
 Prompts are built by the module from each image's finding, not taken from the datamodule: a
 lexical variant of the templates (``learnable_property: object`` "a photo of a {}", ... or
@@ -22,34 +13,23 @@ variant of each image is drawn from a generator seeded by ``(seed, rank, global 
 resumed run draws the same prompts as an uninterrupted one. Validation always uses the first
 template. No images are flipped (the datamodule's default; a flipped chest X-ray has the heart on
 the wrong side).
-
-Multi-vector tokens (``num_vectors: k``) follow diffusers' naming: ``<tok>``, ``<tok>_1``, ...,
-``<tok>_{k-1}``; a prompt's ``<tok>`` is expanded to all of them (as diffusers'
-``maybe_convert_prompt`` does), in training and in generation alike.
-
-CLIP pooled output: SD v1.4's text encoder config has the legacy ``eos_token_id: 2``, with which
-transformers takes the *highest id* in a sequence as the EOS position. New tokens have ids above EOS
-(49407), so the pooled output would point at the new token. Stable Diffusion conditions on
-``last_hidden_state`` and never uses the pooled output, but studies that do (e.g. CLIP text
-features) would be wrong silently; the module therefore sets the text model's ``eos_token_id`` to
-the tokenizer's EOS id, which selects the first EOS position: the same position as before for every
-prompt without new tokens, and the right one for prompts with them.
 """
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
-from datamodules.prompts import FINDING_PHRASES, PAPER_PROMPTS  # noqa: F401 (PAPER_PROMPTS re-exported)
+from datamodules.prompts import FINDING_PHRASES
 from lightning_modules.base import DiffusionModule, TrainedStateMismatch, step_generator
+from lightning_modules.preparation import Needs
+from models.exports import write_manifest
+from models.generator import ClipConditioning
+from models.token_embedding import (ExtendedTokenEmbedding, PlaceholderToken, PlaceholderTokens,  # noqa: F401 (re-exported)
+                                    TextualInversionConfigError, check_tokens, fix_legacy_eos_pooling)
 
 # Lexical variants (our choice: diffusers' imagenet templates without the ones that make no sense for a
 # radiograph, "dirty", "cool", "weird", ...). The first of each list is the paper's prompt form.
@@ -81,79 +61,6 @@ DEFAULT_FINDING_PHRASES = dict(FINDING_PHRASES)
 _PROMPT_KEY = 0x7E47  # keeps the prompt generator's seed apart from the noise generator's
 
 
-class TextualInversionConfigError(ValueError):
-    """A placeholder token, initializer, template or finding phrase cannot be used."""
-
-
-@dataclass
-class PlaceholderToken:
-    """One new word.
-
-    Args:
-        token: the new string, e.g. ``<lung-xray>``; it must not be a word the tokenizer already knows.
-        initializer: an existing word whose embedding starts the new row(s), e.g. ``radiology`` or ``lung``.
-        num_vectors: embedding vectors for the token (diffusers' multi-vector tokens ``<tok>_1``, ...).
-    """
-
-    token: str = "<lung-xray>"
-    initializer: str = "radiology"
-    num_vectors: int = 1
-
-    def names(self) -> list[str]:
-        """The tokenizer entries of this token: ``token`` then ``token_1 .. token_{k-1}``."""
-        return [self.token] + [f"{self.token}_{i}" for i in range(1, self.num_vectors)]
-
-
-class ExtendedTokenEmbedding(nn.Module):
-    """A frozen ``nn.Embedding`` plus trainable rows for ids ``>= base.num_embeddings``.
-
-    The original table is never written to; ``new_rows`` is the only Parameter that trains.
-    """
-
-    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.base.requires_grad_(False)
-        self.new_rows = nn.Parameter(new_rows.detach().clone().float())
-        self.first_new_id = int(base.num_embeddings)
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.first_new_id + self.new_rows.shape[0]
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The full ``[vocab + n_new, dim]`` table (a fresh tensor, for code that reads ``.weight``)."""
-        return torch.cat([self.base.weight, self.new_rows.to(self.base.weight.dtype)])
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_new = input_ids >= self.first_new_id
-        old = self.base(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
-        new = F.embedding((input_ids - self.first_new_id).clamp(min=0), self.new_rows)
-        return torch.where(is_new.unsqueeze(-1), new.to(old.dtype), old)
-
-    def extra_repr(self) -> str:
-        return f"{self.first_new_id} frozen + {self.new_rows.shape[0]} trainable rows, dim {self.embedding_dim}"
-
-
-def fix_legacy_eos_pooling(text_encoder, eos_token_id: int) -> bool:
-    """Make CLIP's pooled output find EOS by id, not by ``argmax(input_ids)`` (see the module docstring).
-
-    Returns True when the text model had the legacy ``eos_token_id == 2`` and was changed.
-    """
-    # transformers 4 keeps the transformer in ``text_model``; transformers 5 flattened it into the model
-    text_model = getattr(text_encoder, "text_model", text_encoder)
-    if getattr(text_model, "eos_token_id", None) != 2 or eos_token_id == 2:
-        return False
-    text_model.eos_token_id = int(eos_token_id)
-    text_encoder.config.eos_token_id = int(eos_token_id)
-    return True
-
-
 class TextualInversion(DiffusionModule):
     """Learn embeddings of new tokens; everything else in Stable Diffusion is frozen.
 
@@ -183,7 +90,12 @@ class TextualInversion(DiffusionModule):
         **kwargs,
     ):
         # Everything that can be checked without weights is checked before they load.
-        self._tokens = _check_tokens(placeholder_tokens)
+        if kwargs.get("prior_preservation") is not None:
+            raise TextualInversionConfigError(
+                "model.init_args.prior_preservation is set, but textual inversion trains only the new token rows and "
+                "class images without the token do not affect them; remove prior_preservation"
+            )
+        self._tokens = check_tokens(placeholder_tokens)
         if learnable_property not in TEMPLATES:
             raise TextualInversionConfigError(f"learnable_property: {learnable_property!r}; expected one of {sorted(TEMPLATES)}")
         self._templates = _check_templates(list(templates) if templates is not None else list(TEMPLATES[learnable_property]))
@@ -218,56 +130,14 @@ class TextualInversion(DiffusionModule):
         return list(self._templates)
 
     # ------------------------------------------------------------------ what a strategy defines
-    def configure_trainable(self) -> None:
+    def configure_trainable(self) -> ClipConditioning:
         """Add the tokens to the tokenizer and splice their rows into the text encoder (deterministic)."""
-        tokenizer, text_encoder = self.sd.tokenizer, self.sd.text_encoder
-        embeddings = text_encoder.get_input_embeddings()
-        if not isinstance(embeddings, nn.Embedding):
-            raise TypeError(f"the text encoder's input embedding is a {type(embeddings).__name__}, expected nn.Embedding")
-        vocab = tokenizer.get_vocab()
-        first_id = len(tokenizer)
-        if first_id != embeddings.num_embeddings:
-            raise TextualInversionConfigError(
-                f"the tokenizer has {first_id} entries but the text encoder's embedding has {embeddings.num_embeddings} rows; "
-                "new tokens need ids right after the embedding table"
-            )
-        init_rows = []
-        for t in self._tokens:
-            for name in t.names():
-                pieces = tokenizer.tokenize(name)
-                if name in vocab or (len(pieces) == 1 and pieces[0] in vocab):
-                    known = name if name in vocab else pieces[0]
-                    raise TextualInversionConfigError(
-                        f"placeholder_tokens: {name!r} already exists in the tokenizer's vocabulary (as {known!r}, id "
-                        f"{vocab[known]}); a placeholder must be a new string, e.g. '<{name.strip('<>')}>'"
-                    )
-            ids = tokenizer(t.initializer, add_special_tokens=False).input_ids
-            if not ids:
-                raise TextualInversionConfigError(f"placeholder_tokens: initializer of {t.token!r} is empty")
-            if len(ids) > 1 and self._multi_token_initializer == "error":
-                raise TextualInversionConfigError(
-                    f"placeholder_tokens: initializer {t.initializer!r} of {t.token!r} is {len(ids)} tokens "
-                    f"{tokenizer.convert_ids_to_tokens(ids)}, not one word of the vocabulary. Choose a word that is a "
-                    "single token, or set multi_token_initializer: average to start from the mean of their embeddings"
-                )
-            with torch.no_grad():
-                row = embeddings.weight[torch.tensor(ids)].float().mean(0)
-            init_rows += [row] * t.num_vectors
-        names = [n for t in self._tokens for n in t.names()]
-        added = tokenizer.add_tokens(names)
-        new_ids = tokenizer.convert_tokens_to_ids(names)
-        if added != len(names) or new_ids != list(range(first_id, first_id + len(names))):
-            raise RuntimeError(f"the tokenizer gave the new tokens ids {new_ids}, expected {first_id}..{first_id + len(names) - 1}")
-        for name, token_id in zip(names, new_ids):
-            got = tokenizer(name, add_special_tokens=False).input_ids
-            if got != [token_id]:
-                raise TextualInversionConfigError(
-                    f"placeholder_tokens: {name!r} does not tokenize to its own id ({got} instead of [{token_id}]); "
-                    "use a lower-case string without spaces, e.g. '<lung-xray>'"
-                )
-        _replace_module(text_encoder, embeddings, ExtendedTokenEmbedding(embeddings, torch.stack(init_rows)))
-        fix_legacy_eos_pooling(text_encoder, tokenizer.eos_token_id)
-        self.token_ids = dict(zip(names, new_ids))
+        self.placeholders = PlaceholderTokens(self.sd, self._tokens, self._multi_token_initializer)
+        self.token_ids = self.placeholders.token_ids
+        return ClipConditioning(self.sd, self.placeholders.expand)
+
+    def generator_options(self) -> dict:
+        return {"tokens": [t.token for t in self._tokens], "subject": self._subject}
 
     @property
     def token_embedding(self) -> ExtendedTokenEmbedding:
@@ -275,50 +145,21 @@ class TextualInversion(DiffusionModule):
 
     def expand_prompt(self, prompt: str) -> str:
         """Write each multi-vector token as all of its entries (``<tok>`` -> ``<tok> <tok>_1 ...``)."""
-        for t in self._tokens:
-            if t.num_vectors > 1:
-                prompt = re.sub(re.escape(t.token) + r"(?!_\d)", " ".join(t.names()).replace("\\", "\\\\"), prompt)
-        return prompt
-
-    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP ``last_hidden_state`` with gradients into the new rows (``encode_prompts`` is no-grad)."""
-        text_encoder = self.sd.text_encoder
-        ids = self.sd.tokenize([self.expand_prompt(p) for p in prompts], self.token_embedding.new_rows.device)
-        return text_encoder(ids)[0]
+        return self.placeholders.expand(prompt)
 
     def learned_embeddings(self) -> dict[str, torch.Tensor]:
         """``{token: [num_vectors, dim]}`` float32 on CPU."""
-        rows = self.token_embedding.new_rows.detach().float().cpu()
-        out, start = {}, 0
-        for t in self._tokens:
-            out[t.token] = rows[start : start + t.num_vectors].clone()
-            start += t.num_vectors
-        return out
+        return self.placeholders.learned()
 
     def export(self, out_dir: str | Path) -> Path:
-        """``learned_embeds.safetensors`` that diffusers' ``load_textual_inversion`` loads, plus a json.
+        """``learned_embeds*.safetensors`` that diffusers' ``load_textual_inversion`` loads, ``textual_inversion.json``
+        (the base model, the tokens, their files and initializers, the templates) and ``export.json``.
 
-        One token: ``learned_embeds.safetensors`` ``{token: [dim]}`` (``[num_vectors, dim]`` for a
-        multi-vector token), so ``pipe.load_textual_inversion(OUT_DIR)`` works. Several tokens: one
-        ``learned_embeds-<name>.safetensors`` per token (diffusers' format holds one token per file);
-        load them with ``pipe.load_textual_inversion([file, ...])``. ``textual_inversion.json``
-        names the base model, the tokens, their files and initializers, and the templates.
+        One token: ``pipe.load_textual_inversion(OUT_DIR)`` works; several tokens: one ``learned_embeds-<name>.safetensors``
+        per token (diffusers' format holds one token per file), ``pipe.load_textual_inversion([file, ...])``.
         """
-        from safetensors.torch import save_file
-
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for t, rows in zip(self._tokens, self.learned_embeddings().values()):
-            if len(self._tokens) == 1:
-                name = "learned_embeds.safetensors"
-            else:
-                name = f"learned_embeds-{re.sub(r'[^A-Za-z0-9._-]+', '_', t.token).strip('_') or 'token'}.safetensors"
-            tensor = rows[0] if t.num_vectors == 1 else rows
-            save_file({t.token: tensor.contiguous()}, str(out / name))
-            entries.append({**asdict(t), "file": name})
-        if len({e["file"] for e in entries}) != len(entries):
-            raise RuntimeError(f"two tokens map to the same file name: {[e['file'] for e in entries]}")
+        entries = self.placeholders.save(out)
         manifest = {
             "format": "diffusers textual inversion (StableDiffusionPipeline.load_textual_inversion)",
             "base_model": dict(vars(self.spec)),
@@ -328,6 +169,8 @@ class TextualInversion(DiffusionModule):
             "finding_phrases": self._finding_phrases,
         }
         (out / "textual_inversion.json").write_text(json.dumps(manifest, indent=1))
+        write_manifest(out, "textual_inversion", type(self).__name__, dict(vars(self.spec)),
+                       files=[e["file"] for e in entries] + ["textual_inversion.json"])
         return out
 
     # ------------------------------------------------------------------ prompts
@@ -370,27 +213,17 @@ class TextualInversion(DiffusionModule):
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return super().validation_step(self.with_prompts(batch), batch_idx)
 
-    def on_fit_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and getattr(datamodule, "prior_preservation", None) is not None:
-            raise TextualInversionConfigError(
-                "data.init_args.prior_preservation is set, but textual inversion trains only the new token rows and "
-                "class images without the token do not affect them; remove prior_preservation from the data config"
-            )
-        findings = list(getattr(datamodule, "findings", None) or self._finding_phrases)
+    def needs(self) -> Needs:
+        """The prompts checked for length are the token prompts this module builds, for every template and finding."""
+        findings = self.trainer.datamodule.training_findings() or list(self._finding_phrases)
         missing = [f for f in findings if f not in self._finding_phrases]
         if missing:
             raise TextualInversionConfigError(
                 f"the data selects finding(s) {missing} that have no entry in model.init_args.finding_phrases "
                 f"(it has {sorted(self._finding_phrases)}); add what their prompts should say"
             )
-        if getattr(datamodule, "hflip_probability", 0) > 0:
-            rank_zero_warn(
-                f"data.init_args.hflip_probability is {datamodule.hflip_probability}: flipped chest X-rays put the heart on "
-                "the wrong side, and the token learns that too"
-            )
-        self._warn_long_prompts([self.expand_prompt(self.prompt_for(f, i)) for f in findings for i in range(len(self._templates))])
-        self.prepare_latent_cache()
+        prompts = [self.expand_prompt(self.prompt_for(f, i)) for f in findings for i in range(len(self._templates))]
+        return Needs(prompts=prompts, latents=bool(self.hparams.cache_latents))
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -408,41 +241,6 @@ class TextualInversion(DiffusionModule):
                     "resume with the configuration the run was started with, or start a new run"
                 )
         super().on_load_checkpoint(checkpoint)
-
-
-def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for name, module in root.named_modules():
-        if module is old:
-            parent_name, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-            return
-    raise RuntimeError(f"{type(old).__name__} is not a submodule of {type(root).__name__}")
-
-
-def _check_tokens(tokens) -> list[PlaceholderToken]:
-    if isinstance(tokens, (str, dict, PlaceholderToken)):
-        tokens = [tokens]
-    out = []
-    for t in tokens or []:
-        if isinstance(t, str):
-            raise TextualInversionConfigError(
-                f"placeholder_tokens: {t!r} needs an initializer word: write {{token: {t!r}, initializer: radiology}}"
-            )
-        t = PlaceholderToken(**dict(t)) if not isinstance(t, PlaceholderToken) else t
-        if not t.token or t.token != t.token.strip() or any(c.isspace() for c in t.token):
-            raise TextualInversionConfigError(f"placeholder_tokens: {t.token!r} must be a non-empty string without spaces")
-        if "{" in t.token or "}" in t.token:
-            raise TextualInversionConfigError(f"placeholder_tokens: {t.token!r} must not contain braces (templates use {{}})")
-        if int(t.num_vectors) < 1:
-            raise TextualInversionConfigError(f"placeholder_tokens: num_vectors of {t.token!r} is {t.num_vectors}; expected >= 1")
-        out.append(PlaceholderToken(t.token, str(t.initializer), int(t.num_vectors)))
-    if not out:
-        raise TextualInversionConfigError("placeholder_tokens: at least one token is needed")
-    names = [n for t in out for n in t.names()]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise TextualInversionConfigError(f"placeholder_tokens: {dupes} occur more than once (multi-vector tokens also use <tok>_1, ...)")
-    return out
 
 
 def _check_templates(templates: list[str]) -> list[str]:

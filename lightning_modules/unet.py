@@ -1,7 +1,8 @@
 """U-Net fine-tuning (paper §2.7, after DreamBooth): train the U-Net, keep VAE and CLIP frozen.
 
-With prior preservation the datamodule serves class images beside each batch; they are generated
-once by the frozen base model at the start of fit (each rank its share) and cached on disk.
+With prior preservation (``prior_preservation``) the datamodule serves class images beside each batch; they are
+generated once by the frozen base model at the start of fit (each rank its share) and cached on disk
+(:mod:`lightning_modules.preparation`).
 """
 from __future__ import annotations
 
@@ -12,31 +13,22 @@ from typing import Sequence
 import torch
 
 from lightning_modules.base import DiffusionModule
+from models.exports import write_manifest
+from models.generator import ClipConditioning
 
 
-class UNetFineTuning(DiffusionModule):
-    """Fine-tune the U-Net of Stable Diffusion on image–prompt pairs.
+class CachedClipConditioning(ClipConditioning):
+    """CLIP's conditioning with each distinct prompt's output kept (CLIP is frozen, so it never changes): at most
+    ``size`` prompts, least recently used dropped, on the text encoder's device and dtype."""
 
-    Args:
-        cache_text: keep CLIP's output for each distinct prompt (CLIP is frozen here, so a prompt's
-            conditioning never changes); at most ``text_cache_size`` prompts, least recently used dropped.
-        text_cache_size: how many prompts' ``[77, 768]`` conditioning the cache holds (on the model's device).
-        **kwargs: see :class:`~lightning_modules.base.DiffusionModule` (``gradient_checkpointing`` and the other
-            speed settings are there).
-    """
+    def __init__(self, sd, size: int):
+        super().__init__(sd)
+        self.size = max(int(size), 0)
+        self.cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 
-    def __init__(self, cache_text: bool = True, text_cache_size: int = 1024, **kwargs):
-        super().__init__(**kwargs)
-        self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-
-    def configure_trainable(self) -> None:
-        self.sd.unet.requires_grad_(True)
-        self.sd.unet.train()
-
-    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        if not self.hparams.cache_text:
-            return self.sd.encode_prompts(prompts)
-        cache = self._text_cache
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        cache = self.cache
         param = next(self.sd.text_encoder.parameters())
         if cache and (next(iter(cache.values())).device != param.device or next(iter(cache.values())).dtype != param.dtype):
             cache.clear()  # the text encoder moved or changed precision
@@ -47,14 +39,37 @@ class UNetFineTuning(DiffusionModule):
         for p in prompts:
             cache.move_to_end(p)
         out = torch.stack([cache[p] for p in prompts])
-        while len(cache) > max(int(self.hparams.text_cache_size), 0):
+        while len(cache) > self.size:
             cache.popitem(last=False)
         return out
 
+
+class UNetFineTuning(DiffusionModule):
+    """Fine-tune the U-Net of Stable Diffusion on image–prompt pairs.
+
+    Args:
+        cache_text: keep CLIP's output for each distinct prompt (CLIP is frozen here, so a prompt's
+            conditioning never changes); at most ``text_cache_size`` prompts, least recently used dropped.
+        text_cache_size: how many prompts' ``[77, 768]`` conditioning the cache holds (on the model's device).
+        **kwargs: see :class:`~lightning_modules.base.DiffusionModule` (``prior_preservation``, ``gradient_checkpointing``
+            and the other speed settings are there).
+    """
+
+    def __init__(self, cache_text: bool = True, text_cache_size: int = 1024, **kwargs):
+        super().__init__(**kwargs)
+
+    def configure_trainable(self) -> ClipConditioning:
+        self.sd.unet.requires_grad_(True)
+        self.sd.unet.train()
+        if self.hparams.cache_text:
+            return CachedClipConditioning(self.sd, self.hparams.text_cache_size)
+        return ClipConditioning(self.sd)
+
     def export(self, out_dir: str | Path) -> Path:
-        """A diffusers ``StableDiffusionPipeline`` folder (safetensors, fp32, PNDM as SD v1.4)."""
+        """A diffusers ``StableDiffusionPipeline`` folder (safetensors, fp32, PNDM as SD v1.4) and ``export.json``."""
         out = Path(out_dir)
         pipe = self.sd.pipeline(scheduler="pndm")
         pipe.to(torch.float32)
         pipe.save_pretrained(out, safe_serialization=True)
+        write_manifest(out, "pipeline", type(self).__name__, dict(vars(self.spec)), trained=["unet"])
         return out

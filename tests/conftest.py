@@ -29,7 +29,7 @@ def _offline_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
-    from datamodules.phantoms import write_phantom_mimic
+    from synthetic.phantoms import write_phantom_mimic
 
     root = tmp_path_factory.mktemp("mimic") / "mimic-cxr-jpg"
     write_phantom_mimic(root, n_per_finding={"No Finding": 8, "Pleural Effusion": 8, "Cardiomegaly": 4}, size=128, seed=0)
@@ -38,7 +38,7 @@ def phantom_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd():
-    from lightning_modules.stable_diffusion import load_stable_diffusion
+    from models.stable_diffusion import load_stable_diffusion
 
     return load_stable_diffusion("tiny-random")
 
@@ -85,7 +85,7 @@ def train_and_signal(args: list[str], losses_csv: Path, sig: int, after_rows: in
     out_path, err_path = losses_csv.parent.parent / f"signal-{sig}.out", losses_csv.parent.parent / f"signal-{sig}.err"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen([PYTHON, str(REPO / "train.py"), *args, "--trainer.callbacks+=callbacks.testing.StepDelay"],
+        proc = subprocess.Popen([PYTHON, str(REPO / "train.py"), *args, "--trainer.callbacks+=synthetic.testing.StepDelay"],
                                 cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), stdout=out, stderr=err)
         deadline = time.monotonic() + timeout
         sent = False
@@ -117,7 +117,7 @@ def demo_args(tmp: Path, *extra: str, config: str = "demo") -> list[str]:
         "--checkpoint_every_n_steps", "5",
     ]
     if config == "demo":  # the U-Net demo uses prior preservation: fewer, cheaper class images
-        args += ["--data.init_args.prior_preservation.num_class_images", "4", "--data.init_args.prior_preservation.steps", "2"]
+        args += ["--model.init_args.prior_preservation.num_class_images", "4", "--model.init_args.prior_preservation.steps", "2"]
     return args + list(extra)
 
 

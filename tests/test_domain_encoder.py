@@ -8,17 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.domain_encoder import (
-    TINY_BERT_TOKENIZER_DIR,
-    TINY_PROJECTION_SIZE,
-    CXRBertConfig,
-    CXRBertModel,
-    DomainEncoderLoadError,
-    DomainEncoderSpec,
-    load_domain_encoder,
-    load_tiny_bert_tokenizer,
-    tiny_bert_config,
-)
+from models.domain_encoder import CXRBertConfig, CXRBertModel, DomainEncoderLoadError, DomainEncoderSpec, load_domain_encoder
+from synthetic.presets import TINY_BERT_TOKENIZER_DIR, TINY_PROJECTION_SIZE, load_tiny_bert_tokenizer, tiny_bert_config
 
 TEXTS = ["a photo of a lung xray", "a photo of a lung xray with a visible pleural effusion and cardiomegaly", "zebra"]
 # The projection head's parameter names in microsoft/BiomedVLP-CXR-BERT-specialized's checkpoint.

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import generate
 from conftest import REPO
-
-if str(REPO) not in sys.path:  # generate.py is a script at the repository root
-    sys.path.insert(0, str(REPO))
-import generate  # noqa: E402
 
 FAST = ["--steps", "2", "--n", "2"]
 
@@ -64,7 +60,7 @@ def test_unet_export_generates_what_the_run_generates(reference_run, tmp_path):
     export = load_run(reference_run)[0].export(tmp_path / "export")
     from_export, from_run = tmp_path / "from_export", tmp_path / "from_run"
     record = gen("--export", str(export), "--prompt", "a photo of a lung xray", "--n", "1", "--out", str(from_export))
-    assert record["source"]["export_kind"] == "unet"
+    assert record["source"]["export_kind"] == "pipeline" and record["source"]["strategy"] == "UNetFineTuning"
     gen("--run", str(reference_run), "--prompt", "a photo of a lung xray", "--n", "1", "--out", str(from_run))
     check_output(from_export, ["a photo of a lung xray"], n=1)
     a = np.asarray(Image.open(from_export / "p00_s0.png"), dtype=np.int16)
@@ -77,7 +73,7 @@ def test_base_model_preset_with_default_prompts(tmp_path):
 
     record = gen("--pretrained", "tiny-random", "--n", "1", "--scheduler", "dpm", "--device", "cpu", "--out", str(tmp_path))
     check_output(tmp_path, list(PAPER_PROMPTS), n=1)
-    assert record["source"] == {"kind": "pretrained", "pretrained": "tiny-random", "strategy": "UNetFineTuning",
+    assert record["source"] == {"kind": "pretrained", "pretrained": "tiny-random", "strategy": "base model",
                                 "base_model": record["source"]["base_model"]}
 
 
@@ -108,8 +104,9 @@ def test_textual_inversion_export_generates_what_the_run_generates(ti_run, tmp_p
     a = np.asarray(Image.open(tmp_path / "from_export" / "p00_s0.png"))
     b = np.asarray(Image.open(tmp_path / "from_run" / "p00_s0.png"))
     assert np.array_equal(a, b)
-    # plain diffusers embeddings without textual_inversion.json need the base model
+    # plain diffusers embeddings (no textual_inversion.json, no export.json) need the base model
     (export / "textual_inversion.json").unlink()
+    (export / "export.json").unlink()
     with pytest.raises(SystemExit):
         gen("--export", str(export), *args, "--out", str(tmp_path / "no_base"))
     gen("--export", str(export), "--pretrained", "tiny-phantom", *args, "--out", str(tmp_path / "with_base"))

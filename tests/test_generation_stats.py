@@ -1,11 +1,12 @@
-"""Generation-study statistics: FID (closed form), KID, MS-SSIM diversity at small sizes, bootstrap intervals."""
+"""The metrics module: FID (closed form, and accumulated as a torchmetrics Metric), KID, MS-SSIM diversity at small sizes,
+bootstrap intervals."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from evaluation.generation_stats import (GenerationStatsError, auroc_with_ci, fid_with_ci, kid, ms_ssim_diversity,
-                                         ms_ssim_scales)
+from metrics.scores import (FeatureFID, MetricInputError as GenerationStatsError, auroc_with_ci, fid_with_ci, frechet_distance,
+                            kid, ms_ssim_diversity, ms_ssim_scales)
 
 
 def test_fid_of_identical_sets_is_zero_and_of_two_gaussians_matches_the_closed_form():
@@ -55,3 +56,20 @@ def test_auroc_with_interval():
     assert out["auroc"] == 1.0 and out["ci_low"] == 1.0
     mixed = auroc_with_ci([0.9, 0.2, 0.6, 0.4], [0.5, 0.3, 0.7, 0.1], n_boot=100)
     assert 0 <= mixed["ci_low"] <= mixed["auroc"] <= mixed["ci_high"] <= 1
+
+
+def test_fid_accumulated_batch_by_batch_is_the_same_fid_and_keeps_its_real_side():
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(30, 6, generator=g), torch.randn(20, 6, generator=g) + 0.5
+    metric = FeatureFID(6, reset_real=False)
+    metric.update(real[:11], real=True)
+    metric.update(real[11:], real=True)
+    for chunk in fake.split(7):
+        metric.update(chunk, real=False)
+    assert float(metric.compute()) == pytest.approx(frechet_distance(real, fake), rel=1e-9)
+    metric.reset()  # the generated side only
+    assert metric.real_count == 30
+    metric.update(real, real=False)
+    assert abs(float(metric.compute())) < 1e-8
+    with pytest.raises(GenerationStatsError, match="at least 2 images on each side"):
+        FeatureFID(6).compute()

@@ -34,8 +34,9 @@ def test_tables_for_the_base_model_and_a_trained_run(phantom_root, reference_run
     md = (out / "results.md").read_text()
     assert "N generated per cell = 3" in md and "Not comparable with the paper's Table 4" in md
     assert (out / "figure4.png").stat().st_size > 10_000 and len(list((out / "grids").glob("*.png"))) == 2
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["seeds"] == [0, 1, 2] and summary["strategies"][1]["source"].endswith("last.ckpt")
+    (record,) = json.loads((out / "provenance.json").read_text())["records"]
+    assert record["what"] == "study/generation" and record["settings"]["seeds"] == [0, 1, 2]
+    assert record["inputs"]["strategies"][1]["source"].endswith("last.ckpt")
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -22,7 +22,7 @@ NSFW_CYCLE = ("UNLIKELY", "UNLIKELY", "UNSURE", "NSFW")
 
 
 def laion_table(texts, start_id: int = 0, size_type=pa.int32(), nsfw=None, columns=None) -> pa.Table:
-    """An 8-column LAION-400M metadata table in the real column order and dtypes (REFERENCE §2)."""
+    """An 8-column LAION-400M metadata table in the real column order and dtypes (docs/formats.md §2)."""
     n = len(texts)
     nsfw = nsfw if nsfw is not None else [NSFW_CYCLE[i % 4] for i in range(n)]
     size = (lambda v: v) if pa.types.is_integer(size_type) else float

@@ -1,4 +1,4 @@
-"""Tests for datamodules.phantoms (synthetic MIMIC-CXR-JPG v2.0.0 phantoms)."""
+"""Tests for synthetic.phantoms (synthetic MIMIC-CXR-JPG v2.0.0 phantoms)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from datamodules import phantoms
-from datamodules.phantoms import (
+from synthetic import phantoms
+from synthetic.phantoms import (
     preview_grid,
     render_lateral,
     render_phantom,
@@ -402,7 +402,7 @@ def test_phantom_datamodule_writes_on_first_use(tmp_path):
     pytest.importorskip("lightning")
     import pickle
 
-    from datamodules.phantoms import PhantomCXRDataModule
+    from synthetic.phantoms import PhantomCXRDataModule
 
     root = tmp_path / "phantoms"
     dm = PhantomCXRDataModule(root=str(root), n_per_finding=3, phantom_size=64,

@@ -10,13 +10,9 @@ import torch
 
 from callbacks.loss_log import read_loss_log
 from conftest import PYTHON, REPO, run_train, train_and_signal
-from lightning_modules.projection import (
-    ProjectionConfigError,
-    ProjectionMLP,
-    TextualProjection,
-    align_token_states,
-    load_projection_export,
-)
+from lightning_modules.projection import ProjectionConfigError, ProjectionMLP, TextualProjection, align_token_states
+from models.exports import load_export
+from models.projection import load_projection
 
 
 def projection_args(tmp: Path, *extra: str) -> list[str]:
@@ -103,12 +99,12 @@ def test_document_vector_becomes_a_77_row_sequence_after_clips_start_state(docum
     assert cond.shape == (1, 77, 32)
     assert torch.equal(cond[0, 0], m.sd.encode_prompts([""])[0, 0])  # CLIP's start-token state
     assert torch.equal(cond[0, 1], cond[0, 76])
-    v = m.projection(m.domain_inputs(["a photo of a lung xray"]).float())
+    v = m.projection(m.conditioning.inputs(["a photo of a lung xray"]).float())
     assert torch.allclose(cond[0, 1], v[0])
 
 
 def test_unconditional_input_is_clips_empty_prompt(document_module):
-    assert torch.equal(document_module.negative_embeddings([""]), document_module.sd.encode_prompts([""]))
+    assert torch.equal(document_module.conditioning.negative([""]), document_module.sd.encode_prompts([""]))
 
 
 def test_token_alignment_truncates_and_pads_with_the_last_real_state():
@@ -145,15 +141,16 @@ def test_export_reloads_and_generates(projection_run, tmp_path):
     subprocess.run([PYTHON, str(REPO / "export.py"), str(run), str(out)], check=True, capture_output=True, cwd=REPO)
     assert (out / "projection.safetensors").is_file() and (out / "projection.json").is_file()
     trained = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    module = load_projection_export(out)
-    for k, v in module.projection.state_dict().items():
+    generator = load_export(out)
+    assert generator.info["kind"] == "projection" and generator.info["strategy"] == "TextualProjection"
+    for k, v in generator.conditioning.projection.state_dict().items():
         assert torch.equal(v, trained["projection." + k])
-    assert module.generate(["a photo of a lung xray"], steps=2).shape == (1, 3, 64, 64)
+    assert generator.generate(["a photo of a lung xray"], steps=2).shape == (1, 3, 64, 64)
 
 
 def test_missing_export_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="projection.json: missing"):
-        load_projection_export(tmp_path)
+        load_projection(tmp_path)
 
 
 def test_export_for_another_encoder_width_names_both_sizes(projection_run, tmp_path):
@@ -166,4 +163,4 @@ def test_export_for_another_encoder_width_names_both_sizes(projection_run, tmp_p
     config["domain_encoder"] = {"pretrained": "tiny-cxr-bert", "extraction": "projected"}  # 16 wide, not 32
     (out / "projection.json").write_text(json.dumps(config))
     with pytest.raises(ProjectionConfigError, match=r"maps 32 -> 32 wide vectors.*'tiny-cxr-bert' \(projected\) gives 16"):
-        load_projection_export(out)
+        load_export(out)

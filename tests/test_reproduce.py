@@ -114,7 +114,7 @@ def test_a_bad_image_list_is_named(tmp_path, text, message):
 @pytest.fixture()
 def real_inputs(tmp_path, phantom_root):
     laion = tmp_path / "laion"
-    from datamodules.laion import write_synthetic_laion
+    from synthetic.laion import write_synthetic_laion
 
     write_synthetic_laion(laion, n_captions=20)
     reports = tmp_path / "mimic-cxr-reports"
@@ -349,8 +349,9 @@ def test_demo_reproduces_every_table_and_figure_and_a_second_run_skips_everythin
         assert f"## {title}" in md
     assert "**Demo scale**" in md
 
-    prov = json.loads((out / "provenance.json").read_text())
-    assert len(prov["steps"]) == 14 and all(s["exit"] == 0 and s["argv"] for s in prov["steps"])
+    (prov,) = json.loads((out / "provenance.json").read_text())["records"]
+    assert prov["what"] == "reproduce"
+    assert len(prov["inputs"]["steps"]) == 14 and all(s["exit"] == 0 and s["argv"] for s in prov["inputs"]["steps"])
     assert prov["git"]["commit"] and prov["packages"]["torch"]
     selected = pd.read_csv(out / "data" / "selected.csv")
     assert prov["inputs"]["image_ids"] == selected.astype(str).to_dict("records")

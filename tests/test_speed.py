@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, Trainer
 
 from datamodules.latent_cache import LatentCache, LatentCachePlan, build_latent_cache, sample_latents
 from datamodules.mimic_cxr import MIMICCXRDataModule
+from lightning_modules.preparation import latent_cache_plan
 from lightning_modules.unet import UNetFineTuning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_cache_is_built_once_and_keys_cover_model_and_resolution(phantom_root, t
     _, _, dm32 = fit(phantom_root, tmp_path, steps=1, resolution=32)
     assert dm32.latent_cache.directory != folder  # a new resolution builds a new cache
     assert dm32.latent_cache.mean.shape[-1] == 16 and dm.latent_cache.mean.shape[-1] == 32
-    other = dm.latent_cache_plan("another-model@main")
+    other = latent_cache_plan(dm.training_images(), "another-model@main", dm.cache_root)
     assert other.directory != folder
 
 
@@ -99,7 +100,7 @@ def test_random_flips_turn_latent_caching_off(phantom_root, tmp_path):
     dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding"], resolution=64, cache_dir=str(tmp_path),
                             hflip_probability=0.5, max_val_images=0)
     with pytest.warns(UserWarning, match="cache_latents is off: hflip_probability=0.5"):
-        assert dm.latent_cache_plan("m") is None
+        assert dm.training_images() is None
 
 
 def test_text_cache_returns_clip_outputs_and_stays_bounded():
@@ -107,7 +108,8 @@ def test_text_cache_returns_clip_outputs_and_stays_bounded():
     prompts = ["a photo of a lung xray", "a photo of a lung xray with a visible pleural effusion", "a photo of a lung xray"]
     torch.testing.assert_close(module.conditioning(prompts), module.sd.encode_prompts(prompts), rtol=1e-5, atol=1e-6)
     module.conditioning(["a photo in the style of a lung xray"])
-    assert len(module._text_cache) == 2 and "a photo in the style of a lung xray" in module._text_cache
+    cache = module.conditioning.cache
+    assert len(cache) == 2 and "a photo in the style of a lung xray" in cache
 
 
 def test_benchmark_smoke():

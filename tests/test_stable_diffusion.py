@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.stable_diffusion import (
+from models.stable_diffusion import (
     StableDiffusionLoadError,
     StableDiffusionSpec,
     load_stable_diffusion,

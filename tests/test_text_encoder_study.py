@@ -13,7 +13,7 @@ import torch
 
 import evaluate
 from datamodules.mimic_cxr import CHEXPERT_CLASSES
-from evaluation.chexpert_at_k import (CosineSimilarity, TokenIoUSimilarity, chexpert_at_k, class_matrices, is_degenerate,
+from metrics.chexpert_at_k import (CosineSimilarity, TokenIoUSimilarity, chexpert_at_k, class_matrices, is_degenerate,
                                       top_k_neighbours)
 from evaluation.text_encoder_study import (REGISTRY, TextEncoderStudyError, load_corpus, load_study_encoder,
                                            parse_encoders, sample_per_class)
@@ -234,7 +234,7 @@ def test_extractions_of_bert_cxr_bert_and_clip():
 def test_masked_lm_checkpoint_has_no_pooler(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    from lightning_modules.domain_encoder import load_tiny_bert_tokenizer, tiny_bert_config
+    from synthetic.presets import load_tiny_bert_tokenizer, tiny_bert_config
 
     tokenizer = load_tiny_bert_tokenizer()
     BertForMaskedLM(BertConfig(**tiny_bert_config(len(tokenizer)))).save_pretrained(tmp_path / "mlm")
@@ -263,7 +263,7 @@ def test_unloadable_model_says_how_to_provide_it(tmp_path):
 def test_command_writes_tables_2_and_3(report_root, tmp_path, capsys):
     from transformers import BertConfig, BertForMaskedLM
 
-    from lightning_modules.domain_encoder import load_tiny_bert_tokenizer, tiny_bert_config
+    from synthetic.presets import load_tiny_bert_tokenizer, tiny_bert_config
 
     tokenizer = load_tiny_bert_tokenizer()
     BertForMaskedLM(BertConfig(**tiny_bert_config(len(tokenizer)))).save_pretrained(tmp_path / "mlm")
@@ -339,7 +339,7 @@ def test_bad_inputs_get_one_clear_error(report_root, tmp_path):
 
 
 def test_clip_from_a_diffusers_pipeline_folder(tmp_path):
-    from lightning_modules.stable_diffusion import load_text_encoder
+    from models.stable_diffusion import load_text_encoder
 
     tokenizer, text_encoder = load_text_encoder("tiny-random")
     folder = tmp_path / "sd"

@@ -15,7 +15,7 @@ from callbacks.loss_log import read_loss_log
 from conftest import PYTHON, REPO, demo_args, run_train, train_and_signal
 from datamodules.mimic_cxr import MIMICCXRDataModule
 from lightning_modules.base import TrainedStateMismatch, step_generator
-from lightning_modules.stable_diffusion import StableDiffusionSpec, load_stable_diffusion
+from models.stable_diffusion import StableDiffusionSpec, load_stable_diffusion
 from lightning_modules.textual_inversion import (
     DEFAULT_FINDING_PHRASES,
     OBJECT_TEMPLATES,
@@ -221,16 +221,15 @@ def test_bad_input_is_a_clear_error(kwargs, message):
 def test_data_that_cannot_train_the_token_is_refused_at_fit_start(tmp_path):
     from types import SimpleNamespace
 
-    from datamodules.mimic_cxr import PriorPreservation
+    from lightning_modules.preparation import PriorPreservation
 
     module = TextualInversion(model=TINY)
     dm = MIMICCXRDataModule(root=str(tmp_path), findings=["No Finding", "Edema"], prompt_templates={"No Finding": "x", "Edema": "y"})
     module._trainer = SimpleNamespace(datamodule=dm)
     with pytest.raises(TextualInversionConfigError, match=r"finding\(s\) \['Edema'\] that have no entry in model.init_args.finding_phrases"):
         module.on_fit_start()
-    module._trainer = SimpleNamespace(datamodule=MIMICCXRDataModule(root=str(tmp_path), prior_preservation=PriorPreservation()))
     with pytest.raises(TextualInversionConfigError, match="remove prior_preservation"):
-        module.on_fit_start()
+        TextualInversion(model=TINY, prior_preservation=PriorPreservation())
     module._trainer = SimpleNamespace(datamodule=MIMICCXRDataModule(root=str(tmp_path), hflip_probability=0.5))
     with pytest.warns(UserWarning, match="flipped chest X-rays"):
         module.on_fit_start()
@@ -334,7 +333,8 @@ def test_sigterm_then_resume_is_bit_identical(ti_run, tmp_path):
 def test_export_loads_in_plain_diffusers_and_the_token_changes_the_image(ti_run, tmp_path):
     out = tmp_path / "export"
     subprocess.run([PYTHON, str(REPO / "export.py"), str(ti_run), str(out)], check=True, capture_output=True, cwd=REPO)
-    assert sorted(p.name for p in out.iterdir()) == ["learned_embeds.safetensors", "textual_inversion.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "learned_embeds.safetensors", "textual_inversion.json"]
+    assert json.loads((out / "export.json").read_text())["kind"] == "textual_inversion"
     manifest = json.loads((out / "textual_inversion.json").read_text())
     assert manifest["base_model"]["pretrained"] == "tiny-phantom" and manifest["tokens"][0]["token"] == "<lung-xray>"
     trained = checkpoint_rows(torch.load(ti_run / "checkpoints" / "last.ckpt", weights_only=True))

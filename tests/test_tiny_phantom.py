@@ -10,23 +10,20 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, REPO
-from evaluation.classifiers import finding_probabilities, load_classifier
+from metrics.classifiers import finding_probabilities, load_classifier
 
 HELD_OUT_SEED = 12345  # the build renders with seed 0; these phantoms were never seen in training
 
 
 @pytest.fixture(scope="module")
 def tiny_phantom():
-    from lightning_modules.stable_diffusion import load_stable_diffusion
+    from models.stable_diffusion import load_stable_diffusion
 
     return load_stable_diffusion("tiny-phantom")
 
 
 def held_out(n_per_finding: int = 16):
-    import sys
-
-    sys.path.insert(0, str(REPO / "tools"))
-    from build_tiny_phantom import phantom_images
+    from synthetic.build_tiny_phantom import phantom_images
 
     return phantom_images(n_per_finding, HELD_OUT_SEED)
 
@@ -36,7 +33,7 @@ def test_loading_needs_no_network(monkeypatch):
         raise AssertionError("tried to open a network connection")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    from lightning_modules.stable_diffusion import load_stable_diffusion
+    from models.stable_diffusion import load_stable_diffusion
 
     sd = load_stable_diffusion("tiny-phantom")
     assert sd.spec.pretrained == "tiny-phantom" and sd.vae.config.scaling_factor != 0.18215
@@ -44,7 +41,7 @@ def test_loading_needs_no_network(monkeypatch):
 
 
 def test_shipped_weights_are_small_safetensors():
-    folder = REPO / "lightning_modules" / "assets" / "tiny_phantom"
+    folder = REPO / "synthetic" / "assets" / "tiny_phantom"
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
@@ -88,11 +85,8 @@ def test_missing_xrv_weights_name_the_file(tmp_path):
 def test_the_build_is_reproducible(tmp_path):
     """Two shortened builds with one seed, one after the other in this process (so RNG state left over by the
     first must not leak into the second), give identical weights."""
-    import importlib.util
+    from synthetic import build_tiny_phantom as builder
 
-    spec = importlib.util.spec_from_file_location("build_tiny_phantom", REPO / "tools" / "build_tiny_phantom.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
     for name in ("a", "b"):
         builder.main(["--quick", "--out", str(tmp_path / name)])
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "classifier.safetensors",
@@ -105,7 +99,7 @@ def test_the_build_is_reproducible(tmp_path):
 def test_finding_correctness_demo_compares_base_and_fine_tuned(reference_run):
     import json
 
-    proc = subprocess.run([PYTHON, str(REPO / "tools" / "finding_correctness_demo.py"), str(reference_run), "--n", "4",
+    proc = subprocess.run([PYTHON, "-m", "synthetic.finding_correctness_demo", str(reference_run), "--n", "4",
                            "--steps", "2", "--grid_columns", "2"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "AUROC" in proc.stdout and "fine-tuned" in proc.stdout
@@ -117,11 +111,8 @@ def test_finding_correctness_demo_compares_base_and_fine_tuned(reference_run):
 
 
 def test_finding_correctness_of_a_run_without_checkpoint_is_a_clear_error(tmp_path):
-    import importlib.util
+    from synthetic import finding_correctness_demo as demo
 
-    spec = importlib.util.spec_from_file_location("finding_correctness_demo", REPO / "tools" / "finding_correctness_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     with pytest.raises(SystemExit) as exit_:
         demo.main([str(tmp_path)])
     assert "finding_correctness_demo.py: error:" in str(exit_.value.code) and "no checkpoint" in str(exit_.value.code)
@@ -129,7 +120,7 @@ def test_finding_correctness_of_a_run_without_checkpoint_is_a_clear_error(tmp_pa
 
 def test_every_sampler_reads_the_zero_terminal_snr_v_prediction_schedule(tiny_phantom):
     """tiny-phantom predicts v on a zero-terminal-SNR schedule (MODEL_CARD.md); each sampler must read it, PNDM too."""
-    from lightning_modules.stable_diffusion import INFERENCE_SCHEDULERS
+    from models.stable_diffusion import INFERENCE_SCHEDULERS
 
     assert tiny_phantom.noise_scheduler.config.prediction_type == "v_prediction"
     assert tiny_phantom.noise_scheduler.alphas_cumprod[-1] < 1e-7

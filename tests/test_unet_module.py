@@ -5,9 +5,10 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from datamodules.mimic_cxr import MIMICCXRDataModule, PriorPreservation
+from datamodules.mimic_cxr import MIMICCXRDataModule
 from lightning_modules.base import TrainedStateMismatch, step_generator
-from lightning_modules.stable_diffusion import StableDiffusionSpec
+from lightning_modules.preparation import PriorPreservation, class_image_entry, warn_long_prompts
+from models.stable_diffusion import StableDiffusionSpec
 from lightning_modules.unet import UNetFineTuning
 
 TINY = StableDiffusionSpec(pretrained="tiny-random")
@@ -30,7 +31,7 @@ def test_prior_batches_carry_both_halves_and_the_prior_term_is_weighted():
     inst, prior = batch(2, seed=1), batch(2, "a photo of a chest xray", seed=2)
     losses = {}
     for w in (1.0, 3.0):
-        module = UNetFineTuning(model=TINY, prior_loss_weight=w)
+        module = UNetFineTuning(model=TINY, prior_preservation=PriorPreservation(loss_weight=w))
         losses[w] = module.diffusion_loss({"instance": inst, "prior": prior}, step_generator(0, 1))
     one, three = losses[1.0], losses[3.0]
     assert torch.allclose(one["instance"], three["instance"]) and torch.allclose(one["prior"], three["prior"])
@@ -69,7 +70,7 @@ def test_long_prompts_are_counted_and_warned_once():
     module = UNetFineTuning(model=TINY)
     long = " ".join(["pleural effusion"] * 60)
     with pytest.warns(UserWarning, match=r"3 of 5 training prompts \(1 distinct\) are longer than the text encoder's 77 tokens"):
-        module._warn_long_prompts([long, long, "a photo of a lung xray", long, "a photo of a lung xray"])
+        warn_long_prompts(module.sd, [long, long, "a photo of a lung xray", long, "a photo of a lung xray"])
 
 
 def test_checkpoint_resume_with_a_different_trained_part_is_refused():
@@ -97,12 +98,12 @@ def test_prior_preservation_generates_class_images_once(phantom_root, tmp_path):
     prior = PriorPreservation(class_prompt="a photo of a lung xray", num_class_images=3, steps=2,
                               class_images_dir=str(tmp_path / "class"))
     dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding"], resolution=64, batch_size=2,
-                            cache_dir=str(tmp_path / "cache"), prior_preservation=prior)
+                            cache_dir=str(tmp_path / "cache"))
 
     def fit():
         trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0)
-        module = UNetFineTuning(model=TINY)
+        module = UNetFineTuning(model=TINY, prior_preservation=prior)
         seen = []
         module.on_train_batch_start = lambda b, i: seen.append(b)
         trainer.fit(module, datamodule=dm)
@@ -121,21 +122,21 @@ def test_prior_preservation_generates_class_images_once(phantom_root, tmp_path):
 def test_class_images_of_another_base_model_are_refused(phantom_root, tmp_path):
     prior = PriorPreservation(num_class_images=1, steps=1, class_images_dir=str(tmp_path / "class"))
     dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding"], resolution=64, batch_size=1,
-                            cache_dir=str(tmp_path / "cache"), prior_preservation=prior)
+                            cache_dir=str(tmp_path / "cache"))
 
     def fit(spec):
         trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0)
-        trainer.fit(UNetFineTuning(model=spec), datamodule=dm)
+        trainer.fit(UNetFineTuning(model=spec, prior_preservation=prior), datamodule=dm)
 
     fit(TINY)
     with pytest.raises(ValueError, match=r"made with other settings \(model: 'tiny-random-seed0' there, 'tiny-random-seed1' now\)"):
         fit(StableDiffusionSpec(pretrained="tiny-random", seed=1))
 
 
-def test_default_class_image_folder_depends_on_the_base_model(phantom_root, tmp_path):
-    dm = MIMICCXRDataModule(root=str(phantom_root), cache_dir=str(tmp_path), prior_preservation=PriorPreservation())
-    assert dm.class_image_request("model-a").directory != dm.class_image_request("model-b").directory
+def test_default_class_image_folder_depends_on_the_base_model(tmp_path):
+    prior = PriorPreservation()
+    assert class_image_entry(prior, "model-a", 64, tmp_path).path != class_image_entry(prior, "model-b", 64, tmp_path).path
 
 
 def test_loss_goes_down_on_phantoms(phantom_root, tmp_path):
@@ -157,7 +158,7 @@ def test_missing_class_images_on_resume_are_refused(phantom_root, tmp_path):
     """Class images must come from the base model; a resumed (trained) U-Net must not fill the gap."""
     prior = PriorPreservation(num_class_images=2, steps=1, class_images_dir=str(tmp_path / "class"))
     dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding"], resolution=64, batch_size=1,
-                            cache_dir=str(tmp_path / "cache"), prior_preservation=prior)
+                            cache_dir=str(tmp_path / "cache"))
     ckpt = tmp_path / "run.ckpt"
 
     def trainer(steps):
@@ -165,8 +166,8 @@ def test_missing_class_images_on_resume_are_refused(phantom_root, tmp_path):
                        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0)
 
     first = trainer(1)
-    first.fit(UNetFineTuning(model=TINY), datamodule=dm)
+    first.fit(UNetFineTuning(model=TINY, prior_preservation=prior), datamodule=dm)
     first.save_checkpoint(ckpt)
     (tmp_path / "class" / "class_00001.png").unlink()
     with pytest.raises(FileNotFoundError, match="1 of 2 class images are missing while resuming"):
-        trainer(2).fit(UNetFineTuning(model=TINY), datamodule=dm, ckpt_path=str(ckpt))
+        trainer(2).fit(UNetFineTuning(model=TINY, prior_preservation=prior), datamodule=dm, ckpt_path=str(ckpt))

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import evaluate
-from evaluation.image_metrics import corner_mask, image_metrics, pair_metrics, pooled_psnr, summarize
 from evaluation.reader_kit import KEY_FILE, PAPER_SCALE, ScoreSheetError, make_reader_kit, summarize_scores
-from evaluation.vae_study import (INCEPTION_WEIGHTS_FILE, TABLE1_COLUMNS, TABLE1_MAPPING, InceptionFeatures, accuracy_f1,
-                                  auroc, binary_labels, fid_report, table1)
+from evaluation.vae_study import TABLE1_COLUMNS, TABLE1_MAPPING, binary_labels, table1
+from metrics.features import INCEPTION_WEIGHTS_FILE, InceptionFeatures
+from metrics.image_quality import corner_mask, image_metrics, pair_metrics, pooled_psnr
+from metrics.scores import accuracy_f1, auroc, fid_minibatches as fid_report, summarize
 
 
 # ------------------------------------------------------------------------------------------ image metrics
@@ -47,7 +48,7 @@ def test_known_noise_gives_known_psnr_on_both_scales():
     assert m["ssim_xrv"] == pytest.approx(structural_similarity(xrv(base), xrv(noisy), data_range=2048, **kw))
     scaled = structural_similarity(base * 8.0, noisy * 8.0, data_range=255 * 8.0, **kw)
     assert m["ssim_8bit"] == pytest.approx(scaled) and m["ssim_8bit"] < 1
-    # REFERENCE §5: RMSE 41 on the xrv scale is PSNR 33.97 dB (a single image)
+    # docs/formats.md §5: RMSE 41 on the xrv scale is PSNR 33.97 dB (a single image)
     assert 20 * math.log10(2048 / 41) == pytest.approx(33.97, abs=0.01)
 
 
@@ -102,8 +103,7 @@ def test_labels_convention_and_table1():
 
 
 def test_classifier_outputs_catch_features2_in_one_pass():
-    from evaluation.classifiers import load_classifier, to_classifier_input
-    from evaluation.vae_study import classifier_outputs
+    from metrics.classifiers import classifier_outputs, load_classifier, to_classifier_input
 
     clf = load_classifier("tiny-phantom")
     imgs = np.random.default_rng(0).integers(0, 256, (5, 64, 64), dtype=np.uint8)
@@ -119,7 +119,7 @@ def test_frechet_distance_matches_torchmetrics():
     from torch import nn
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from evaluation.vae_study import frechet_distance
+    from metrics.scores import frechet_distance
 
     g = torch.Generator().manual_seed(0)
     for n, d in ((40, 8), (12, 16)):  # full rank and rank-deficient covariances
@@ -238,16 +238,16 @@ def test_vae_study_end_to_end_on_phantoms(phantom_root, xrv_cache, tmp_path):
     assert len(table) == 12 and (table["threshold"] == 0.5).all()
     fid = pd.read_csv(out / "fid.csv")
     assert list(fid["kind"]) == ["minibatch (batch 3)", "whole set"] and fid["n_per_side"].tolist() == [3, 6]
-    prov = json.loads((out / "provenance.json").read_text())
-    assert len(prov["dicom_ids"]) == 6 and prov["seed"] == 0 and prov["packages"]["torch"]
-    assert prov["vae_weights"].startswith("tiny-phantom")
+    (prov,) = json.loads((out / "provenance.json").read_text())["records"]
+    assert prov["what"] == "study/vae" and prov["packages"]["torch"]
+    assert len(prov["inputs"]["dicom_ids"]) == 6 and prov["settings"]["seed"] == 0
+    assert prov["inputs"]["vae_weights"].startswith("tiny-phantom")
     summary = (out / "summary.md").read_text()
     assert "per image" in summary and "Pooled PSNR" in summary and "Pleural Other -> Pleural_Thickening" in summary
     assert "Threshold for accuracy and F1: **0.5**" in summary and "N = 6" in summary
 
     # the one-pass features equal xrv's features2
-    from evaluation.classifiers import load_classifier, to_classifier_input
-    from evaluation.vae_study import classifier_outputs
+    from metrics.classifiers import classifier_outputs, load_classifier, to_classifier_input
 
     clf = load_classifier("densenet121-res224-all", str(xrv_cache))
     imgs = np.random.default_rng(0).integers(0, 256, (2, 64, 64), dtype=np.uint8)
@@ -259,7 +259,7 @@ def test_vae_study_end_to_end_on_phantoms(phantom_root, xrv_cache, tmp_path):
     out2 = tmp_path / "again"
     assert evaluate.main(["vae", "--mimic_root", str(phantom_root), "--n", "6", "--resolution", "64", "--pretrained", "tiny-phantom",
                           "--out", str(out2), "--device", "cpu", "--classifier", "none", "--fid_features", "none", "--reader_pairs", "0"]) == 0
-    assert json.loads((out2 / "provenance.json").read_text())["dicom_ids"] == prov["dicom_ids"]
+    assert json.loads((out2 / "provenance.json").read_text())["records"][0]["inputs"]["dicom_ids"] == prov["inputs"]["dicom_ids"]
 
 
 def test_bad_inputs(tmp_path, capsys):
@@ -284,8 +284,8 @@ def test_bad_inputs(tmp_path, capsys):
     out = tmp_path / "o3"
     assert evaluate.main(["vae", "--image_folder", str(folder), "--out", str(out), "--on_bad_image", "skip", *common]) == 0
     assert len(pd.read_csv(out / "per_image_metrics.csv")) == 3
-    prov = json.loads((out / "provenance.json").read_text())
-    assert [Path(s["path"]).name for s in prov["skipped"]] == ["broken.png"]
+    prov = json.loads((out / "provenance.json").read_text())["records"][0]
+    assert [Path(s["path"]).name for s in prov["inputs"]["skipped"]] == ["broken.png"]
     assert "broken.png" in (out / "summary.md").read_text()
 
     assert evaluate.main(["vae", "--image_folder", str(folder), "--out", str(tmp_path / "o4"), *common[:-2], "--reader_pairs", "0",

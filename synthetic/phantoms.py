@@ -891,9 +891,16 @@ def _unique_ints(rng, lo, hi, n, taken: set) -> list[int]:
 
 
 def _plan(args: dict) -> list[dict]:
-    """Deterministic study plan: ids, split, finding, views, report variants."""
+    """Deterministic study plan: ids, split, finding, views, report variants (one seeded generator, in this order)."""
     rng = np.random.default_rng(args["seed"])
-    findings = args["findings"]
+    studies = _plan_studies(args, rng)
+    _plan_views(studies, rng, args["n_lateral"])
+    _plan_variants(studies, rng)
+    return studies
+
+
+def _plan_studies(args: dict, rng: np.random.Generator) -> list[dict]:
+    """Subjects, studies, splits, dates and ids per finding (about 1 subject in 6 has two studies)."""
     fr = args["split_fractions"]
     taken_subj: set = set()
     taken_study: set = set()
@@ -907,7 +914,7 @@ def _plan(args: dict) -> list[dict]:
                 taken_dicom.add(d)
                 return d
 
-    for f in findings:
+    for f in args["findings"]:
         n = args["n_per_finding"][f]
         if n == 0:
             continue
@@ -943,10 +950,13 @@ def _plan(args: dict) -> list[dict]:
                     u_view=float(rng.uniform()),
                     u_orient=float(rng.uniform()),
                 ))
+    return studies
+
+
+def _plan_views(studies: list[dict], rng: np.random.Generator, n_lateral) -> None:
+    """Which studies have a lateral view; PA or AP, erect or recumbent, and the technique line."""
     n_total = len(studies)
-    n_lat = args["n_lateral"]
-    if n_lat is None:
-        n_lat = int(round(0.6 * n_total))
+    n_lat = int(round(0.6 * n_total)) if n_lateral is None else n_lateral
     has_lat = np.zeros(n_total, bool)
     has_lat[rng.permutation(n_total)[:n_lat]] = True
     for st, lat in zip(studies, has_lat):
@@ -964,10 +974,15 @@ def _plan(args: dict) -> list[dict]:
         st["uncertain"] = False
         st["addendum"] = False
         st["no_impression"] = False
-    # uncertain (-1.0) labels: about 1 in 8 effusion studies
+
+
+def _plan_variants(studies: list[dict], rng: np.random.Generator) -> None:
+    """Uncertain effusion labels (about 1 in 8) and two report variants: one with an addendum, one without IMPRESSION."""
+    n_total = len(studies)
     eff = [i for i, st in enumerate(studies) if st["finding"] == "Pleural Effusion"]
     n_unc = int(round(len(eff) / 8.0))
     cand = [eff[int(i)] for i in rng.permutation(len(eff))]
+
     # prefer effusions that are not large: "possible effusion" fits them
     def is_large(i: int) -> bool:
         sev = _finding_for_seed("Pleural Effusion", studies[i]["image_seed"])["severity"]
@@ -976,7 +991,6 @@ def _plan(args: dict) -> list[dict]:
     cand.sort(key=is_large)
     for i in cand[:n_unc]:
         studies[i]["uncertain"] = True
-    # report variants: one with an addendum, one without IMPRESSION
     if n_total >= 2:
         order = [int(i) for i in rng.permutation(n_total)]
         normals = [i for i in order if studies[i]["finding"] == "No Finding"]
@@ -985,7 +999,6 @@ def _plan(args: dict) -> list[dict]:
         add = abnormal[0] if abnormal else next(i for i in order if i != no_imp)
         studies[no_imp]["no_impression"] = True
         studies[add]["addendum"] = True
-    return studies
 
 
 def _finding_for_seed(finding: str, seed: int) -> dict:
@@ -1075,7 +1088,7 @@ def _build(root: pathlib.Path, args: dict) -> dict:
     return {
         "format": "phantom MIMIC-CXR-JPG v2.0.0",
         "version": _FORMAT_VERSION,
-        "generator": "datamodules.phantoms.write_phantom_mimic",
+        "generator": "synthetic.phantoms.write_phantom_mimic",
         "note": "synthetic phantoms; no real patient data",
         "arguments": args,
         "n_studies": len(studies),
@@ -1228,7 +1241,7 @@ def preview_grid(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m datamodules.phantoms",
+        prog="python -m synthetic.phantoms",
         description="Write synthetic chest X-ray phantoms in the MIMIC-CXR-JPG v2.0.0 layout.",
     )
     p.add_argument("out_dir")

@@ -11,8 +11,8 @@ number, ``##`` marks a word continuation) with a vocabulary small enough for a 3
 
 The tokenizer lower-cases and strips accents (``do_lower_case=True``), as uncased BERT does.
 
-Run ``python tools/make_tiny_bert_tokenizer.py`` to regenerate
-``lightning_modules/assets/tiny_bert_tokenizer/vocab.txt``.
+Run ``python -m synthetic.make_tiny_bert_tokenizer`` to regenerate
+``synthetic/assets/tiny_bert_tokenizer/vocab.txt``.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def build() -> list[str]:
     return tokens
 
 
-def main(out: Path = Path(__file__).resolve().parents[1] / "lightning_modules" / "assets" / "tiny_bert_tokenizer") -> None:
+def main(out: Path = Path(__file__).resolve().parent / "assets" / "tiny_bert_tokenizer") -> None:
     tokens = build()
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")

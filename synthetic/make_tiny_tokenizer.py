@@ -6,7 +6,7 @@ as the two highest ids) with a vocabulary small enough for the tiny text encoder
 symbols (with and without ``</w>``) plus one merge chain per word of the suite's prompts, so that
 those words are single tokens and any other text still tokenises, letter by letter.
 
-Run ``python tools/make_tiny_tokenizer.py`` to regenerate ``lightning_modules/assets/tiny_clip_tokenizer``.
+Run ``python -m synthetic.make_tiny_tokenizer`` to regenerate ``synthetic/assets/tiny_clip_tokenizer``.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def build() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def main(out: Path = Path(__file__).resolve().parents[1] / "lightning_modules" / "assets" / "tiny_clip_tokenizer") -> None:
+def main(out: Path = Path(__file__).resolve().parent / "assets" / "tiny_clip_tokenizer") -> None:
     vocab, merges = build()
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Does fine-tuning teach the model to draw the finding it is asked for? ``python tools/finding_correctness_demo.py runs/demo``.
+"""Does fine-tuning teach the model to draw the finding it is asked for? ``python -m synthetic.finding_correctness_demo runs/demo``.
 
 Generates images for "a photo of a lung xray" and "a photo of a lung xray with a visible pleural
 effusion" with the run's base model and with the fine-tuned run, on the same seeds, scores each
@@ -15,17 +15,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from datamodules.prompts import FINDING_PROMPTS  # noqa: E402
+from datamodules.prompts import FINDING_PROMPTS
 
 NORMAL = FINDING_PROMPTS["No Finding"]
 EFFUSION = FINDING_PROMPTS["Pleural Effusion"]
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m synthetic.finding_correctness_demo", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--n", type=int, default=64, help="images per prompt and model")
     parser.add_argument("--steps", type=int, default=25)
@@ -35,23 +32,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--grid_columns", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from callbacks.sample_grid import labelled_grid
-    from evaluation.classifiers import load_classifier
-    from evaluation.finding_correctness import finding_correctness
-    from lightning_modules.runs import RunLoadError, load_run
+    from core.grids import labelled_grid
+    from lightning_modules.runs import RunLoadError, load_run_generator
+    from metrics.classifiers import load_classifier
+    from metrics.finding_correctness import finding_correctness_of_images
 
     try:
-        tuned, ckpt = load_run(args.run_dir)
-        base, _ = load_run(args.run_dir, trained=False)
+        tuned, ckpt = load_run_generator(args.run_dir)
+        base, _ = load_run_generator(args.run_dir, trained=False)
     except RunLoadError as err:
         sys.exit(f"finding_correctness_demo.py: error: {err}")
     classifier = load_classifier(args.classifier)
     seeds = [args.seed + i for i in range(args.n)]
     results, rows, labels = {}, [], []
-    for name, module in (("base", base), ("fine-tuned", tuned)):
-        images = {p: module.generate([p] * args.n, seeds=seeds, steps=args.steps, guidance=args.guidance) for p in (NORMAL, EFFUSION)}
-        score = finding_correctness(classifier, images[EFFUSION], images[NORMAL], "Pleural Effusion")
-        results[name] = score.as_dict()
+    for name, generator in (("base", base), ("fine-tuned", tuned)):
+        images = {p: generator.generate([p] * args.n, seeds=seeds, steps=args.steps, guidance=args.guidance) for p in (NORMAL, EFFUSION)}
+        results[name] = finding_correctness_of_images(classifier, images[EFFUSION], images[NORMAL], "Pleural Effusion")
         for p in (NORMAL, EFFUSION):
             rows.append(images[p][: args.grid_columns])
             labels += [f"{name}: {p}"] * min(args.grid_columns, args.n)

@@ -1,46 +1,32 @@
-"""The one place that loads Stable Diffusion.
+"""The one place that loads Stable Diffusion (plain PyTorch, no Lightning).
 
 A :class:`StableDiffusionSpec` names what to load: a diffusers model id or local folder
-(``CompVis/stable-diffusion-v1-4`` by default) or a built-in preset:
-
-* ``tiny-random`` — a seeded miniature built from constructor configs (U-Net ``(32, 64)``,
-  VAE ``[32, 64]``, a 5-layer 32-wide CLIP text encoder) with the small CLIP tokenizer shipped in
-  ``lightning_modules/assets``. It needs no download and draws noise: use it for plumbing and tests.
-* ``tiny-phantom`` — the same architecture with weights trained on chest X-ray phantoms, shipped in
-  ``lightning_modules/assets/tiny_phantom`` (built by ``tools/build_tiny_phantom.py``; see its
-  MODEL_CARD.md). It draws phantom chest X-rays but has never seen a finding named. Unlike SD v1.4 it
-  predicts v on a zero-terminal-SNR schedule (:func:`tiny_phantom_scheduler_config`), so that its
-  prompt, not the starting noise, decides the layout of a 64 px image.
-* ``sd14-random`` — SD v1.4's full-size architecture (../shared/REFERENCE.md §7: 860 M U-Net, 84 M VAE,
-  123 M CLIP) with seeded random weights and the small tokenizer padded to CLIP's 49,408 ids: for speed
-  and memory benchmarks on a GPU without downloading the weights. It draws noise.
+(``CompVis/stable-diffusion-v1-4`` by default) or a preset: a named Stable Diffusion that needs no download,
+registered by an installed package through the ``cxr_diffusion.stable_diffusion`` entry points
+(:mod:`core.plugins`). The suite's own presets live in the ``synthetic`` package (``tiny-random``, ``tiny-phantom``,
+``sd14-random``; see ``synthetic/presets.py``).
 
 :func:`load_stable_diffusion` turns a spec into a :class:`StableDiffusion` module that holds
 ``vae, text_encoder, unet`` (frozen unless a strategy says otherwise) plus ``tokenizer`` and the
 training ``noise_scheduler``, with the helpers every strategy and every study uses:
 :meth:`~StableDiffusion.encode_images`, :meth:`~StableDiffusion.encode_prompts`,
-:meth:`~StableDiffusion.sample`.
+:meth:`~StableDiffusion.sample`. SD v1.4's configs are in docs/formats.md §7.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-TINY_TOKENIZER_DIR = ASSETS / "tiny_clip_tokenizer"
-TINY_PHANTOM_DIR = ASSETS / "tiny_phantom"
-PRESETS = ("tiny-random", "tiny-phantom", "sd14-random")
-RANDOM_PRESETS = ("tiny-random", "sd14-random")
+from core import plugins
+
 DEFAULT_PRETRAINED = "CompVis/stable-diffusion-v1-4"
 
-# SD v1.4's scheduler/scheduler_config.json (REFERENCE §7); the presets use it too.
+# SD v1.4's scheduler/scheduler_config.json (docs/formats.md §7).
 SD14_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -54,34 +40,30 @@ SD14_SCHEDULER_CONFIG = {
 }
 
 INFERENCE_SCHEDULERS = ("pndm", "ddim", "euler", "dpm")
-# The terminal signal level of the tiny-phantom schedule: zero SNR lifted to 2**-24, as diffusers'
-# EulerDiscreteScheduler does under rescale_betas_zero_snr, so every sampler (PNDM too) can divide by it.
-TERMINAL_ALPHA_CUMPROD = 2.0**-24
 
 
-def tiny_phantom_scheduler_config() -> dict:
-    """SD v1.4's scheduler rescaled to zero terminal SNR, with v-prediction and trailing timesteps (Lin et al. 2024).
+@dataclass(frozen=True)
+class StableDiffusionPreset:
+    """A Stable Diffusion that needs no download, registered under a name (``cxr_diffusion.stable_diffusion``).
 
-    Why: under SD v1.4's schedule the last training step still keeps sqrt(0.0047) of the image. In a
-    32x32x4 latent that is enough for a large structure such as a pleural effusion to be read from
-    the starting noise, so a U-Net learns to take the layout from the noise and never from the
-    prompt; ε-prediction also gives the prompt almost no gradient at the high noise levels where it
-    would matter. Measured once (the tiny-phantom MODEL_CARD.md): a U-Net trained from scratch on two
-    prompts, each with its own phantoms, drew images the phantom classifier could hardly tell apart
-    by prompt on SD v1.4's schedule (AUROC 0.55), and could on this one (0.91). The betas are
-    written out (``trained_betas``) so every diffusers sampler reads the same schedule; PNDM has no
-    ``rescale_betas_zero_snr`` option.
+    Either ``folder``, a diffusers pipeline folder shipped with the package that registers it, or ``build``,
+    which makes the parts from constructor configs with a seed: ``build(seed) -> (vae, text_encoder, tokenizer,
+    unet, noise_scheduler)``. ``key(seed)`` names the weights for cache keys and provenance.
     """
-    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
-    base = SD14_SCHEDULER_CONFIG
-    steps = base["num_train_timesteps"]
-    betas = torch.linspace(base["beta_start"] ** 0.5, base["beta_end"] ** 0.5, steps, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - rescale_zero_terminal_snr(betas), dim=0)
-    alphas_cumprod[-1] = TERMINAL_ALPHA_CUMPROD
-    betas = 1.0 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    return {**base, "trained_betas": [round(float(b), 10) for b in betas], "prediction_type": "v_prediction",
-            "timestep_spacing": "trailing"}
+    name: str
+    key: Callable[[int], str]
+    folder: Optional[Path] = None
+    build: Optional[Callable[[int], tuple]] = None
+
+
+def preset_names() -> tuple[str, ...]:
+    return plugins.names(plugins.STABLE_DIFFUSION)
+
+
+@functools.lru_cache(maxsize=None)
+def get_preset(name: str) -> StableDiffusionPreset:
+    return plugins.load(plugins.STABLE_DIFFUSION, name)
 
 
 @dataclass
@@ -90,10 +72,10 @@ class StableDiffusionSpec:
 
     Args:
         pretrained: a diffusers model id (``CompVis/stable-diffusion-v1-4``), a local folder holding a
-            ``model_index.json`` pipeline, or a built-in preset (``tiny-random``, ``tiny-phantom``, ``sd14-random``).
+            ``model_index.json`` pipeline, or a preset (``tiny-random``, ``tiny-phantom``, ``sd14-random``).
         revision: git revision of a hub id (branch, tag or commit).
         local_files_only: never touch the network; read the Hugging Face cache only.
-        seed: seed of the ``tiny-random``/``sd14-random`` weights (ignored otherwise).
+        seed: seed of a preset built from constructor configs (``tiny-random``, ``sd14-random``; ignored otherwise).
     """
 
     pretrained: str = DEFAULT_PRETRAINED
@@ -103,22 +85,13 @@ class StableDiffusionSpec:
 
     @property
     def is_preset(self) -> bool:
-        return self.pretrained in PRESETS
+        return self.pretrained in preset_names()
 
     def cache_key(self) -> str:
         """A short string identifying these weights (for cache keys and provenance)."""
-        if self.pretrained in RANDOM_PRESETS:
-            return f"{self.pretrained}-seed{self.seed}"
-        if self.pretrained == "tiny-phantom":
-            return f"tiny-phantom-{_tiny_phantom_digest()}"
+        if self.is_preset:
+            return get_preset(self.pretrained).key(self.seed)
         return f"{self.pretrained}@{self.revision or 'main'}"
-
-
-@functools.lru_cache(maxsize=1)
-def _tiny_phantom_digest() -> str:
-    """First 10 hex digits of the SHA-256 of the shipped U-Net weights: a rebuild changes the key."""
-    path = TINY_PHANTOM_DIR / "unet" / "diffusion_pytorch_model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "missing"
 
 
 class StableDiffusionLoadError(RuntimeError):
@@ -271,108 +244,14 @@ class StableDiffusion(nn.Module):
                 part.to(dtype)
 
 
-# ---------------------------------------------------------------------- builders
-def tiny_configs() -> dict:
-    """Constructor configs of the ``tiny-random`` miniature (also the CPU benchmark sizes)."""
-    return {
-        "unet": dict(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        "vae": dict(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-        ),
-        "text_encoder": dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            max_position_embeddings=77,
-            layer_norm_eps=1e-5,
-            hidden_act="quick_gelu",
-        ),
-    }
-
-
-def sd14_configs() -> dict:
-    """Constructor configs of SD v1.4's U-Net, VAE and CLIP text encoder (../shared/REFERENCE.md §7), for the
-    ``sd14-random`` preset: the full-size architecture with random weights, for speed and memory benchmarks."""
-    return {
-        "unet": dict(
-            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-            downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
-        ),
-        "vae": dict(
-            sample_size=512, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4, layers_per_block=2, norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
-        ),
-        "text_encoder": dict(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-            max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="quick_gelu",
-        ),
-        "vocab_size": 49408,
-    }
-
-
-def load_tiny_tokenizer():
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), model_max_length=77)
-
-
-def _build_tiny_random(spec: StableDiffusionSpec) -> StableDiffusion:
-    """``tiny-random`` (the miniature) or ``sd14-random`` (SD v1.4's sizes; the tiny tokenizer, whose ids fit its vocabulary)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = sd14_configs() if spec.pretrained == "sd14-random" else tiny_configs()
-    tokenizer = load_tiny_tokenizer()
-    if "vocab_size" in cfg:  # ids line up with the embedding table, as in SD's own tokenizer (new tokens go after it)
-        tokenizer.add_tokens([f"<|unused-{i}|>" for i in range(cfg["vocab_size"] - len(tokenizer))])
-    # Build under a private RNG so the global seed of the caller is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        unet = UNet2DConditionModel(**cfg["unet"])
-        vae = AutoencoderKL(**cfg["vae"])
-        text_config = CLIPTextConfig(
-            **cfg["text_encoder"],
-            vocab_size=cfg.get("vocab_size", len(tokenizer)),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        text_encoder = CLIPTextModel(text_config)
-    scheduler = DDPMScheduler.from_config(SD14_SCHEDULER_CONFIG)
-    return StableDiffusion(vae, text_encoder, tokenizer, unet, scheduler, spec)
-
-
+# ---------------------------------------------------------------------- loading
 def _how_to_get_weights(spec: StableDiffusionSpec) -> str:
     return (
         f"Stable Diffusion weights {spec.pretrained!r} could not be loaded. Either pass a local folder that holds "
         "a diffusers pipeline (model_index.json with vae/, text_encoder/, tokenizer/, unet/, scheduler/), e.g. one "
         "made with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir sd-v1-4` on a machine with "
         "internet access (accept the model licence on the Hub first), or make sure the hub id is in your Hugging Face "
-        f"cache (HF_HOME). Built-in presets that need no download: {', '.join(PRESETS)}."
+        f"cache (HF_HOME). Presets that need no download: {', '.join(preset_names()) or 'none installed'}."
     )
 
 
@@ -414,7 +293,7 @@ def _load_pretrained(spec: StableDiffusionSpec) -> StableDiffusion:
     return StableDiffusion(vae, text_encoder, tokenizer, unet, scheduler, spec)
 
 
-def _as_spec(spec: StableDiffusionSpec | dict | str) -> StableDiffusionSpec:
+def _as_spec(spec: "StableDiffusionSpec | dict | str") -> StableDiffusionSpec:
     if isinstance(spec, str):
         return StableDiffusionSpec(pretrained=spec)
     if isinstance(spec, dict):
@@ -422,13 +301,33 @@ def _as_spec(spec: StableDiffusionSpec | dict | str) -> StableDiffusionSpec:
     return spec
 
 
-def _tiny_phantom_spec() -> StableDiffusionSpec:
-    if not (TINY_PHANTOM_DIR / "model_index.json").is_file():
-        raise StableDiffusionLoadError(
-            f"{TINY_PHANTOM_DIR}: the tiny-phantom weights are missing from this checkout; rebuild them with "
-            "`python tools/build_tiny_phantom.py`"
-        )
-    return StableDiffusionSpec(pretrained=str(TINY_PHANTOM_DIR), local_files_only=True)
+def _folder_spec(spec: StableDiffusionSpec) -> StableDiffusionSpec:
+    """The spec to read files from: a preset with shipped weights reads its folder, offline."""
+    if spec.is_preset and get_preset(spec.pretrained).folder is not None:
+        folder = Path(get_preset(spec.pretrained).folder)
+        if not (folder / "model_index.json").is_file():
+            raise StableDiffusionLoadError(f"{folder}: the weights of preset {spec.pretrained!r} are missing from this checkout")
+        return StableDiffusionSpec(pretrained=str(folder), local_files_only=True)
+    return spec
+
+
+def _built(spec: StableDiffusionSpec) -> Optional[StableDiffusion]:
+    """The preset built from constructor configs, or None when ``spec`` is not such a preset."""
+    if not spec.is_preset or get_preset(spec.pretrained).build is None:
+        return None
+    # built under a private RNG so the global seed of the caller is untouched
+    with torch.random.fork_rng(devices=[]):
+        vae, text_encoder, tokenizer, unet, scheduler = get_preset(spec.pretrained).build(spec.seed)
+    return StableDiffusion(vae, text_encoder, tokenizer, unet, scheduler, spec)
+
+
+def _from_pretrained(cls, spec: StableDiffusionSpec, subfolder: str, parts: Sequence[str]):
+    source_spec = _folder_spec(spec)
+    try:
+        return cls.from_pretrained(_source(source_spec, parts), subfolder=subfolder, revision=source_spec.revision,
+                                   local_files_only=source_spec.local_files_only)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise StableDiffusionLoadError(_how_to_get_weights(spec) + f"\nUnderlying error: {err}") from None
 
 
 def load_vae(spec: StableDiffusionSpec | dict | str):
@@ -436,14 +335,8 @@ def load_vae(spec: StableDiffusionSpec | dict | str):
     from diffusers import AutoencoderKL
 
     spec = _as_spec(spec)
-    if spec.pretrained in RANDOM_PRESETS:
-        return load_stable_diffusion(spec).vae.eval()
-    source_spec = _tiny_phantom_spec() if spec.pretrained == "tiny-phantom" else spec
-    try:
-        vae = AutoencoderKL.from_pretrained(_source(source_spec, ("vae",)), subfolder="vae", revision=source_spec.revision,
-                                            local_files_only=source_spec.local_files_only)
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise StableDiffusionLoadError(_how_to_get_weights(spec) + f"\nUnderlying error: {err}") from None
+    built = _built(spec)
+    vae = built.vae if built is not None else _from_pretrained(AutoencoderKL, spec, "vae", ("vae",))
     return vae.requires_grad_(False).eval()
 
 
@@ -452,30 +345,24 @@ def load_text_encoder(spec: StableDiffusionSpec | dict | str):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     spec = _as_spec(spec)
-    if spec.pretrained in RANDOM_PRESETS:
-        sd = load_stable_diffusion(spec)
-        return sd.tokenizer, sd.text_encoder.requires_grad_(False).eval()
-    source_spec = _tiny_phantom_spec() if spec.pretrained == "tiny-phantom" else spec
-    kwargs = dict(revision=source_spec.revision, local_files_only=source_spec.local_files_only)
-    try:
-        source = _source(source_spec, ("tokenizer", "text_encoder"))
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise StableDiffusionLoadError(_how_to_get_weights(spec) + f"\nUnderlying error: {err}") from None
+    built = _built(spec)
+    if built is not None:
+        return built.tokenizer, built.text_encoder.requires_grad_(False).eval()
+    parts = ("tokenizer", "text_encoder")
+    tokenizer = _from_pretrained(CLIPTokenizer, spec, "tokenizer", parts)
+    text_encoder = _from_pretrained(CLIPTextModel, spec, "text_encoder", parts)
     return tokenizer, text_encoder.requires_grad_(False).eval()
 
 
 def load_stable_diffusion(spec: StableDiffusionSpec | dict | str) -> StableDiffusion:
     """Load the parts named by ``spec`` (a spec, a dict of its fields, or a bare id/preset string)."""
     spec = _as_spec(spec)
-    if spec.pretrained in RANDOM_PRESETS:
-        return _build_tiny_random(spec)
-    if spec.pretrained == "tiny-phantom":
-        sd = _load_pretrained(_tiny_phantom_spec())
-        sd.spec = spec
-        return sd
-    return _load_pretrained(spec)
+    built = _built(spec)
+    if built is not None:
+        return built
+    sd = _load_pretrained(_folder_spec(spec))
+    sd.spec = spec
+    return sd
 
 
 def precision_to_dtype(precision: str | int | None) -> torch.dtype:

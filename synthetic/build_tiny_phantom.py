@@ -1,6 +1,6 @@
 """Build the ``tiny-phantom`` preset: a small Stable Diffusion trained on chest X-ray phantoms.
 
-``python tools/build_tiny_phantom.py`` writes ``lightning_modules/assets/tiny_phantom/``, a diffusers
+``python -m synthetic.build_tiny_phantom`` writes ``synthetic/assets/tiny_phantom/``, a diffusers
 pipeline folder plus a phantom finding classifier, deterministically from the phantom generator:
 
 1. a tiny ``AutoencoderKL`` (32/64 channels, 64 px -> 4x32x32) trained to reconstruct phantoms; its
@@ -11,11 +11,11 @@ pipeline folder plus a phantom finding classifier, deterministically from the ph
    "a photo of a lung xray" only (10 % empty prompts, for classifier-free guidance): it draws chest
    X-rays but has never seen a finding named — the analogue of SD v1.4 never having seen radiology.
    It predicts v on SD v1.4's schedule rescaled to zero terminal SNR
-   (``stable_diffusion.tiny_phantom_scheduler_config``): under SD v1.4's own schedule a 64 px
+   (``synthetic.presets.tiny_phantom_scheduler_config``): under SD v1.4's own schedule a 64 px
    phantom's layout can be read from the starting noise, and the U-Net never learns to take it from
    the prompt, even when fine-tuned with one;
 4. a small CNN classifier for the phantom findings (Effusion, Cardiomegaly) behind the
-   torchxrayvision interface (``evaluation/classifiers.py``).
+   torchxrayvision interface (``synthetic/phantom_classifier.py``).
 
 ``--quick`` runs a few steps of each stage (for the reproducibility test). The full build takes
 about 20 minutes on 2 CPU cores.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -32,14 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from synthetic.phantom_classifier import PhantomClassifier
+from synthetic.phantoms import render_phantom
+from synthetic.presets import TINY_PHANTOM_DIR, load_tiny_tokenizer, tiny_configs, tiny_phantom_scheduler_config
 
-from datamodules.phantoms import render_phantom  # noqa: E402
-from evaluation.classifiers import PhantomClassifier  # noqa: E402
-from lightning_modules.stable_diffusion import load_tiny_tokenizer, tiny_configs, tiny_phantom_scheduler_config  # noqa: E402
-
-OUT = REPO / "lightning_modules" / "assets" / "tiny_phantom"
+OUT = TINY_PHANTOM_DIR
 FINDINGS = ("No Finding", "Pleural Effusion", "Cardiomegaly")
 BASE_PROMPT = "a photo of a lung xray"
 RESOLUTION = 64

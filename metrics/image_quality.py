@@ -1,6 +1,6 @@
 """Per-image reconstruction metrics (RMSE, PSNR, SSIM) with an explicit data range and scale.
 
-All metrics go through ``skimage.metrics`` with ``data_range`` always given (REFERENCE §5):
+All metrics go through ``skimage.metrics`` with ``data_range`` always given (docs/formats.md §5):
 
 * ``8bit``: images as 0–255 gray levels, ``data_range=255``;
 * ``xrv``: torchxrayvision's scale ``(2*x/255 - 1) * 1024`` in [-1024, 1024], ``data_range=2048``.
@@ -9,7 +9,7 @@ RMSE depends on the scale (RMSE_xrv = RMSE_8bit * 2048/255); PSNR does not, as l
 ``data_range`` follows the scale. SSIM does: it is invariant to scaling but not to the offset
 (its luminance term ``(2 mu_x mu_y + C1) / (mu_x² + mu_y² + C1)`` changes when the means move
 towards 0), so SSIM on [-1024, 1024] differs from SSIM on 0–255 and both are reported. The paper's "RMSE 41, PSNR 33.6 dB" only fits together on the xrv
-scale (REFERENCE §5), which is why both are reported.
+scale (docs/formats.md §5), which is why both are reported.
 
 PSNR here is **per image** (``10 log10(range² / MSE_i)``, then averaged over images);
 :func:`pooled_psnr` gives the dataset-level PSNR from the mean MSE (what torchmetrics'
@@ -102,28 +102,3 @@ def pooled_psnr(mse_values, scale: str) -> float:
     """Dataset-level PSNR from the mean of per-image MSEs (``10 log10(range² / mean MSE)``)."""
     mse = float(np.mean(np.asarray(mse_values, dtype=np.float64)))
     return float(10 * np.log10(data_range(scale) ** 2 / mse)) if mse > 0 else float("inf")
-
-
-def summarize(values) -> dict[str, float]:
-    """mean, sd (sample, ddof=1), median, min, max and n of finite values."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"n": 0, "mean": float("nan"), "sd": float("nan"), "median": float("nan"), "min": float("nan"), "max": float("nan")}
-    return {
-        "n": int(v.size),
-        "mean": float(v.mean()),
-        "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-        "median": float(np.median(v)),
-        "min": float(v.min()),
-        "max": float(v.max()),
-    }
-
-
-def format_summary(s: dict, digits: int = 2) -> str:
-    """``mean ± sd; median, m; range, lo – hi (n=N)`` as in the paper's text."""
-    if s["n"] == 0:
-        return "n/a (n=0)"
-    f = f"{{:.{digits}f}}"
-    return (f"{f.format(s['mean'])} ± {f.format(s['sd'])}; median, {f.format(s['median'])}; "
-            f"range, {f.format(s['min'])} – {f.format(s['max'])} (n={s['n']})")

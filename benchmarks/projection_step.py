@@ -1,4 +1,4 @@
-"""Time textual-projection training steps: ``python tools/benchmark_projection.py [--sd ID --domain ID --device cuda]``.
+"""Time textual-projection training steps: ``python benchmarks/projection_step.py [--sd ID --domain ID --device cuda]``.
 
 Measures, in one process on one device, the time of one optimisation step (forward, MSE, backward,
 AdamW) of the projection MLP for
@@ -15,16 +15,12 @@ for the real models (downloaded beforehand).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _time(step, n: int, warmup: int, sync) -> float:
@@ -49,8 +45,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
     args = parser.parse_args(argv)
 
-    from datamodules.laion import SyntheticLAIONDataModule
-    from lightning_modules.projection import DocumentEmbeddingCache, TextualProjection
+    from synthetic.laion import SyntheticLAIONDataModule
+    from datamodules.contract import CaptionSet
+    from lightning_modules.preparation import DocumentEmbeddings, DocumentEncoder, fill_document_embeddings
+    from lightning_modules.projection import TextualProjection
 
     device = torch.device(args.device)
     dtype = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
@@ -67,14 +65,16 @@ def main(argv=None) -> dict:
             module.domain.to(dtype=dtype)
             opt = torch.optim.AdamW(module.projection.parameters(), lr=1e-4)
             rng = np.random.default_rng(0)
-            if cached:
-                cache = DocumentEmbeddingCache(Path(tmp) / "cache", len(captions), module.in_features, module.out_features)
-                cache.create()
-                cache.open("r+")
-                module.fill_cache(cache, lambda rows: [captions[i] for i in rows], np.arange(len(captions)), progress=False)
-                cache.finish()
-                cache.open("r")
-                module._cache = cache
+            if cached:  # what the fit-time preparation builds, filled here without a Trainer
+                c = module.conditioning
+                folder = Path(tmp) / "cache"
+                folder.mkdir(exist_ok=True)
+                for name, width in (("domain", c.in_features), ("clip", c.out_features)):
+                    np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(captions), width)).flush()
+                encoder = DocumentEncoder(lambda texts: (c.inputs(texts), c.targets(texts)), c.in_features, c.out_features, {}, folder)
+                fill_document_embeddings(folder, encoder, CaptionSet("benchmark", len(captions), lambda rows: [captions[i] for i in rows]),
+                                         np.arange(len(captions)), progress=False)
+                module.prepared.documents = DocumentEmbeddings(folder)
 
             def step():
                 index = torch.from_numpy(rng.choice(len(captions), args.batch_size, replace=False))

@@ -1,7 +1,7 @@
 """Time CheXpert@k (cosine and bag-of-words) on random data of the study's shapes.
 
-    python tools/benchmark_chexpert_at_k.py                      # 700 and 10,000 reports on the default device
-    python tools/benchmark_chexpert_at_k.py --n 700 100000 --device cuda
+    python benchmarks/chexpert_at_k.py                      # 700 and 10,000 reports on the default device
+    python benchmarks/chexpert_at_k.py --n 700 100000 --device cuda
 
 Prints, per size, the seconds of one CheXpert@10 over 768-d embeddings (paper mode, 14 classes) and the
 peak memory the similarity chunks need (CUDA: ``max_memory_allocated``; CPU: the chunk size), so the
@@ -10,16 +10,12 @@ README's "700 reports in milliseconds, 100k feasible in bounded memory" is a mea
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.chexpert_at_k import (DEFAULT_MAX_CHUNK_ELEMENTS, CosineSimilarity, TokenIoUSimilarity,  # noqa: E402
-                                      chexpert_at_k, chunk_rows, class_matrices)
+from metrics.chexpert_at_k import (DEFAULT_MAX_CHUNK_ELEMENTS, CosineSimilarity, TokenIoUSimilarity, chexpert_at_k, chunk_rows,
+                                   class_matrices)
 
 
 def main(argv=None) -> int:

@@ -3,12 +3,9 @@
 A :class:`DomainEncoderSpec` names what to load and how to turn its output into one vector per text:
 
 * ``pretrained``: a Hugging Face id or local folder of a BERT-family encoder
-  (``microsoft/BiomedVLP-CXR-BERT-specialized`` by default), or a built-in preset that needs no download:
-
-  - ``tiny-bert``: a seeded 2-layer, 32-wide ``BertModel`` (with pooler) over the small WordPiece
-    vocabulary in ``lightning_modules/assets/tiny_bert_tokenizer`` (``tools/make_tiny_bert_tokenizer.py``);
-  - ``tiny-cxr-bert``: the same encoder as a :class:`CXRBertModel` with a 16-wide projection head, a
-    stand-in for CXR-BERT-specialized in tests (it supports ``projected``, not ``pooler``).
+  (``microsoft/BiomedVLP-CXR-BERT-specialized`` by default), or a preset that needs no download, registered through
+  the ``cxr_diffusion.domain_encoders`` entry points (:mod:`core.plugins`; the suite's own, ``tiny-bert`` and
+  ``tiny-cxr-bert``, are in ``synthetic/presets.py``).
 
 * ``extraction``: ``cls`` (the [CLS] row of the last hidden state), ``mean`` (mean of the last hidden
   state over the real tokens, [CLS] and [SEP] included, padding excluded), ``pooler`` (BERT's
@@ -32,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional, Sequence
+from typing import Callable, Literal, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +38,24 @@ from transformers import BertConfig, BertModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertPreTrainedModel
 
-from lightning_modules.stable_diffusion import is_local_path
+from core import plugins
+from models.stable_diffusion import is_local_path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-TINY_BERT_TOKENIZER_DIR = ASSETS / "tiny_bert_tokenizer"
 DEFAULT_DOMAIN_ENCODER = "microsoft/BiomedVLP-CXR-BERT-specialized"
-PRESETS = ("tiny-bert", "tiny-cxr-bert")
 EXTRACTIONS = ("cls", "mean", "pooler", "projected")
-TINY_PROJECTION_SIZE = 16
+
+
+@dataclass(frozen=True)
+class DomainEncoderPreset:
+    """A domain encoder that needs no download, registered under a name (``cxr_diffusion.domain_encoders``):
+    ``build(seed) -> (model, tokenizer)`` with seeded weights."""
+
+    name: str
+    build: Callable[[int], tuple]
+
+
+def preset_names() -> tuple[str, ...]:
+    return plugins.names(plugins.DOMAIN_ENCODERS)
 # Checkpoint keys of CXR-BERT-specialized that the encoder does not use (see the module docstring).
 IGNORED_CHECKPOINT_KEYS = (r"^cls\.predictions\.", r"position_ids$")
 
@@ -83,7 +90,7 @@ class DomainEncoderSpec:
 
     @property
     def is_preset(self) -> bool:
-        return self.pretrained in PRESETS
+        return self.pretrained in preset_names()
 
     def cache_key(self) -> str:
         """A short readable string identifying these weights and this extraction (for cache keys and provenance)."""
@@ -318,38 +325,11 @@ class DomainEncoder(nn.Module):
         return self.encode(texts)
 
 
-# ---------------------------------------------------------------------- builders
-def tiny_bert_config(vocab_size: int) -> dict:
-    """Constructor config of the tiny presets' encoder."""
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-
-
-def load_tiny_bert_tokenizer():
-    from transformers import BertTokenizer
-
-    vocab = TINY_BERT_TOKENIZER_DIR / "vocab.txt"
-    if not vocab.is_file():
-        raise DomainEncoderLoadError(f"{vocab}: the tiny BERT vocabulary is missing; rebuild it with `python tools/make_tiny_bert_tokenizer.py`")
-    return BertTokenizer(vocab=str(vocab), do_lower_case=True, model_max_length=128)
-
-
+# ---------------------------------------------------------------------- loading
 def _build_preset(spec: DomainEncoderSpec) -> DomainEncoder:
-    tokenizer = load_tiny_bert_tokenizer()
-    cfg = tiny_bert_config(len(tokenizer))
+    preset = plugins.load(plugins.DOMAIN_ENCODERS, spec.pretrained)
     with torch.random.fork_rng(devices=[]):  # a private RNG: the caller's global seed is untouched
-        torch.manual_seed(spec.seed)
-        if spec.pretrained == "tiny-cxr-bert":
-            model = CXRBertModel(CXRBertConfig(projection_size=TINY_PROJECTION_SIZE, **cfg))
-        else:
-            model = BertModel(BertConfig(**cfg))
+        model, tokenizer = preset.build(spec.seed)
     return DomainEncoder(model, tokenizer, spec)
 
 
@@ -359,7 +339,7 @@ def _how_to_get_weights(spec: DomainEncoderSpec) -> str:
         "config.json, weights (model.safetensors or pytorch_model.bin) and tokenizer files (vocab.txt, "
         f"tokenizer_config.json), e.g. one made with `hf download {spec.pretrained} --local-dir <folder>` on a "
         "machine with internet access, or make sure the hub id is in your Hugging Face cache (HF_HOME). "
-        f"Built-in presets that need no download: {', '.join(PRESETS)}."
+        f"Presets that need no download: {', '.join(preset_names()) or 'none installed'}."
     )
 
 

@@ -1,0 +1,129 @@
+"""Exports: what ``export.py`` writes and :func:`load_export` reads back, for every strategy.
+
+An export folder holds the trained parts in formats plain diffusers loads, plus ``export.json``, which names its
+*kind* (how to load it), the strategy that trained it and the base model::
+
+    {"format": "cxr-diffusion export", "version": 1, "kind": "pipeline", "strategy": "UNetFineTuning",
+     "base_model": {"pretrained": "CompVis/stable-diffusion-v1-4", ...}}
+
+Kinds are looked up by name in the ``cxr_diffusion.exports`` entry points (pyproject.toml), each a function
+``load(folder, manifest, base) -> Generator``; a new strategy with a new kind of export adds one line there:
+
+* ``pipeline`` — a diffusers ``StableDiffusionPipeline`` folder (U-Net fine-tuning; also any plain diffusers pipeline);
+* ``textual_inversion`` — ``learned_embeds*.safetensors`` and ``textual_inversion.json`` on a base model;
+* ``projection`` — ``projection.safetensors`` and ``projection.json`` (domain encoder + MLP) on a base model.
+
+A folder without ``export.json`` (written by plain diffusers, or before ``export.json`` existed) is read by its files:
+``model_index.json`` is a pipeline, ``projection.json`` a projection, ``textual_inversion.json`` or
+``learned_embeds*.safetensors`` textual inversion.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from core import plugins
+from models.generator import Generator
+
+MANIFEST = "export.json"
+FORMAT = "cxr-diffusion export"
+EXPORTS = "cxr_diffusion.exports"
+
+
+class ExportError(ValueError):
+    """A folder is not an export, or its files do not fit together."""
+
+
+def write_manifest(folder: Path, kind: str, strategy: str, base_model: dict, **extra) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "version": 1, "kind": kind, "strategy": strategy, "base_model": base_model, **extra}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    return folder / MANIFEST
+
+
+def read_manifest(folder: Path) -> dict:
+    """``export.json``, or for a folder without one the kind its files show (module docstring)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: no such folder")
+    if (folder / MANIFEST).is_file():
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT or "kind" not in manifest:
+            raise ExportError(f"{folder / MANIFEST}: not a {FORMAT} manifest (no 'kind')")
+        return manifest
+    if (folder / "model_index.json").is_file():
+        return {"kind": "pipeline", "strategy": "a diffusers pipeline"}
+    if (folder / "projection.json").is_file():
+        return {"kind": "projection", "strategy": "TextualProjection"}
+    if (folder / "textual_inversion.json").is_file() or any(folder.glob("learned_embeds*.safetensors")):
+        return {"kind": "textual_inversion", "strategy": "TextualInversion"}
+    hint = (" (it looks like a run folder written by train.py: use --run, or export it with export.py)"
+            if (folder / "config.yaml").is_file() else "")
+    raise ExportError(
+        f"{folder}: not an export folder{hint}; expected {MANIFEST} as written by export.py, or a diffusers pipeline "
+        "(model_index.json), projection.json, or textual-inversion embeddings (learned_embeds*.safetensors)"
+    )
+
+
+def export_kinds() -> tuple[str, ...]:
+    return plugins.names(EXPORTS)
+
+
+def load_export(folder: str | Path, base: Optional[str] = None) -> Generator:
+    """A :class:`~models.generator.Generator` from any export folder (eval mode, on the CPU).
+
+    ``base``: the base Stable Diffusion (hub id, folder or preset) for exports that are trained on one (textual
+    inversion, projection): it overrides the one the export names, and is required for plain diffusers
+    textual-inversion files, which name none.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    kind = manifest["kind"]
+    if kind not in export_kinds():
+        raise ExportError(f"{folder}: export kind {kind!r} is not installed (known: {', '.join(export_kinds())})")
+    generator = plugins.load(EXPORTS, kind)(folder, manifest, base)
+    generator.info.update({"kind": kind, "strategy": manifest.get("strategy", generator.info.get("strategy")),
+                           "export": str(folder)})
+    generator.sd.eval()
+    return generator
+
+
+# ---------------------------------------------------------------------- the built-in kinds
+def load_pipeline(folder: Path, manifest: dict, base: Optional[str] = None) -> Generator:
+    """A diffusers ``StableDiffusionPipeline`` folder: everything it needs is in it."""
+    from models.stable_diffusion import load_stable_diffusion
+
+    if base is not None:
+        raise ExportError(f"{folder}: a pipeline export holds its whole model; a base model applies to textual-inversion "
+                          "and projection exports only")
+    return Generator(load_stable_diffusion({"pretrained": str(folder), "local_files_only": True}))
+
+
+def load_textual_inversion(folder: Path, manifest: dict, base: Optional[str] = None) -> Generator:
+    """``learned_embeds*.safetensors`` (+ ``textual_inversion.json``) on the base model."""
+    from models.generator import ClipConditioning
+    from models.stable_diffusion import load_stable_diffusion
+    from models.token_embedding import PlaceholderTokens, read_learned_embeddings
+
+    folder = Path(folder)
+    details_file = folder / "textual_inversion.json"
+    details = json.loads(details_file.read_text()) if details_file.is_file() else {}
+    details.setdefault("base_model", manifest.get("base_model"))
+    if base is None and not details["base_model"]:
+        raise ExportError(f"{folder}: textual-inversion embeddings without textual_inversion.json do not name their base "
+                          "model; give the model the tokens were trained on")
+    spec = {"pretrained": base, "local_files_only": Path(base).is_dir()} if base else details["base_model"]
+    tokens, rows = read_learned_embeddings(folder, details.get("tokens"))
+    sd = load_stable_diffusion(spec)
+    placeholders = PlaceholderTokens(sd, tokens, multi_token_initializer="average")
+    placeholders.load(rows, where=str(folder))
+    subject = details.get("subject") or " ".join(t.token for t in tokens)
+    return Generator(sd, ClipConditioning(sd, placeholders.expand), tokens=[t.token for t in tokens], subject=subject)
+
+
+def load_projection(folder: Path, manifest: dict, base: Optional[str] = None) -> Generator:
+    from models.projection import load_projection as load
+
+    return load(folder, base)

@@ -1,0 +1,186 @@
+"""The tiny presets: Stable Diffusion and domain text encoders that need no download.
+
+Stable Diffusion (``cxr_diffusion.stable_diffusion`` entry points):
+
+* ``tiny-random`` — a seeded miniature built from constructor configs (U-Net ``(32, 64)``, VAE ``[32, 64]``, a 5-layer
+  32-wide CLIP text encoder) with the small CLIP tokenizer in ``synthetic/assets``. It needs no download and draws
+  noise: use it for plumbing and tests.
+* ``tiny-phantom`` — the same architecture with weights trained on chest X-ray phantoms, shipped in
+  ``synthetic/assets/tiny_phantom`` (built by ``python -m synthetic.build_tiny_phantom``; see its MODEL_CARD.md). It
+  draws phantom chest X-rays but has never seen a finding named. Unlike SD v1.4 it predicts v on a zero-terminal-SNR
+  schedule (:func:`tiny_phantom_scheduler_config`), so that its prompt, not the starting noise, decides the layout of
+  a 64 px image.
+* ``sd14-random`` — SD v1.4's full-size architecture (docs/formats.md §7: 860 M U-Net, 84 M VAE, 123 M CLIP) with
+  seeded random weights and the small tokenizer padded to CLIP's 49,408 ids: for speed and memory benchmarks on a GPU
+  without downloading the weights. It draws noise.
+
+Domain text encoders (``cxr_diffusion.domain_encoders``):
+
+* ``tiny-bert`` — a seeded 2-layer, 32-wide ``BertModel`` (with pooler) over the small WordPiece vocabulary in
+  ``synthetic/assets/tiny_bert_tokenizer`` (``python -m synthetic.make_tiny_bert_tokenizer``);
+* ``tiny-cxr-bert`` — the same encoder as a :class:`~models.domain_encoder.CXRBertModel` with a 16-wide projection
+  head, a stand-in for CXR-BERT-specialized in tests (it supports ``projected``, not ``pooler``).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+
+from models.domain_encoder import CXRBertConfig, CXRBertModel, DomainEncoderPreset
+from models.stable_diffusion import SD14_SCHEDULER_CONFIG, StableDiffusionPreset
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_TOKENIZER_DIR = ASSETS / "tiny_clip_tokenizer"
+TINY_BERT_TOKENIZER_DIR = ASSETS / "tiny_bert_tokenizer"
+TINY_PHANTOM_DIR = ASSETS / "tiny_phantom"
+TINY_PROJECTION_SIZE = 16
+# The terminal signal level of the tiny-phantom schedule: zero SNR lifted to 2**-24, as diffusers'
+# EulerDiscreteScheduler does under rescale_betas_zero_snr, so every sampler (PNDM too) can divide by it.
+TERMINAL_ALPHA_CUMPROD = 2.0**-24
+
+
+# ---------------------------------------------------------------------- Stable Diffusion
+def tiny_configs() -> dict:
+    """Constructor configs of the ``tiny-random`` miniature (also the CPU benchmark sizes)."""
+    return {
+        "unet": dict(
+            sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        ),
+        "vae": dict(
+            sample_size=64, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        ),
+        "text_encoder": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, max_position_embeddings=77,
+            layer_norm_eps=1e-5, hidden_act="quick_gelu",
+        ),
+    }
+
+
+def sd14_configs() -> dict:
+    """Constructor configs of SD v1.4's U-Net, VAE and CLIP text encoder (docs/formats.md §7), for the ``sd14-random``
+    preset: the full-size architecture with random weights, for speed and memory benchmarks."""
+    return {
+        "unet": dict(
+            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+            downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+        ),
+        "vae": dict(
+            sample_size=512, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4, layers_per_block=2, norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
+        ),
+        "text_encoder": dict(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+        ),
+        "vocab_size": 49408,
+    }
+
+
+def load_tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), model_max_length=77)
+
+
+def build_from_configs(cfg: dict, seed: int) -> tuple:
+    """``(vae, text_encoder, tokenizer, unet, noise_scheduler)`` with weights drawn from ``seed``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = load_tiny_tokenizer()
+    if "vocab_size" in cfg:  # ids line up with the embedding table, as in SD's own tokenizer (new tokens go after it)
+        tokenizer.add_tokens([f"<|unused-{i}|>" for i in range(cfg["vocab_size"] - len(tokenizer))])
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_config = CLIPTextConfig(**cfg["text_encoder"], vocab_size=cfg.get("vocab_size", len(tokenizer)),
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(text_config)
+    return vae, text_encoder, tokenizer, unet, DDPMScheduler.from_config(SD14_SCHEDULER_CONFIG)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_phantom_digest() -> str:
+    """First 10 hex digits of the SHA-256 of the shipped U-Net weights: a rebuild changes the key."""
+    path = TINY_PHANTOM_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "missing"
+
+
+tiny_random = StableDiffusionPreset("tiny-random", key=lambda seed: f"tiny-random-seed{seed}",
+                                    build=lambda seed: build_from_configs(tiny_configs(), seed))
+sd14_random = StableDiffusionPreset("sd14-random", key=lambda seed: f"sd14-random-seed{seed}",
+                                    build=lambda seed: build_from_configs(sd14_configs(), seed))
+tiny_phantom = StableDiffusionPreset("tiny-phantom", key=lambda seed: f"tiny-phantom-{tiny_phantom_digest()}",
+                                     folder=TINY_PHANTOM_DIR)
+
+
+def tiny_phantom_scheduler_config() -> dict:
+    """SD v1.4's scheduler rescaled to zero terminal SNR, with v-prediction and trailing timesteps (Lin et al. 2024).
+
+    Why: under SD v1.4's schedule the last training step still keeps sqrt(0.0047) of the image. In a
+    32x32x4 latent that is enough for a large structure such as a pleural effusion to be read from
+    the starting noise, so a U-Net learns to take the layout from the noise and never from the
+    prompt; ε-prediction also gives the prompt almost no gradient at the high noise levels where it
+    would matter. Measured once (the tiny-phantom MODEL_CARD.md): a U-Net trained from scratch on two
+    prompts, each with its own phantoms, drew images the phantom classifier could hardly tell apart
+    by prompt on SD v1.4's schedule (AUROC 0.55), and could on this one (0.91). The betas are
+    written out (``trained_betas``) so every diffusers sampler reads the same schedule; PNDM has no
+    ``rescale_betas_zero_snr`` option.
+    """
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    base = SD14_SCHEDULER_CONFIG
+    steps = base["num_train_timesteps"]
+    betas = torch.linspace(base["beta_start"] ** 0.5, base["beta_end"] ** 0.5, steps, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - rescale_zero_terminal_snr(betas), dim=0)
+    alphas_cumprod[-1] = TERMINAL_ALPHA_CUMPROD
+    betas = 1.0 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return {**base, "trained_betas": [round(float(b), 10) for b in betas], "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing"}
+
+
+# ---------------------------------------------------------------------- domain text encoders
+def tiny_bert_config(vocab_size: int) -> dict:
+    """Constructor config of the tiny presets' encoder."""
+    return dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                max_position_embeddings=128, pad_token_id=0)
+
+
+def load_tiny_bert_tokenizer():
+    from transformers import BertTokenizer
+
+    vocab = TINY_BERT_TOKENIZER_DIR / "vocab.txt"
+    if not vocab.is_file():
+        raise FileNotFoundError(f"{vocab}: the tiny BERT vocabulary is missing; rebuild it with "
+                                "`python -m synthetic.make_tiny_bert_tokenizer`")
+    return BertTokenizer(vocab=str(vocab), do_lower_case=True, model_max_length=128)
+
+
+def _tiny_bert(seed: int) -> tuple:
+    from transformers import BertConfig, BertModel
+
+    tokenizer = load_tiny_bert_tokenizer()
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(**tiny_bert_config(len(tokenizer)))), tokenizer
+
+
+def _tiny_cxr_bert(seed: int) -> tuple:
+    tokenizer = load_tiny_bert_tokenizer()
+    torch.manual_seed(seed)
+    return CXRBertModel(CXRBertConfig(projection_size=TINY_PROJECTION_SIZE, **tiny_bert_config(len(tokenizer)))), tokenizer
+
+
+tiny_bert = DomainEncoderPreset("tiny-bert", build=_tiny_bert)
+tiny_cxr_bert = DomainEncoderPreset("tiny-cxr-bert", build=_tiny_cxr_bert)
