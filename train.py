@@ -71,8 +71,10 @@ def quiet_library_noise() -> None:
     # (logging here counts optimizer steps across epochs).
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
-    # Lightning's advertisement for its cloud logger, printed at every Trainer start.
-    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+    # Lightning's advertisement for its cloud logger, printed at every Trainer start (whichever of Lightning's rank-zero
+    # loggers is the one in use).
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 def run_callbacks(run: RunFolder, every_n_steps: int, user_callbacks: list, progress_bar: bool, logger: bool) -> list:

@@ -30,8 +30,9 @@ def names(group: str) -> tuple[str, ...]:
     return tuple(sorted({ep.name for ep in metadata.entry_points(group=group)}))
 
 
+@functools.lru_cache(maxsize=None)
 def load(group: str, name: str):
-    """The object registered as ``name`` in ``group``."""
+    """The object registered as ``name`` in ``group`` (looked up once per process)."""
     found = [ep for ep in metadata.entry_points(group=group) if ep.name == name]
     if not found:
         known = ", ".join(names(group)) or "none: is the suite installed? (pip install -e .)"

@@ -40,8 +40,9 @@ def feature_extractor(name: str, **options) -> nn.Module:
         raise ValueError(f"unknown feature extractor {name!r}; expected one of {', '.join(sorted(EXTRACTORS))}")
     extractor = EXTRACTORS[name](**options).eval()
     if not hasattr(extractor, "num_features"):
+        device = next(extractor.parameters()).device
         with torch.no_grad():
-            extractor.num_features = int(extractor(torch.rand(1, 1, 64, 64)).shape[-1])
+            extractor.num_features = int(extractor(torch.rand(1, 1, 64, 64, device=device)).shape[-1])
     return extractor
 
 
