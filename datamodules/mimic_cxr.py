@@ -464,7 +464,7 @@ class MIMICCXRDataModule(LightningDataModule):
         class_images = self.prepared.class_images
         return {
             "dataset": "MIMIC-CXR-JPG", "root": str(self.root), "findings": list(self.findings),
-            "selection": "explicit dicom_ids" if self.dicom_ids else f"sampled: {self.train_images_per_finding} per finding, seed {self.seed}",
+            "selection": self._selection(),
             "uncertain": self.uncertain, "resolution": self.resolution,
             "train": self.train_records[["dicom_id", "subject_id", "study_id", "finding"]].to_dict("records"),
             "validation_dicom_ids": self.val_records["dicom_id"].tolist(),
@@ -472,6 +472,14 @@ class MIMICCXRDataModule(LightningDataModule):
             "num_class_images": class_images.count if class_images else 0,
             "class_images": str(class_images.directory) if class_images else None,
         }
+
+    def _selection(self) -> str:
+        """How the training images were chosen, in words (for data.json)."""
+        if self.dicom_ids:
+            return "explicit dicom_ids"
+        how = (f"sampled: {self.train_images_per_finding} per finding, seed {self.seed}" if self.train_images_per_finding
+               else f"every frontal {self.train_split!r} image positive for a finding")
+        return how + (f", at most {self.max_train_images} (seed {self.seed})" if self.max_train_images else "")
 
     # ------------------------------------------------------------------ TrainingData (datamodules.contract)
     def training_prompts(self) -> list[str]:

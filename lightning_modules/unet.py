@@ -71,5 +71,6 @@ class UNetFineTuning(DiffusionModule):
         pipe = self.sd.pipeline(scheduler="pndm")
         pipe.to(torch.float32)
         pipe.save_pretrained(out, safe_serialization=True)
-        write_manifest(out, "pipeline", type(self).__name__, dict(vars(self.spec)), trained=["unet"])
+        trained = [name for name in ("unet", "text_encoder") if any(p.requires_grad for p in getattr(self.sd, name).parameters())]
+        write_manifest(out, "pipeline", type(self).__name__, dict(vars(self.spec)), trained=trained)
         return out
