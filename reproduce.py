@@ -42,8 +42,9 @@ CXR_BERT = "microsoft/BiomedVLP-CXR-BERT-specialized"
 class Run:
     config: str     # configs/<config>.yaml; also the run's name
     family: str     # projection | textual_inversion | unet
-    paper: str      # its row in the paper's Table 4
+    paper: str      # its row in the paper's Table 4, or what it adds beyond the paper
     cost: str       # expected time on one GPU (our estimate, see docs/reproduce.md)
+    beyond: bool = False  # not in the paper: a later recipe, for comparison on the paper's data
 
 
 RUNS = (
@@ -57,6 +58,8 @@ RUNS = (
     Run("unet_no_findings", "unet", "U-Net: trained on no findings", "~10 min"),
     Run("unet", "unet", "U-Net: no findings and abnormality", "~10 min"),
     Run("unet_prior", "unet", "U-Net: ... with prior", "~15 min (100 class images first)"),
+    Run("unet_text_encoder", "unet", "Beyond the paper: U-Net + text encoder (RoentGen)", "~15 min", beyond=True),
+    Run("lora_unet", "unet", "Beyond the paper: LoRA on the U-Net (rank 4)", "~10 min", beyond=True),
 )
 FIGURE1_RUN = "unet_prior"   # Figure 1: the base SD beside the model fine-tuned with prior preservation
 # Demo: training steps per run (tiny models on a CPU: the plumbing and the tables, not the paper's numbers)

@@ -9,7 +9,10 @@ in its own subprocess (so peak memory is its own):
 * **reference**: what diffusers' scripts do at every step. ``train_dreambooth.py`` (U-Net): open and
   decode the JPEG, Resize, CenterCrop, ToTensor, Normalize and tokenize in the dataset; encode the
   batch with the VAE and the text encoder; U-Net forward and backward; clip gradients; AdamW (fp32
-  master weights, frozen parts in the run's dtype, autocast under mixed precision).
+  master weights, frozen parts in the run's dtype, autocast under mixed precision). U-Net + text
+  encoder: the same with ``--train_text_encoder`` (CLIP forward with gradients, fp32, in AdamW too).
+  LoRA: ``train_dreambooth_lora.py`` (rank-4 adapters on the attention projections, the U-Net's base
+  weights in the run's dtype, the adapters fp32).
   ``textual_inversion.py``: the same image work, CLIP with gradients into its whole token-embedding
   matrix, AdamW over that matrix, then the original rows restored. Projection: both text encoders
   on the captions at every step, then the MLP.
@@ -37,7 +40,9 @@ from pathlib import Path
 import torch
 
 
-STRATEGIES = ("unet", "textual_inversion", "projection")
+STRATEGIES = ("unet", "unet_text_encoder", "lora", "textual_inversion", "projection")
+LORA_RANK = 4
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 SIZES = {
     "tiny": dict(pretrained="tiny-random", resolution=64, batch=4, domain="tiny-bert", caption_batch=64),
     "sd14": dict(pretrained="sd14-random", resolution=512, batch=8, domain="tiny-bert", caption_batch=64),
@@ -144,7 +149,8 @@ def _cycle(loader):
 
 
 # ============================================================================================ reference loops
-def reference_unet(args, data_root: Path, device: torch.device) -> dict:
+def reference_unet(args, data_root: Path, device: torch.device, text_encoder: bool = False, lora: bool = False) -> dict:
+    """``train_dreambooth.py`` (``text_encoder``: with ``--train_text_encoder``) or ``train_dreambooth_lora.py`` (``lora``)."""
     import torch.nn.functional as F
 
     from models.stable_diffusion import load_stable_diffusion
@@ -153,14 +159,23 @@ def reference_unet(args, data_root: Path, device: torch.device) -> dict:
     mixed = device.type == "cuda"
     weight_dtype = torch.bfloat16 if mixed else torch.float32
     sd.vae.to(device, weight_dtype)
-    sd.text_encoder.to(device, weight_dtype)
-    unet = sd.unet.to(device).train().requires_grad_(True)
+    sd.text_encoder.to(device, torch.float32 if text_encoder else weight_dtype).train().requires_grad_(text_encoder)
+    unet = sd.unet.to(device).train().requires_grad_(not lora)
+    if lora:
+        from peft import LoraConfig
+
+        unet.to(weight_dtype)
+        unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        for p in unet.parameters():  # diffusers' cast_training_params: the adapters train in fp32
+            if p.requires_grad:
+                p.data = p.data.float()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     paths, prompts, _ = image_records(args, data_root)
     loader = torch.utils.data.DataLoader(DreamBoothStyleDataset(paths, prompts, sd.tokenizer, args.resolution),
                                          batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=5e-6)
+    params = [p for p in list(unet.parameters()) + list(sd.text_encoder.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4 if lora else 5e-6)
     sched = sd.noise_scheduler
     clock = Clock(args.warmup, args.steps, device)
     data = _cycle(loader)
@@ -170,6 +185,7 @@ def reference_unet(args, data_root: Path, device: torch.device) -> dict:
         with torch.no_grad():
             latents = sd.vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist.sample()
             latents = latents * sd.vae.config.scaling_factor
+        with torch.set_grad_enabled(text_encoder):
             encoder_hidden_states = sd.text_encoder(batch["input_ids"].to(device))[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
@@ -178,7 +194,7 @@ def reference_unet(args, data_root: Path, device: torch.device) -> dict:
             pred = unet(noisy, t, encoder_hidden_states).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     clock.tick(args.warmup + args.steps)
@@ -295,10 +311,14 @@ def ours(args, strategy: str, data_root: Path, device: torch.device) -> dict:
 
     speed = dict(gradient_checkpointing=args.gradient_checkpointing, channels_last=args.channels_last,
                  compile_unet=args.compile_unet)
-    if strategy == "unet":
+    if strategy in ("unet", "unet_text_encoder", "lora"):
+        from lightning_modules.lora import LoRAFineTuning
         from lightning_modules.unet import UNetFineTuning
+        from lightning_modules.unet_text_encoder import UNetTextEncoderFineTuning
 
-        module = UNetFineTuning(model={"pretrained": args.pretrained}, **speed)
+        extra = {"lora": dict(rank=LORA_RANK, target_modules=LORA_TARGETS)}.get(strategy, {})
+        cls = {"unet": UNetFineTuning, "unet_text_encoder": UNetTextEncoderFineTuning, "lora": LoRAFineTuning}[strategy]
+        module = cls(model={"pretrained": args.pretrained}, **speed, **extra)
         dm = datamodule(args, data_root, args.workers)
         batch = args.batch
     elif strategy == "textual_inversion":
@@ -321,7 +341,7 @@ def ours(args, strategy: str, data_root: Path, device: torch.device) -> dict:
     trainer = Trainer(accelerator=device.type, devices=1, precision=_precision(device), max_steps=args.warmup + args.steps,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timing(clock)],
-                      gradient_clip_val=1.0 if strategy == "unet" else None)
+                      gradient_clip_val=1.0 if strategy in ("unet", "unet_text_encoder", "lora") else None)
     trainer.fit(module, dm)
     return clock.result(batch)
 
@@ -333,8 +353,8 @@ def worker(args) -> dict:
     variant, strategy = args.worker.split(":")
     data_root = Path(args.work) / "phantoms"
     if variant == "reference":
-        if strategy == "unet":
-            return reference_unet(args, data_root, device)
+        if strategy in ("unet", "unet_text_encoder", "lora"):
+            return reference_unet(args, data_root, device, text_encoder=strategy == "unet_text_encoder", lora=strategy == "lora")
         if strategy == "textual_inversion":
             return reference_textual_inversion(args, data_root, device)
         return reference_projection(args, device)

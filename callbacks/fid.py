@@ -129,7 +129,7 @@ class FIDCallback(Callback):
             pl_module.log(f"val/fid/{_key(prompt)}", value, rank_zero_only=True)
             rows.append({"step": trainer.global_step, "prompt": prompt, "reference": finding, "fid": value,
                          "n_generated": self.n_per_prompt, "n_real": self._real_counts.get(finding, 0),
-                         "features": self.features})
+                         "features": self.features, "weights": pl_module.weights_in_use})
         if trainer.is_global_zero and rows:
             self._append_csv(Path(trainer.default_root_dir) / "fid.csv", rows)
 

@@ -72,7 +72,8 @@ class SampleGrid(Callback):
         prompts = [p for p in self.prompts for _ in range(self.n_per_prompt)]
         seeds = [self.seed + i for _ in self.prompts for i in range(self.n_per_prompt)]
         images = pl_module.generate(prompts, seeds=seeds, steps=self.steps, guidance=self.guidance)
-        grid = labelled_grid(images, prompts, self.n_per_prompt, title=f"step {step}")
+        weights = " (EMA weights)" if pl_module.weights_in_use == "EMA" else ""
+        grid = labelled_grid(images, prompts, self.n_per_prompt, title=f"step {step}{weights}")
         out = self._dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"step_{step:06d}.png"

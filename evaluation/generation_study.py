@@ -44,6 +44,8 @@ from metrics.scores import MetricInputError, fid_with_ci, kid, ms_ssim_diversity
 
 EFFUSION = "Pleural Effusion"
 NORMAL = "No Finding"
+# The paper's strategies (and its base model); any other strategy is marked "beyond the paper" in the tables.
+PAPER_STRATEGIES = ("UNetFineTuning", "TextualInversion", "TextualProjection", "base model")
 STUDY_PACKAGES = ("torch", "diffusers", "transformers", "torchmetrics", "torchxrayvision", "numpy", "pandas")
 
 
@@ -356,13 +358,17 @@ def results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolutio
              + ", ".join(f"{k}: N = {v}" for k, v in real_n.items()) + f". Intervals: 95 % bootstrap ({cfg.n_boot} resamples).", "",
              f"## Table 4: FID ({cfg.fid_features} features), N generated per cell = {cfg.n_per_prompt}", "",
              "| Strategy | " + " | ".join(cfg.prompts) + " |", "|---|" + "---:|" * len(cfg.prompts)]
+    beyond = {s.name for s in strategies if s.generator.info.get("strategy", "base model") not in PAPER_STRATEGIES}
     for name in names:
         cells = []
         for p in cfg.prompts:
             r = fid_df[(fid_df.strategy == name) & (fid_df.prompt == p)].iloc[0]
             cells.append(_fmt_ci(r.fid, r.ci_low, r.ci_high) + (f", KID {r.kid:.3f}" if "kid" in r else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Not comparable with the paper's Table 4 (0.03–0.27), which is not on the standard Inception-FID scale.", "",
+        lines.append(f"| {name}{' †' if name in beyond else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "Not comparable with the paper's Table 4 (0.03–0.27), which is not on the standard Inception-FID scale."
+              + (" † beyond the paper: a later recipe (" + ", ".join(sorted({s.generator.info['strategy'] for s in strategies
+                                                                              if s.name in beyond})) + ") for comparison."
+                 if beyond else ""), "",
               "## Finding correctness (P(effusion) from the classifier)", "",
               "| Strategy | AUROC effusion vs plain prompt | accuracy at 0.5 | mean P, effusion prompt | mean P, plain prompt |",
               "|---|---:|---:|---:|---:|"]

@@ -86,6 +86,9 @@ def write_summary(out: Path, steps: Sequence, runs: Sequence, args, started: flo
             df = df[keep]
         tables[key] = {"title": title, "file": rel, "rows": [str(i) for i in (df.index if index_col is not None else df.iloc[:, 0])],
                        "columns": [str(c) for c in df.columns]}
+        if key == "table4" and any(r.beyond for r in runs):
+            note += " Rows beyond the paper (later recipes on the paper's data, for comparison): " + ", ".join(
+                f"{r.config} ({r.paper.removeprefix('Beyond the paper: ')})" for r in runs if r.beyond) + "."
         md += [f"## {title}", "", f"[{rel}]({rel})" + (f". {note}" if note else ""), "", markdown_table(df, index_col is not None), ""]
     figures = []
     for title, files in FIGURES:

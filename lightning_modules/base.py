@@ -11,13 +11,15 @@ result is exported (:meth:`export`, through the plain model layer). Everything e
   generator seeded by ``(seed, rank, global batch index)``, so a resumed run draws exactly what an
   uninterrupted run would have drawn;
 * fit-time preparation (class images, latent and document caches) through :mod:`lightning_modules.preparation`;
-* checkpoints that hold only what was trained (the frozen parts are re-loaded from the spec);
+* checkpoints that hold only what was trained (the frozen parts are re-loaded from the spec), and its EMA
+  (:mod:`lightning_modules.ema`) when one is kept;
 * mixed precision: frozen parts take the run's weight dtype, trainable parameters stay fp32;
 * ``generate(prompts, seed, steps, guidance)`` -> images in [0, 1] and :meth:`generator` (a plain
   :class:`~models.generator.Generator`), used by callbacks, ``generate.py`` and the studies.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -28,7 +30,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.contract import Prepared, TrainingData, require
+from lightning_modules.ema import EMASettings, ParameterEMA
 from lightning_modules.preparation import FitPreparation, Needs, PriorPreservation
+from models.exports import update_manifest
 from models.generator import Conditioning, Generator
 from models.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype
 
@@ -60,6 +64,7 @@ class DiffusionModule(LightningModule):
             sample, to the instance and the prior half alike.
         prior_preservation: DreamBooth-style prior preservation (class images from the base model, their loss
             weight); None = off. Strategies that cannot use it refuse it.
+        ema: keep an exponential moving average of what trains (:mod:`lightning_modules.ema`); None = off.
         seed: seed of the per-step noise.
         keep_vae_fp32: keep the VAE in fp32 under 16-bit mixed precision (fp16 VAEs can overflow).
         sample_scheduler: sampler for ``generate`` (ddim, pndm, euler, dpm).
@@ -91,6 +96,7 @@ class DiffusionModule(LightningModule):
         lr_warmup_steps: int = 0,
         snr_gamma: Optional[float] = None,
         prior_preservation: Optional[PriorPreservation] = None,
+        ema: Optional[EMASettings] = None,
         seed: int = 0,
         keep_vae_fp32: bool = False,
         sample_scheduler: Literal["ddim", "pndm", "euler", "dpm"] = "ddim",
@@ -108,20 +114,23 @@ class DiffusionModule(LightningModule):
         if on_nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite_loss: unknown value {on_nonfinite_loss!r}; expected 'stop' or 'skip'")
         self.spec = model if isinstance(model, StableDiffusionSpec) else StableDiffusionSpec(**dict(model))
-        self.prior_preservation = (prior_preservation if prior_preservation is None or isinstance(prior_preservation, PriorPreservation)
-                                   else PriorPreservation(**dict(prior_preservation)))
+        self.prior_preservation = _as(PriorPreservation, prior_preservation)
+        ema = _as(EMASettings, ema)
         # hyperparameters stay plain data so checkpoints load with weights_only=True
-        self.save_hyperparameters(ignore=["model", "prior_preservation"])
+        self.save_hyperparameters(ignore=["model", "prior_preservation", "ema"])
         self.hparams["model"] = dict(vars(self.spec))
         self.hparams["prior_preservation"] = dict(vars(self.prior_preservation)) if self.prior_preservation else None
+        self.hparams["ema"] = dict(vars(ema)) if ema else None
         self.sd = load_stable_diffusion(self.spec)
         self.conditioning: Conditioning = self.configure_trainable()
+        self.ema = self._make_ema(ema)
         # Checkpoints hold only the trained parameters, so loading is not strict; completeness of
         # the trained part is checked in on_load_checkpoint instead.
         self.strict_loading = False
         self._compiled = False
         self.prepared = Prepared()
         self.skipped_nonfinite: list[int] = []  # global steps whose batch was skipped
+        self._step_usable = True  # the last training loss could be used (the optimizer stepped on it)
         if gradient_checkpointing:
             self.sd.unet.enable_gradient_checkpointing()
 
@@ -130,7 +139,8 @@ class DiffusionModule(LightningModule):
         """Mark what trains (``requires_grad``) and return how prompts become U-Net conditioning."""
         raise NotImplementedError
 
-    def export(self, out_dir: str | Path) -> Path:
+    def write_export(self, out_dir: Path) -> Path:
+        """Write the trained parts into ``out_dir`` through the plain model layer, with ``export.json``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement export yet")
 
     def generator_options(self) -> dict:
@@ -142,7 +152,31 @@ class DiffusionModule(LightningModule):
         data = self.trainer.datamodule
         return Needs(prompts=data.training_prompts(), latents=bool(self.hparams.cache_latents), prior=self.prior_preservation)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ EMA
+    def _make_ema(self, settings: Optional[EMASettings]) -> Optional[ParameterEMA]:
+        if settings is None:
+            return None
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError(f"ema: {type(self).__name__} as configured trains nothing (e.g. the 'none' projection baseline), so "
+                             "there is nothing to average; remove ema")
+        return ParameterEMA(params, settings)
+
+    @property
+    def weights_in_use(self) -> str:
+        """Which weights sampling and export use: ``EMA`` or ``trained``."""
+        return "EMA" if self.ema is not None and self.ema.settings.use_for_sampling else "trained"
+
+    def sampling_weights(self):
+        """A context in which the module holds the weights that sampling and export use (the EMA's, if so configured)."""
+        return self.ema.swapped_in() if self.weights_in_use == "EMA" else nullcontext()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and self._step_usable:  # before any callback saves this step's checkpoint
+            self.ema.update()
+
+    # ------------------------------------------------------------------ generation and export
     def generator(self) -> Generator:
         """This model as a plain :class:`~models.generator.Generator` (shares the weights, no copy)."""
         return Generator(self.sd, self.conditioning, sample_scheduler=self.hparams.sample_scheduler,
@@ -151,8 +185,21 @@ class DiffusionModule(LightningModule):
     def generate(self, prompts: Sequence[str], **kwargs) -> torch.Tensor:
         """Images ``[N, 3, H, W]`` in [0, 1] (CPU, float32); image ``i`` uses seed ``seed + i``. Keyword arguments: those of
         :meth:`models.generator.Generator.generate` (seed, seeds, steps, guidance, negative_prompt, scheduler, height,
-        width, batch_size); the networks run in the frozen parts' dtype."""
-        return self.generator().generate(prompts, dtype=self.frozen_dtype, **kwargs)
+        width, batch_size); the networks run in the frozen parts' dtype, with :meth:`sampling_weights`."""
+        with self.sampling_weights():
+            return self.generator().generate(prompts, dtype=self.frozen_dtype, **kwargs)
+
+    def export(self, out_dir: str | Path, merge: bool = False) -> Path:
+        """The strategy's export (:meth:`write_export`) of the weights sampling uses; ``export.json`` says which.
+        ``merge``: adapters merged into a full pipeline (strategies that train adapters only)."""
+        with self.sampling_weights():
+            out = self.write_merged_export(Path(out_dir)) if merge else self.write_export(Path(out_dir))
+        update_manifest(out, weights=self.weights_in_use, ema=self.hparams.get("ema"))
+        return out
+
+    def write_merged_export(self, out_dir: Path) -> Path:
+        raise ValueError(f"--merge applies to strategies that train adapters (LoRA); {type(self).__name__} exports its "
+                         "trained weights as they are")
 
     # ------------------------------------------------------------------ trained state
     def trained_state_keys(self) -> list[str]:
@@ -172,8 +219,19 @@ class DiffusionModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["trained_keys"] = sorted(keep)
         checkpoint["stable_diffusion_spec"] = dict(vars(self.spec))
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if (self.ema is not None) != ("ema" in checkpoint):
+            has = "holds an EMA" if "ema" in checkpoint else "holds no EMA (the run was started without ema)"
+            raise TrainedStateMismatch(f"the checkpoint {has}, but this configuration {'keeps' if self.ema else 'has no'} one; "
+                                       "resume with the configuration the run was started with, or start a new run")
+        if self.ema is not None:
+            try:
+                self.ema.load_state_dict(checkpoint["ema"])
+            except ValueError as err:
+                raise TrainedStateMismatch(str(err)) from None
         expected = set(self.trained_state_keys())
         found = set(checkpoint.get("trained_keys", checkpoint["state_dict"].keys()))
         if expected != found:
@@ -206,6 +264,8 @@ class DiffusionModule(LightningModule):
     def on_fit_start(self) -> None:
         data = require(self.trainer.datamodule, TrainingData, f"{type(self).__name__} (fit-time preparation)")
         self.prepared = FitPreparation(self).run(self.needs(), data)
+        if self.ema is not None:
+            self.ema.to(self.device)
 
     @torch.no_grad()
     def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +344,7 @@ class DiffusionModule(LightningModule):
         bad = not bool(torch.isfinite(loss.detach()).all())
         if self._trainer is not None and self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        self._step_usable = not bad
         if not bad:
             return True
         step, batch = self.trainer.global_step, self.trainer.fit_loop.total_batch_idx
@@ -365,3 +426,7 @@ class DiffusionModule(LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+
+def _as(cls, value):
+    """A config value as the dataclass ``cls`` (jsonargparse gives the dataclass, Python callers may give a dict)."""
+    return value if value is None or isinstance(value, cls) else cls(**dict(value))

@@ -120,6 +120,7 @@ class TextualProjection(DiffusionModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         # Without an optimizer the global step never advances, so the identity baseline stops on batches.
         if not self.automatic_optimization and self.trainer.max_steps and self.trainer.max_steps > 0:
             if self.trainer.fit_loop.total_batch_idx + 1 >= self.trainer.max_steps:
@@ -141,7 +142,7 @@ class TextualProjection(DiffusionModule):
         super().on_load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------ export
-    def export(self, out_dir: str | Path) -> Path:
+    def write_export(self, out_dir: Path) -> Path:
         """``projection.safetensors`` and ``projection.json`` (what it connects) and ``export.json``."""
         out = Path(out_dir)
         save_projection(out, self.conditioning, self.hparams.projection, self.hparams.hidden_size, self.hparams.depth)

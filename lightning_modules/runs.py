@@ -23,7 +23,8 @@ def load_checkpoint_file(path: Path) -> dict:
 def load_run(run_dir: str | Path | RunFolder, ckpt: Optional[str] = "last", trained: bool = True):
     """``(module, checkpoint_path)``: the run's model built from its saved config, with the trained weights, in eval mode.
 
-    ``trained=False`` returns the same model before training (the base weights), for before/after comparisons.
+    ``trained=False`` returns the same model before training (the base weights), for before/after comparisons. The
+    module's ``generate`` and ``export`` use the weights sampling uses (the EMA's when the run keeps one for sampling).
     """
     from jsonargparse import ArgumentParser
 
@@ -45,6 +46,8 @@ def load_run(run_dir: str | Path | RunFolder, ckpt: Optional[str] = "last", trai
 def load_run_generator(run_dir: str | Path | RunFolder, ckpt: Optional[str] = "last", trained: bool = True):
     """``(generator, checkpoint_path)``: the run as a plain :class:`~models.generator.Generator` (see :func:`load_run`)."""
     module, path = load_run(run_dir, ckpt, trained)
+    if module.weights_in_use == "EMA":
+        module.ema.model.copy_to(module.ema.parameters)  # the generator samples with the averaged weights
     generator = module.generator()
-    generator.info.update({"kind": "run", "run": str(Path(run_dir)), "checkpoint": str(path)})
+    generator.info.update({"kind": "run", "run": str(Path(run_dir)), "checkpoint": str(path), "weights": module.weights_in_use})
     return generator, path

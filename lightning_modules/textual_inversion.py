@@ -151,7 +151,7 @@ class TextualInversion(DiffusionModule):
         """``{token: [num_vectors, dim]}`` float32 on CPU."""
         return self.placeholders.learned()
 
-    def export(self, out_dir: str | Path) -> Path:
+    def write_export(self, out_dir: Path) -> Path:
         """``learned_embeds*.safetensors`` that diffusers' ``load_textual_inversion`` loads, ``textual_inversion.json``
         (the base model, the tokens, their files and initializers, the templates) and ``export.json``.
 

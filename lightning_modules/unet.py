@@ -61,11 +61,15 @@ class UNetFineTuning(DiffusionModule):
     def configure_trainable(self) -> ClipConditioning:
         self.sd.unet.requires_grad_(True)
         self.sd.unet.train()
+        return self.frozen_clip_conditioning()
+
+    def frozen_clip_conditioning(self) -> ClipConditioning:
+        """CLIP's conditioning while CLIP is frozen: with ``cache_text``, each distinct prompt's output is kept."""
         if self.hparams.cache_text:
             return CachedClipConditioning(self.sd, self.hparams.text_cache_size)
         return ClipConditioning(self.sd)
 
-    def export(self, out_dir: str | Path) -> Path:
+    def write_export(self, out_dir: Path) -> Path:
         """A diffusers ``StableDiffusionPipeline`` folder (safetensors, fp32, PNDM as SD v1.4) and ``export.json``."""
         out = Path(out_dir)
         pipe = self.sd.pipeline(scheduler="pndm")

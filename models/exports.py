@@ -11,7 +11,8 @@ Kinds are looked up by name in the ``cxr_diffusion.exports`` entry points (pypro
 
 * ``pipeline`` — a diffusers ``StableDiffusionPipeline`` folder (U-Net fine-tuning; also any plain diffusers pipeline);
 * ``textual_inversion`` — ``learned_embeds*.safetensors`` and ``textual_inversion.json`` on a base model;
-* ``projection`` — ``projection.safetensors`` and ``projection.json`` (domain encoder + MLP) on a base model.
+* ``projection`` — ``projection.safetensors`` and ``projection.json`` (domain encoder + MLP) on a base model;
+* ``lora`` — diffusers' LoRA weights on a base model (``lightning_modules/lora.py``).
 
 A folder without ``export.json`` (written by plain diffusers, or before ``export.json`` existed) is read by its files:
 ``model_index.json`` is a pipeline, ``projection.json`` a projection, ``textual_inversion.json`` or
@@ -41,6 +42,15 @@ def write_manifest(folder: Path, kind: str, strategy: str, base_model: dict, **e
     manifest = {"format": FORMAT, "version": 1, "kind": kind, "strategy": strategy, "base_model": base_model, **extra}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     return folder / MANIFEST
+
+
+def update_manifest(folder: Path, **fields) -> Path:
+    """Add ``fields`` to ``export.json`` (e.g. which weights were exported: the trained ones or their EMA)."""
+    path = Path(folder) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest.update(fields)
+    path.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    return path
 
 
 def read_manifest(folder: Path) -> dict:
@@ -85,7 +95,7 @@ def load_export(folder: str | Path, base: Optional[str] = None) -> Generator:
         raise ExportError(f"{folder}: export kind {kind!r} is not installed (known: {', '.join(export_kinds())})")
     generator = plugins.load(EXPORTS, kind)(folder, manifest, base)
     generator.info.update({"kind": kind, "strategy": manifest.get("strategy", generator.info.get("strategy")),
-                           "export": str(folder)})
+                           "export": str(folder), "weights": manifest.get("weights", "trained")})
     generator.sd.eval()
     return generator
 

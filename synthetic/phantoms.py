@@ -1302,6 +1302,10 @@ class PhantomCXRDataModule(MIMICCXRDataModule):
         write_phantom_mimic(self.root, n_per_finding=self.n_per_finding, size=self.phantom_size,
                             seed=self.phantom_seed, findings=self.phantom_findings)
 
+    def manifest(self) -> dict:
+        """MIMIC-CXR's ``data.json`` entry, marked as synthetic (model cards then carry no patient-data notice)."""
+        return {**super().manifest(), "synthetic": "chest X-ray phantoms (synthetic.phantoms), no patient data"}
+
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

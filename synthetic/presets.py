@@ -10,6 +10,9 @@ Stable Diffusion (``cxr_diffusion.stable_diffusion`` entry points):
   draws phantom chest X-rays but has never seen a finding named. Unlike SD v1.4 it predicts v on a zero-terminal-SNR
   schedule (:func:`tiny_phantom_scheduler_config`), so that its prompt, not the starting noise, decides the layout of
   a 64 px image.
+* ``tiny-random-sd2`` — ``tiny-random`` shaped like Stable Diffusion 2.x (its diffusers layout): a U-Net with
+  ``use_linear_projection`` and per-block attention heads, a GELU text encoder (OpenCLIP's, as diffusers stores SD 2.x),
+  v-prediction, as the 768 px SD 2.x checkpoints. Seeded random weights: every strategy runs on it in the tests.
 * ``sd14-random`` — SD v1.4's full-size architecture (docs/formats.md §7: 860 M U-Net, 84 M VAE, 123 M CLIP) with
   seeded random weights and the small tokenizer padded to CLIP's 49,408 ids: for speed and memory benchmarks on a GPU
   without downloading the weights. It draws noise.
@@ -63,6 +66,16 @@ def tiny_configs() -> dict:
     }
 
 
+def tiny_sd2_configs() -> dict:
+    """``tiny_configs`` in SD 2.x's shape (diffusers' own SD 2 test components): linear projections in the transformer
+    blocks, per-block head dimensions, a GELU text encoder, v-prediction."""
+    cfg = tiny_configs()
+    cfg["unet"].update(attention_head_dim=(2, 4), use_linear_projection=True)
+    cfg["text_encoder"].update(hidden_act="gelu")
+    cfg["scheduler"] = {"prediction_type": "v_prediction"}
+    return cfg
+
+
 def sd14_configs() -> dict:
     """Constructor configs of SD v1.4's U-Net, VAE and CLIP text encoder (docs/formats.md §7), for the ``sd14-random``
     preset: the full-size architecture with random weights, for speed and memory benchmarks."""
@@ -108,7 +121,7 @@ def build_from_configs(cfg: dict, seed: int) -> tuple:
                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModel(text_config)
-    return vae, text_encoder, tokenizer, unet, DDPMScheduler.from_config(SD14_SCHEDULER_CONFIG)
+    return vae, text_encoder, tokenizer, unet, DDPMScheduler.from_config({**SD14_SCHEDULER_CONFIG, **cfg.get("scheduler", {})})
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,6 +133,8 @@ def tiny_phantom_digest() -> str:
 
 tiny_random = StableDiffusionPreset("tiny-random", key=lambda seed: f"tiny-random-seed{seed}",
                                     build=lambda seed: build_from_configs(tiny_configs(), seed))
+tiny_random_sd2 = StableDiffusionPreset("tiny-random-sd2", key=lambda seed: f"tiny-random-sd2-seed{seed}",
+                                        build=lambda seed: build_from_configs(tiny_sd2_configs(), seed))
 sd14_random = StableDiffusionPreset("sd14-random", key=lambda seed: f"sd14-random-seed{seed}",
                                     build=lambda seed: build_from_configs(sd14_configs(), seed))
 tiny_phantom = StableDiffusionPreset("tiny-phantom", key=lambda seed: f"tiny-phantom-{tiny_phantom_digest()}",

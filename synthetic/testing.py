@@ -17,3 +17,38 @@ class StepDelay(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         time.sleep(self.seconds)
+
+
+class EMAChecksum(Callback):
+    """At the end of training, every rank writes the sum of its EMA weights to ``<run>/ema_rank<r>.txt`` (a DDP check
+    that every rank holds the same average)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from pathlib import Path
+
+        total = sum(float(p.double().sum()) for p in pl_module.ema.model.shadow_params)
+        (Path(trainer.default_root_dir) / f"ema_rank{trainer.global_rank}.txt").write_text(repr(total))
+
+
+class StepTimer(Callback):
+    """Write the mean wall seconds per training step (after ``warmup`` steps) to ``<run>/step_time.json``."""
+
+    def __init__(self, warmup: int = 10):
+        self.warmup = int(warmup)
+        self._start = None
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup:
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self._steps += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        from pathlib import Path
+
+        if self._start is not None and self._steps:
+            seconds = (time.perf_counter() - self._start) / self._steps
+            (Path(trainer.default_root_dir) / "step_time.json").write_text(json.dumps({"seconds_per_step": seconds,
+                                                                                       "steps_timed": self._steps}))

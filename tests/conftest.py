@@ -138,3 +138,31 @@ def ti_run(tmp_path_factory) -> Path:
                          "--trainer.callbacks.init_args.steps", "2", "--trainer.callbacks.init_args.n_per_prompt", "2",
                          config="textual_inversion_demo"))
     return tmp / "runs" / "ref"
+
+
+def phantom_dm(root, tmp_path):
+    """The phantom MIMIC-CXR files as a two-finding datamodule at 64 px, batches of 2, no validation."""
+    from datamodules.mimic_cxr import MIMICCXRDataModule
+    return MIMICCXRDataModule(root=str(root), findings=["No Finding", "Pleural Effusion"], resolution=64, batch_size=2,
+                              max_val_images=0, cache_dir=str(tmp_path / "cache"))
+
+
+def quiet_trainer(steps: int, **kwargs):
+    """A CPU Trainer for `steps` steps without logging, progress bars, checkpoints or validation."""
+    from lightning.pytorch import Trainer
+    return Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
+                   **kwargs)
+
+
+def straight_and_resumed(fresh, root, tmp_path, steps: int = 4, stop_at: int = 2):
+    """Train `fresh()` straight for `steps` steps, and again stopping at `stop_at` (checkpointed as train.py does) then
+    resuming to `steps`; returns (straight, resumed, the checkpoint path)."""
+    from callbacks.checkpointing import RunCheckpoint
+    straight = fresh()
+    quiet_trainer(steps).fit(straight, datamodule=phantom_dm(root, tmp_path))
+    half = tmp_path / "half.ckpt"
+    quiet_trainer(stop_at, callbacks=[RunCheckpoint(half, every_n_steps=0)]).fit(fresh(), datamodule=phantom_dm(root, tmp_path))
+    resumed = fresh()
+    quiet_trainer(steps).fit(resumed, datamodule=phantom_dm(root, tmp_path), ckpt_path=str(half))
+    return straight, resumed, half

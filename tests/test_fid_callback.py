@@ -44,15 +44,21 @@ def test_bad_settings_are_refused():
 
 
 def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
+    """The U-Net demo under DDP with two CPU processes, keeping an EMA: FID sharded over the ranks, one checkpoint at the
+    last step, and every rank holding the same EMA."""
     callback = {"class_path": "callbacks.fid.FIDCallback",
                 "init_args": {"prompts": PROMPTS, "n_per_prompt": 2, "n_real": 8, "features": "classifier",
                               "classifier": "tiny-phantom", "steps": 2}}
     run_train(*demo_args(tmp_path, "--run_name", "ddp_fid", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                          "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.callbacks=[]",
-                         "--data.init_args.n_per_finding", "12",
-                         f"--trainer.callbacks+={json.dumps(callback)}", "--wandb_mode", "disabled"))
-    # the U-Net demo trains under DDP with two CPU processes and saves one checkpoint at the last step
-    checkpoint = tmp_path / "runs" / "ddp_fid" / "checkpoints" / "last.ckpt"
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
-    table = pd.read_csv(tmp_path / "runs" / "ddp_fid" / "fid.csv")
+                         "--data.init_args.n_per_finding", "12", "--model.init_args.ema", '{"decay": 0.9}',
+                         f"--trainer.callbacks+={json.dumps(callback)}", "--trainer.callbacks+=synthetic.testing.EMAChecksum",
+                         "--wandb_mode", "disabled"))
+    run = tmp_path / "runs" / "ddp_fid"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4 and checkpoint["ema"]["optimization_step"] == 4
+    table = pd.read_csv(run / "fid.csv")
     assert len(table) == 2 and (table["fid"] >= 0).all() and set(table["n_generated"]) == {2}
+    assert set(table["weights"]) == {"EMA"}
+    sums = [(run / f"ema_rank{r}.txt").read_text() for r in (0, 1)]
+    assert sums[0] == sums[1]

@@ -347,11 +347,11 @@ def test_demo_reproduces_every_table_and_figure_and_a_second_run_skips_everythin
     md = (out / "summary.md").read_text()
     for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Figure 1", "Figure 3", "Figure 4"):
         assert f"## {title}" in md
-    assert "**Demo scale**" in md
+    assert "**Demo scale**" in md and "Rows beyond the paper" in md and "lora_unet (LoRA on the U-Net (rank 4))" in md
 
     (prov,) = json.loads((out / "provenance.json").read_text())["records"]
     assert prov["what"] == "reproduce"
-    assert len(prov["inputs"]["steps"]) == 14 and all(s["exit"] == 0 and s["argv"] for s in prov["inputs"]["steps"])
+    assert len(prov["inputs"]["steps"]) == 16 and all(s["exit"] == 0 and s["argv"] for s in prov["inputs"]["steps"])
     assert prov["git"]["commit"] and prov["packages"]["torch"]
     selected = pd.read_csv(out / "data" / "selected.csv")
     assert prov["inputs"]["image_ids"] == selected.astype(str).to_dict("records")
@@ -375,5 +375,5 @@ def test_demo_reproduces_every_table_and_figure_and_a_second_run_skips_everythin
     before = {p: p.stat().st_mtime_ns for p in (out / "steps").glob("*.json")}
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done, skipped") == 14 and "all 14 steps done" in again.stdout
+    assert again.stdout.count("done, skipped") == 16 and "all 16 steps done" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in (out / "steps").glob("*.json")} == before

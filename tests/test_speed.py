@@ -116,7 +116,7 @@ def test_benchmark_smoke():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--size", "tiny", "--steps", "1",
                            "--warmup", "1", "--in_process"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for strategy in ("unet", "textual_inversion", "projection"):
+    for strategy in ("unet", "unet_text_encoder", "lora", "textual_inversion", "projection"):
         assert any(line.startswith(strategy) and "speed" in line for line in proc.stdout.splitlines()), proc.stdout
 
 

@@ -333,7 +333,8 @@ def test_sigterm_then_resume_is_bit_identical(ti_run, tmp_path):
 def test_export_loads_in_plain_diffusers_and_the_token_changes_the_image(ti_run, tmp_path):
     out = tmp_path / "export"
     subprocess.run([PYTHON, str(REPO / "export.py"), str(ti_run), str(out)], check=True, capture_output=True, cwd=REPO)
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "learned_embeds.safetensors", "textual_inversion.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "export.json", "learned_embeds.safetensors", "textual_inversion.json"]
     assert json.loads((out / "export.json").read_text())["kind"] == "textual_inversion"
     manifest = json.loads((out / "textual_inversion.json").read_text())
     assert manifest["base_model"]["pretrained"] == "tiny-phantom" and manifest["tokens"][0]["token"] == "<lung-xray>"

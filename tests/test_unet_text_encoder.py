@@ -6,23 +6,12 @@ import json
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
 
-from conftest import REPO, train_in_process
-from datamodules.mimic_cxr import MIMICCXRDataModule
+from conftest import REPO, phantom_dm, quiet_trainer, straight_and_resumed, train_in_process
 from lightning_modules.unet_text_encoder import UNetTextEncoderFineTuning
 
 TINY = {"pretrained": "tiny-random"}
 
-
-def dm(root, tmp_path):
-    return MIMICCXRDataModule(root=str(root), findings=["No Finding", "Pleural Effusion"], resolution=64, batch_size=2,
-                              max_val_images=0, cache_dir=str(tmp_path / "cache"))
-
-
-def trainer(steps: int, **kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, **kwargs)
 
 
 def test_unet_and_text_encoder_train_at_their_own_rates_and_the_vae_stays(phantom_root, tmp_path, caplog):
@@ -30,8 +19,8 @@ def test_unet_and_text_encoder_train_at_their_own_rates_and_the_vae_stays(phanto
         module = UNetTextEncoderFineTuning(model=TINY, learning_rate=1e-3, text_encoder_learning_rate=1e-4)
     assert "cache_text is off: the text encoder trains" in caplog.text
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    fitted = trainer(3)
-    fitted.fit(module, datamodule=dm(phantom_root, tmp_path))
+    fitted = quiet_trainer(3)
+    fitted.fit(module, datamodule=phantom_dm(phantom_root, tmp_path))
     changed = {k.split(".")[1] for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
     assert changed == {"unet", "text_encoder"}
     unet_group, text_group = fitted.optimizers[0].param_groups
@@ -55,14 +44,7 @@ def test_resume_is_bit_identical(phantom_root, tmp_path):
         torch.manual_seed(0)
         return UNetTextEncoderFineTuning(model=TINY, learning_rate=1e-3, text_encoder_learning_rate=1e-4)
 
-    from callbacks.checkpointing import RunCheckpoint
-
-    straight = fresh()
-    trainer(4).fit(straight, datamodule=dm(phantom_root, tmp_path))
-    ckpt = tmp_path / "half.ckpt"  # saved at the batch that reaches step 2, as train.py saves
-    trainer(2, callbacks=[RunCheckpoint(ckpt, every_n_steps=0)]).fit(fresh(), datamodule=dm(phantom_root, tmp_path))
-    resumed = fresh()
-    trainer(4).fit(resumed, datamodule=dm(phantom_root, tmp_path), ckpt_path=str(ckpt))
+    straight, resumed, _ = straight_and_resumed(fresh, phantom_root, tmp_path)
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -72,11 +54,11 @@ def test_a_unet_only_checkpoint_is_refused(phantom_root, tmp_path):
     from lightning_modules.unet import UNetFineTuning
 
     unet_only = UNetFineTuning(model=TINY)
-    first = trainer(1)
-    first.fit(unet_only, datamodule=dm(phantom_root, tmp_path))
+    first = quiet_trainer(1)
+    first.fit(unet_only, datamodule=phantom_dm(phantom_root, tmp_path))
     first.save_checkpoint(tmp_path / "unet.ckpt")
     with pytest.raises(TrainedStateMismatch, match="does not match what this configuration trains"):
-        trainer(2).fit(UNetTextEncoderFineTuning(model=TINY), datamodule=dm(phantom_root, tmp_path),
+        quiet_trainer(2).fit(UNetTextEncoderFineTuning(model=TINY), datamodule=phantom_dm(phantom_root, tmp_path),
                        ckpt_path=str(tmp_path / "unet.ckpt"))
 
 
@@ -84,7 +66,7 @@ def test_export_loads_in_plain_diffusers_with_the_trained_text_encoder(phantom_r
     from diffusers import StableDiffusionPipeline
 
     module = UNetTextEncoderFineTuning(model={"pretrained": "tiny-phantom"}, learning_rate=1e-3, text_encoder_learning_rate=1e-3)
-    trainer(3).fit(module, datamodule=dm(phantom_root, tmp_path))
+    quiet_trainer(3).fit(module, datamodule=phantom_dm(phantom_root, tmp_path))
     out = module.export(tmp_path / "export")
     assert json.loads((out / "export.json").read_text())["trained"] == ["unet", "text_encoder"]
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
@@ -96,7 +78,7 @@ def test_export_loads_in_plain_diffusers_with_the_trained_text_encoder(phantom_r
         assert not torch.allclose(pipe.text_encoder(ids)[0], base.text_encoder(ids)[0])
 
 
-@pytest.mark.parametrize("name", ["unet_text_encoder", "unet_text_encoder_demo"])
+@pytest.mark.parametrize("name", ["unet_text_encoder", "unet_text_encoder_demo", "roentgen", "roentgen_demo"])
 def test_configs_validate(name):
     code, out, err = train_in_process("--config", name, "--print_config")
     assert code == 0, err
@@ -104,3 +86,6 @@ def test_configs_validate(name):
     assert config["model"]["class_path"] == "lightning_modules.unet_text_encoder.UNetTextEncoderFineTuning"
     if name == "unet_text_encoder":
         assert config["trainer"]["max_steps"] == 400 and config["model"]["init_args"]["model"]["pretrained"] == "CompVis/stable-diffusion-v1-4"
+    if name.startswith("roentgen"):  # RoentGen-v2's recipe: impression prompts, cosine schedule, an EMA
+        init = config["model"]["init_args"]
+        assert init["lr_scheduler"] == "cosine" and init["ema"]["use_for_sampling"] and config["data"]["init_args"]["prompt_source"] == "impression"

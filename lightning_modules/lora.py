@@ -1,0 +1,182 @@
+"""LoRA fine-tuning through ``peft`` (as diffusers' ``train_dreambooth_lora.py``; CheXGenBench tunes its large models
+this way, and MemControl reports that parameter-efficient tuning memorizes less).
+
+Low-rank adapters are added to the U-Net's attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` by
+default), and optionally to CLIP's (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``); only the adapters train, the base
+weights stay bit-identical. Rank, alpha, dropout and the target modules are settings; the adapters start from a
+generator seeded by ``seed`` (lora_A Gaussian, lora_B zero: the model starts as the base model). Checkpoints hold the
+adapters and their optimizer state only: megabytes, not gigabytes.
+
+The export is diffusers' LoRA format, which ``StableDiffusionPipeline.load_lora_weights(folder)`` loads in plain
+diffusers on the base model, plus ``export.json`` (kind ``lora``); :func:`load_export` reads it back as a
+:class:`~models.generator.Generator`, and ``export.py --merge`` writes a full pipeline with the adapters merged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lightning_modules.unet import UNetFineTuning
+from models.exports import write_manifest
+from models.generator import ClipConditioning, Generator
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class LoRAConfigError(ValueError):
+    """A LoRA setting that cannot be used as given."""
+
+
+def text_encoder_lora_unavailable() -> str | None:
+    """Why adapters on CLIP cannot be used with the installed packages, or None when they can: transformers adds them
+    (and diffusers' ``load_lora_weights`` loads them) only with a recent enough peft."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:  # transformers 4 has no such constant here; its integration takes older peft
+        return None
+    if Version(version("peft")) < Version(MIN_PEFT_VERSION):
+        return (f"text_encoder_lora needs peft >= {MIN_PEFT_VERSION} with transformers {version('transformers')} "
+                f"(installed: peft {version('peft')}); install a newer peft, or train adapters on the U-Net only")
+    return None
+
+
+def check_targets(model: torch.nn.Module, targets: list[str], where: str) -> None:
+    """Each target must name a ``Linear`` or ``Conv2d`` of ``model`` (peft matches module names by suffix)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        known = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in names})
+        raise LoRAConfigError(f"{where}: {missing} match no Linear or Conv2d module; the names there are {known}")
+
+
+class LoRAFineTuning(UNetFineTuning):
+    """Train low-rank adapters on the U-Net (and optionally on CLIP's text encoder).
+
+    Args:
+        rank: the adapters' rank r.
+        alpha: their scale numerator (the update is ``alpha / rank * B A``); default: ``rank``.
+        dropout: dropout on the adapters' input.
+        target_modules: U-Net module names (suffixes) that get adapters.
+        text_encoder_lora: adapters on CLIP's text encoder too (the text cache then turns itself off).
+        text_encoder_target_modules: CLIP module names that get adapters.
+        text_encoder_learning_rate: the text encoder adapters' learning rate (default: ``learning_rate``); only with
+            ``text_encoder_lora``.
+        learning_rate: peak learning rate of AdamW on the U-Net adapters (LoRA takes far larger rates than full tuning).
+        **kwargs: see :class:`~lightning_modules.unet.UNetFineTuning` and :class:`~lightning_modules.base.DiffusionModule`.
+    """
+
+    def __init__(self, rank: int = 4, alpha: Optional[float] = None, dropout: float = 0.0,
+                 target_modules: list[str] = list(UNET_TARGETS), text_encoder_lora: bool = False,
+                 text_encoder_target_modules: list[str] = list(TEXT_TARGETS), text_encoder_learning_rate: Optional[float] = None,
+                 learning_rate: float = 1e-4, **kwargs):
+        if int(rank) < 1:
+            raise LoRAConfigError(f"rank: {rank!r}; expected 1 or more")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise LoRAConfigError(f"dropout: {dropout!r}; expected a value in [0, 1)")
+        if text_encoder_learning_rate is not None and not text_encoder_lora:
+            raise LoRAConfigError("text_encoder_learning_rate is set but the text encoder is frozen (text_encoder_lora: false); "
+                                  "set text_encoder_lora: true or remove the rate")
+        if not target_modules:
+            raise LoRAConfigError("target_modules: at least one U-Net module name is needed")
+        if text_encoder_lora and (why := text_encoder_lora_unavailable()):
+            raise LoRAConfigError(why)
+        super().__init__(learning_rate=learning_rate, **kwargs)
+
+    def configure_trainable(self) -> ClipConditioning:
+        from peft import LoraConfig
+
+        hp = self.hparams
+        self.sd.unet.requires_grad_(False)
+        check_targets(self.sd.unet, list(hp.target_modules), "target_modules")
+        config = dict(r=int(hp.rank), lora_alpha=float(hp.alpha or hp.rank), lora_dropout=float(hp.dropout), init_lora_weights="gaussian")
+        with torch.random.fork_rng(devices=[]):  # the adapters start the same in every run with this seed
+            torch.manual_seed(hp.seed)
+            self.sd.unet.add_adapter(LoraConfig(target_modules=list(hp.target_modules), **config))
+            if hp.text_encoder_lora:
+                check_targets(self.sd.text_encoder, list(hp.text_encoder_target_modules), "text_encoder_target_modules")
+                self.sd.text_encoder.add_adapter(LoraConfig(target_modules=list(hp.text_encoder_target_modules), **config))
+        self.sd.unet.train()
+        if hp.text_encoder_lora:
+            self.sd.text_encoder.train()
+            return ClipConditioning(self.sd)
+        return self.frozen_clip_conditioning()
+
+    def param_groups(self) -> list[dict]:
+        unet = [p for p in self.sd.unet.parameters() if p.requires_grad]
+        text = [p for p in self.sd.text_encoder.parameters() if p.requires_grad]
+        groups = [{"params": unet}]
+        if text:
+            groups.append({"params": text, "lr": self.hparams.text_encoder_learning_rate or self.hparams.learning_rate})
+        return groups
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # the frozen base weights take the run's 16-bit dtype too; the adapters stay fp32 (diffusers' cast_training_params)
+        dtype = self.frozen_dtype
+        for part in (self.sd.unet, self.sd.text_encoder):
+            if dtype != torch.float32 and next(part.parameters()).dtype == torch.float32:
+                trained = [p for p in part.parameters() if p.requires_grad]
+                part.to(dtype)
+                for p in trained:
+                    p.data = p.data.float()
+
+    def adapter_state(self) -> dict:
+        """``{"unet": ..., "text_encoder": ...}``: the adapters in diffusers' LoRA naming, float32 on the CPU."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        out = {"unet": convert_state_dict_to_diffusers(get_peft_model_state_dict(self.sd.unet))}
+        if self.hparams.text_encoder_lora:
+            out["text_encoder"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.sd.text_encoder))
+        return {part: {k: v.detach().float().cpu().contiguous() for k, v in state.items()} for part, state in out.items()}
+
+    def write_export(self, out_dir: Path) -> Path:
+        """``pytorch_lora_weights.safetensors`` (diffusers' LoRA format) and ``export.json`` (kind ``lora``)."""
+        from diffusers import StableDiffusionPipeline
+
+        state = self.adapter_state()
+        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=state["unet"],
+                                                  text_encoder_lora_layers=state.get("text_encoder"), safe_serialization=True)
+        hp = self.hparams
+        write_manifest(out_dir, "lora", type(self).__name__, dict(vars(self.spec)), trained=sorted(state),
+                       lora={"rank": hp.rank, "alpha": hp.alpha or hp.rank, "dropout": hp.dropout,
+                             "target_modules": list(hp.target_modules),
+                             "text_encoder_target_modules": list(hp.text_encoder_target_modules) if hp.text_encoder_lora else []})
+        return out_dir
+
+    def write_merged_export(self, out_dir: Path) -> Path:
+        """A full ``StableDiffusionPipeline`` folder with the adapters merged into the base weights (``export.py --merge``).
+        The module's own U-Net and text encoder are merged in place: use it for nothing else afterwards."""
+        pipe = self.sd.pipeline(scheduler="pndm")
+        pipe.fuse_lora(components=["unet", "text_encoder"] if self.hparams.text_encoder_lora else ["unet"])
+        pipe.unload_lora_weights()
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):  # .float(): diffusers warns on .to(dtype) for nothing
+            part.float()
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        write_manifest(out_dir, "pipeline", f"{type(self).__name__} (merged)", dict(vars(self.spec)),
+                       trained=sorted(self.adapter_parts()), merged_lora={"rank": self.hparams.rank})
+        return out_dir
+
+    def adapter_parts(self) -> list[str]:
+        return ["unet", "text_encoder"] if self.hparams.text_encoder_lora else ["unet"]
+
+
+def load_export(folder: Path, manifest: dict, base: Optional[str] = None) -> Generator:
+    """A LoRA export on its base model (``base`` overrides the one ``export.json`` names): the ``lora`` export kind."""
+    from models.stable_diffusion import load_stable_diffusion
+
+    spec = {"pretrained": base, "local_files_only": Path(base).is_dir()} if base else manifest.get("base_model")
+    if not spec:
+        raise ValueError(f"{folder}: LoRA weights without export.json do not name their base model; give the model they were "
+                         "trained on")
+    sd = load_stable_diffusion(spec)
+    sd.pipeline().load_lora_weights(str(folder))  # injects the adapters into sd's own U-Net and text encoder
+    sd.requires_grad_(False)
+    return Generator(sd)
