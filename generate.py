@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from core.errors import UserError
+
 PROG = "generate.py"
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")
 
@@ -32,7 +34,7 @@ need --pretrained for the model they were trained on).
 """
 
 
-class GenerateError(Exception):
+class GenerateError(UserError):
     """Bad input: reported as one line ``generate.py: error: ...`` with exit code 2."""
 
 

@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
+from core.errors import UserError
+
 REPO = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs"
 SD14 = "CompVis/stable-diffusion-v1-4"
@@ -67,7 +69,7 @@ DEMO_STEPS = {"projection": 10, "textual_inversion": 8, "unet": 8}
 DEMO_CLASSES = ("No Finding", "Pleural Effusion", "Cardiomegaly")
 
 
-class ReproduceError(RuntimeError):
+class ReproduceError(UserError, RuntimeError):
     """A problem with the driver's inputs or its results folder; the message says what and where."""
 
 

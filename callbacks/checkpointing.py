@@ -20,6 +20,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
+from core.errors import UserError
+
 
 class RunCheckpoint(Callback):
     """Write ``path`` periodically, at the last step, at the end of training and on SIGTERM.
@@ -87,7 +89,7 @@ class RunCheckpoint(Callback):
         return {}
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(UserError, OSError):
     """A checkpoint could not be written (disk full, permissions, ...); the previous file is intact."""
 
 

@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from core.errors import UserError
+
 ENTRY_FILE = "ENTRY.json"
 PARTS_FILE = "PARTS.json"  # in a partial folder: what it is being built for
 ENV_VAR = "CXR_DIFFUSION_CACHE"
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A cache folder holds something other than what is asked for."""
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import functools
 from importlib import metadata
 
+from core.errors import UserError
+
 STABLE_DIFFUSION = "cxr_diffusion.stable_diffusion"
 DOMAIN_ENCODERS = "cxr_diffusion.domain_encoders"
 CLASSIFIERS = "cxr_diffusion.classifiers"
 
 
-class PluginError(LookupError):
+class PluginError(UserError, LookupError):
     """A named plugin is not installed."""
 
 

@@ -22,11 +22,12 @@ from typing import Optional
 
 from core import provenance
 from core.cache import atomic_write
+from core.errors import UserError
 
 DATA_SCHEMA = "cxr-diffusion/data/1"
 
 
-class RunFolderError(FileNotFoundError):
+class RunFolderError(UserError, FileNotFoundError):
     """A run folder, or a file it should hold, is missing or unreadable."""
 
 

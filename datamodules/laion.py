@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from core.cache import cache_root
 from datamodules.contract import CaptionSet, Prepared
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
+from core.errors import UserError
 
 LAION_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "LICENSE", "NSFW", "similarity")
 NSFW_TAGS = ("UNLIKELY", "UNSURE", "NSFW")
@@ -78,7 +79,7 @@ _STRING_TYPES = ("string", "large_string", "null", "string_view")
 DataFiles = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
-class LAIONDataError(ValueError):
+class LAIONDataError(UserError, ValueError):
     """A LAION metadata file or folder is not as expected."""
 
 

@@ -45,6 +45,7 @@ from datamodules.contract import ClassImages, ImageSet, Prepared
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.reports import extract_impression, report_path
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
+from core.errors import UserError
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv.gz"
@@ -76,7 +77,7 @@ SPLITS = ("train", "validate", "test")
 DEFAULT_TEMPLATES = dict(FINDING_PROMPTS)  # the paper's prompts (datamodules/prompts.py)
 
 
-class MIMICDataError(ValueError):
+class MIMICDataError(UserError, ValueError):
     """The MIMIC-CXR folder or one of its files is not as expected."""
 
 

@@ -11,11 +11,12 @@ import pandas as pd
 
 from datamodules.mimic_cxr import (CHEXPERT_CLASSES, CHEXPERT_CSV, FRONTAL_VIEWS, METADATA_CSV, SPLIT_CSV, SPLITS,
                                    MIMICDataError, image_path, load_grayscale, read_csv_checked)
+from core.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-class ImageSelectionError(ValueError):
+class ImageSelectionError(UserError, ValueError):
     """No images, an unreadable image, or a bad option."""
 
 

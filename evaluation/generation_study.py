@@ -41,6 +41,7 @@ from metrics.classifiers import finding_probabilities, load_classifier
 from metrics.features import extract, feature_extractor
 from metrics.finding_correctness import finding_correctness
 from metrics.scores import MetricInputError, fid_with_ci, kid, ms_ssim_diversity
+from core.errors import UserError
 
 EFFUSION = "Pleural Effusion"
 NORMAL = "No Finding"
@@ -49,7 +50,7 @@ PAPER_STRATEGIES = ("UNetFineTuning", "TextualInversion", "TextualProjection", "
 STUDY_PACKAGES = ("torch", "diffusers", "transformers", "torchmetrics", "torchxrayvision", "numpy", "pandas")
 
 
-class GenerationStudyError(ValueError):
+class GenerationStudyError(UserError, ValueError):
     """Bad input to the generation study: the message names the option, file or value."""
 
 

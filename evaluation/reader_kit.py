@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from core.errors import UserError
+
 # The paper's scale (section 2.3, lines 103-107), verbatim.
 PAPER_SCALE = {
     5: "Very good reconstruction with essentially non-inferior diagnostic quality to the original",
@@ -46,7 +48,7 @@ SHEET_COLUMNS = ("case", "score", "comment")
 KEY_FILE = "key_PRIVATE.csv"
 
 
-class ScoreSheetError(ValueError):
+class ScoreSheetError(UserError, ValueError):
     """The filled scoring sheet is not usable (missing rows, out-of-range or non-integer scores)."""
 
 

@@ -42,6 +42,7 @@ from datamodules.reports import split_sections, PRIORITY
 from core import plugins, provenance
 from metrics.chexpert_at_k import (DEFAULT_MAX_CHUNK_ELEMENTS, MODES, CosineSimilarity, TokenIoUSimilarity,
                                       chexpert_at_k, class_matrices, is_degenerate)
+from core.errors import UserError
 
 EXTRACTIONS = ("cls", "mean", "pooler", "specific")
 EXTRACTION_TITLES = {"cls": "CLS hidden state", "mean": "Mean hidden states", "pooler": "Pooler output", "specific": "Model specific"}
@@ -81,7 +82,7 @@ def offline_presets() -> dict[str, str]:
             **{name: "CLIP (SD preset)" for name in plugins.names(plugins.STABLE_DIFFUSION)}}
 
 
-class TextEncoderStudyError(ValueError):
+class TextEncoderStudyError(UserError, ValueError):
     """Bad input to the text-encoder study: the message names the file, option or value."""
 
 

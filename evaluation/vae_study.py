@@ -38,6 +38,7 @@ from metrics.features import INCEPTION_WEIGHTS_FILE, ClassifierFeatures, extract
 from metrics.image_quality import SCALES, SSIM_KWARGS, corner_mask, pair_metrics, pooled_psnr
 from metrics.scores import accuracy_f1, auroc, cosine_similarities, fid_minibatches, format_summary, summarize
 from models.stable_diffusion import StableDiffusionSpec, load_vae
+from core.errors import UserError
 
 # Table 1's 12 rows: the 11 exact CheXpert<->xrv matches plus the paper's loose "Pleural Other" (docs/formats.md §3).
 TABLE1_MAPPING = {**CHEXPERT_TO_XRV, "Pleural Other": "Pleural_Thickening"}
@@ -53,7 +54,7 @@ VAE_STUDY_PACKAGES = ("torch", "diffusers", "torchxrayvision", "torchmetrics", "
                       "matplotlib", "scipy")
 
 
-class VAEStudyError(ValueError):
+class VAEStudyError(UserError, ValueError):
     """Bad input for the VAE study (no images, unreadable image, bad option)."""
 
 

@@ -35,6 +35,7 @@ from lightning_modules.preparation import FitPreparation, Needs, PriorPreservati
 from models.exports import update_manifest
 from models.generator import Conditioning, Generator
 from models.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype
+from core.errors import UserError
 
 
 def step_generator(*keys: int) -> torch.Generator:
@@ -43,11 +44,11 @@ def step_generator(*keys: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-class TrainedStateMismatch(RuntimeError):
+class TrainedStateMismatch(UserError, RuntimeError):
     """A checkpoint does not hold the parameters this configuration trains."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite (``on_nonfinite_loss: stop``)."""
 
 

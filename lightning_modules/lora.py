@@ -21,12 +21,13 @@ import torch
 from lightning_modules.unet import UNetFineTuning
 from models.exports import write_manifest
 from models.generator import ClipConditioning, Generator
+from core.errors import UserError
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-class LoRAConfigError(ValueError):
+class LoRAConfigError(UserError, ValueError):
     """A LoRA setting that cannot be used as given."""
 
 

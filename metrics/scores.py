@@ -28,10 +28,12 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from core.errors import UserError
+
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # torchmetrics' (and Wang et al.'s) default weights
 
 
-class MetricInputError(ValueError):
+class MetricInputError(UserError, ValueError):
     """Too few samples, or inputs of the wrong shape, for a statistic."""
 
 

@@ -40,6 +40,7 @@ from transformers.models.bert.modeling_bert import BertPreTrainedModel
 
 from core import plugins
 from models.stable_diffusion import is_local_path
+from core.errors import UserError
 
 DEFAULT_DOMAIN_ENCODER = "microsoft/BiomedVLP-CXR-BERT-specialized"
 EXTRACTIONS = ("cls", "mean", "pooler", "projected")
@@ -106,7 +107,7 @@ class DomainEncoderSpec:
         return key
 
 
-class DomainEncoderLoadError(RuntimeError):
+class DomainEncoderLoadError(UserError, RuntimeError):
     """The encoder named by a spec could not be found, read or used as asked."""
 
 

@@ -26,13 +26,14 @@ from typing import Optional
 
 from core import plugins
 from models.generator import Generator
+from core.errors import UserError
 
 MANIFEST = "export.json"
 FORMAT = "cxr-diffusion export"
 EXPORTS = "cxr_diffusion.exports"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A folder is not an export, or its files do not fit together."""
 
 

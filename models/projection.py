@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from models.domain_encoder import DomainEncoder, DomainEncoderSpec
+from core.errors import UserError
 
 LEVELS = ("document", "token")
 PROJECTIONS = ("mlp", "none")
@@ -37,7 +38,7 @@ CONFIG_FILE = "projection.json"
 WEIGHTS_FILE = "projection.safetensors"
 
 
-class ProjectionConfigError(ValueError):
+class ProjectionConfigError(UserError, ValueError):
     """The projection's configuration does not fit the encoders it connects."""
 
 

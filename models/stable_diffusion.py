@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from core import plugins
+from core.errors import UserError
 
 DEFAULT_PRETRAINED = "CompVis/stable-diffusion-v1-4"
 
@@ -94,7 +95,7 @@ class StableDiffusionSpec:
         return f"{self.pretrained}@{self.revision or 'main'}"
 
 
-class StableDiffusionLoadError(RuntimeError):
+class StableDiffusionLoadError(UserError, RuntimeError):
     """The weights named by a spec could not be found or read."""
 
 

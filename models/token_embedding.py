@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import UserError
 
-class TextualInversionConfigError(ValueError):
+
+class TextualInversionConfigError(UserError, ValueError):
     """A placeholder token, initializer, template or finding phrase cannot be used."""
 
 
