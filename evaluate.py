@@ -9,11 +9,16 @@
 * ``generation``: the generation study (paper Table 4, Figure 4) with finding correctness and diversity,
   see :mod:`evaluation.generation_study`;
 * ``generation-scores SHEET.csv``: the filled reader sheet of generated images, per strategy and prompt.
+
+``vae`` and ``generation`` refuse an ``--out`` that already holds a reader kit unless ``--overwrite`` is given; even then
+the earlier kit's key and a filled score sheet are kept under time-stamped names (:mod:`evaluation.reader_kit`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from core.errors import run_main
 
 STUDIES = {
     "vae": "VAE reconstruction study (paper Table 1, Figure 3)",
@@ -31,7 +36,7 @@ def main(argv=None) -> int:
 
         return vae_main(argv[1:])
     if argv and argv[0] == "vae-scores":
-        from evaluation.vae_study import scores_main
+        from evaluation.reader_kit import scores_main  # the sheet alone: no study (and no torch) to import
 
         return scores_main(argv[1:])
     if argv and argv[0] == "text-encoders":
@@ -53,4 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main("evaluate.py", main))

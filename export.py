@@ -12,13 +12,72 @@ base model, strategy, training data with MIMIC-CXR's data-use notice, steps, the
 * projection runs: ``projection.safetensors`` and ``projection.json`` (the domain encoder and the MLP).
 
 ``--push_to_hub REPO`` uploads the folder to the Hugging Face Hub, **private** unless ``--public``.
+
+``OUT_DIR`` must be a new or empty folder. A folder holding an earlier export is replaced only with ``--overwrite``
+(its files are removed, so two exports never mix); a non-empty folder that holds no export is never emptied. The export
+is written into a hidden sibling folder first and moved into place when complete: a failed export changes nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
+
+from core.errors import UserError, run_main
+
+PROG = "export.py"
+
+
+class ExportDestinationError(UserError):
+    """``OUT_DIR`` is a file, or a non-empty folder that may not be replaced."""
+
+
+def check_destination(out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` must be emptied before the export (``--overwrite`` of an earlier export); refuses a file, a
+    non-empty folder without ``--overwrite`` and, even with it, a non-empty folder that holds no export."""
+    from models.exports import looks_like_export
+
+    if out.exists() and not out.is_dir():
+        raise ExportDestinationError(f"{out}: exists and is not a folder; give a new or empty folder to export into")
+    contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not contents:
+        return False
+    shown = ", ".join(contents[:5]) + (" ..." if len(contents) > 5 else "")
+    if not looks_like_export(out):
+        raise ExportDestinationError(f"{out}: the folder is not empty ({shown}) and holds no export; give a new or empty "
+                                     "folder (--overwrite replaces an earlier export only)")
+    if not overwrite:
+        raise ExportDestinationError(f"{out}: holds an earlier export ({shown}); pass --overwrite to replace it (its files "
+                                     "are removed first) or give a new or empty folder")
+    return True
+
+
+def write_into(module, out: Path, merge: bool, replace: bool) -> Path:
+    """``module.export`` into a hidden sibling of ``out``, then moved into ``out`` (emptied first when ``replace``): an
+    export that fails half-way leaves ``out`` as it was, and the files of two exports never mix."""
+    from models.exports import clear_folder
+
+    target = out.resolve()
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        module.export(staging, merge=merge)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if replace:
+        print(f"--overwrite: removed the earlier export ({', '.join(clear_folder(out))}) from {out}")
+    if out.is_dir():
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+        staging.rmdir()
+    else:
+        os.replace(staging, out)
+    return out
 
 
 def run_results(run) -> dict:
@@ -52,13 +111,15 @@ def push_to_hub(folder: Path, repo: str, public: bool) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run folder written by train.py (runs/<name>)")
     parser.add_argument("out_dir", help="folder to write the export to")
     parser.add_argument("--ckpt", default="last", help="'last' or a checkpoint file name/path")
     parser.add_argument("--merge", action="store_true", help="LoRA runs: a full pipeline with the adapters merged")
     parser.add_argument("--push_to_hub", metavar="REPO", default=None, help="upload the export to this Hub repository")
     parser.add_argument("--public", action="store_true", help="with --push_to_hub: a public repository (default: private)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR (its files are removed "
+                        "first); a non-empty folder without an export is never emptied")
     args = parser.parse_args(argv)
 
     from core.run_folder import RunFolder
@@ -66,12 +127,16 @@ def main(argv=None) -> None:
     from models.exports import read_manifest
     from models.model_card import write_model_card
 
+    try:
+        replace = check_destination(Path(args.out_dir), args.overwrite)
+    except ExportDestinationError as err:
+        sys.exit(f"{PROG}: error: {err}")
     run = RunFolder(args.run_dir)
     try:
         module, path = load_run(run, args.ckpt)
-        out = module.export(args.out_dir, merge=args.merge)
+        out = write_into(module, Path(args.out_dir), args.merge, replace)
     except (RunLoadError, ValueError) as err:
-        sys.exit(f"export.py: error: {err}")
+        sys.exit(f"{PROG}: error: {err}")
     steps = load_checkpoint_file(path).get("global_step")
     data = run.data() if run.data_file.is_file() else None
     write_model_card(out, read_manifest(out), data, steps, run_results(run))
@@ -86,4 +151,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(PROG, main)

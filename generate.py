@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from core.errors import UserError
+from core.errors import UserError, read_text, run_main
 
 PROG = "generate.py"
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")
+# torch.Generator.manual_seed takes 0 .. 2**64-1 (a negative seed wraps around onto a positive one: refused here)
+SEED_MAX = 2**64 - 1
 
 EPILOG = """\
 textual inversion: prompts must contain the run's placeholder token, e.g. "a photo of a <lung-xray>"
@@ -36,6 +38,17 @@ need --pretrained for the model they were trained on).
 
 class GenerateError(UserError):
     """Bad input: reported as one line ``generate.py: error: ...`` with exit code 2."""
+
+
+def seed_value(text: str) -> int:
+    """``--seed``: an integer from 0 to 2**64-1, the range ``torch.Generator.manual_seed`` takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; a seed is an integer from 0 to 2**64-1") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; a seed is an integer from 0 to 2**64-1 ({SEED_MAX})")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a prompt (repeat for several; default: the paper's three prompts). Textual inversion: include the "
         'placeholder token, e.g. "a photo of a <lung-xray>"',
     )
-    parser.add_argument("--prompt_file", help="a text file with one prompt per line (added after --prompt)")
+    parser.add_argument("--prompt_file", help="a UTF-8 text file with one prompt per line (added after --prompt)")
     parser.add_argument("--negative_prompt", default="", help="negative prompt of classifier-free guidance (default: empty)")
     parser.add_argument("--n", type=int, default=8, help="images per prompt (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed; image j of every prompt uses seed+j (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0,
+                        help="first seed, 0 to 2**64-1; image j of every prompt uses seed+j (default 0)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the model's, ddim)")
@@ -79,7 +93,7 @@ def read_prompts(args) -> Optional[list[str]]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise GenerateError(f"--prompt_file {path}: no such file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += [line.strip() for line in read_text(path, "prompt file").splitlines() if line.strip()]
     if not prompts:
         raise GenerateError(f"no prompts: {args.prompt_file} holds no non-empty line")
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
@@ -101,6 +115,9 @@ def check_args(args) -> None:
     for name in ("n", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise GenerateError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if args.seed + args.n - 1 > SEED_MAX:
+        raise GenerateError(f"--seed {args.seed} with --n {args.n}: the last image's seed {args.seed + args.n - 1} is beyond "
+                            f"2**64-1; give --seed {SEED_MAX - args.n + 1} or less")
 
 
 def resolve_device(name: str):
@@ -233,4 +250,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(PROG, main)

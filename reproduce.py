@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
-from core.errors import UserError
+from core.errors import UserError, run_main
 
 REPO = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs"
@@ -631,4 +631,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main("reproduce.py", main))

@@ -20,7 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal, Optional
 
-from core.run_folder import RunFolder, RunFolderError
+from core.errors import UserError, run_main, writable_folder
+from core.run_folder import RunFolder, RunFolderError, RunLock
 
 REPO = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs"
@@ -35,7 +36,10 @@ def resolve_config_args(argv: list[str]) -> list[str]:
             value, target = out[i + 1], i + 1
         elif arg.startswith("--config="):
             value, target, prefix = arg.split("=", 1)[1], i, "--config="
-        if value is None or Path(value).exists():
+        if value is None:
+            continue
+        if Path(value).exists():
+            check_config_file(Path(value))
             continue
         for candidate in (CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml"):
             if candidate.is_file():
@@ -45,6 +49,24 @@ def resolve_config_args(argv: list[str]) -> list[str]:
             known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
             raise SystemExit(f"train.py: error: config {value!r} is neither a file nor a name in {CONFIG_DIR} ({known})")
     return out
+
+
+def check_config_file(path: Path) -> None:
+    """A config file must be a YAML mapping: an empty file or a list is refused naming the file (jsonargparse would say
+    only "Unexpected config")."""
+    import yaml
+
+    from core.errors import read_text
+
+    if path.is_dir():
+        raise UserError(f"--config {path}: is a folder; expected a YAML file such as {CONFIG_DIR / 'demo.yaml'}")
+    try:
+        content = yaml.safe_load(read_text(path, "config"))
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(content, dict):
+        what = "is empty" if content is None else f"holds a {type(content).__name__}, not a mapping of keys to values"
+        raise UserError(f"--config {path}: {what}; expected a YAML mapping such as {CONFIG_DIR / 'demo.yaml'}")
 
 
 def config_stem(argv: list[str]) -> Optional[str]:
@@ -75,6 +97,55 @@ def quiet_library_noise() -> None:
     # loggers is the one in use).
     for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+    # Lightning warns on every mid-epoch resume unless the dataloader has state_dict/load_state_dict. Ours need none:
+    # the suite's ResumableSampler (datamodules/sampling.py) derives the epoch and the position inside it from the
+    # restored loop progress, so a resumed run sees exactly the batches an uninterrupted one would (tested bit-identical
+    # in test_train_cli.py); the warning does not apply.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def launched_as_rank_zero() -> bool:
+    """True in the process that owns the run folder: not a DDP child started by Lightning (``LOCAL_RANK``), not another
+    node (``NODE_RANK``/``GROUP_RANK``), not another SLURM task or torchrun rank (``SLURM_PROCID``, ``RANK``)."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+
+
+# what train.py checks at parse time, before any folder is made: (where in the config, key, test, what is expected)
+NUMBER_RULES = (
+    ("data", "resolution", lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (the VAE's downsampling factor)"),
+    ("data", "batch_size", lambda v: v >= 1, "at least 1"),
+    ("data", "val_batch_size", lambda v: v >= 1, "at least 1 (or null: the batch size)"),
+    ("data", "num_workers", lambda v: v >= 0, "0 or more"),
+    ("trainer", "max_steps", lambda v: v >= 1 or v == -1, "at least 1, or -1 (no step limit)"),
+    ("", "checkpoint_every_n_steps", lambda v: v >= 0, "0 (only at the end) or more"),
+)
+
+
+def check_numbers(cfg) -> None:
+    """Refuse impossible numbers at parse time, naming the key (not a ZeroDivisionError inside PIL after the weights load)."""
+    for where, key, ok, expected in NUMBER_RULES:
+        section = cfg if not where else cfg.get(where)
+        if where == "data" and section is not None:
+            section, flag = section.get("init_args"), f"--data.init_args.{key}"
+        else:
+            flag = f"--{where + '.' if where else ''}{key}"
+        value = section.get(key) if section is not None else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            raise UserError(f"{flag} {value}: must be {expected}")
+
+
+def check_wandb_reachable(timeout: float = 5.0) -> None:
+    """Online W&B on a machine without network would wait ~2 minutes and end in a traceback: say so at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"W&B is online (WANDB_API_KEY is set) but {host}:{port} cannot be reached ({err.strerror or err}); "
+                        "use --wandb_mode offline and upload later with `wandb sync`") from None
 
 
 def run_callbacks(run: RunFolder, every_n_steps: int, user_callbacks: list, progress_bar: bool, logger: bool) -> list:
@@ -104,7 +175,28 @@ def wandb_logger(run: RunFolder, mode: str, project: str, entity: Optional[str])
                        offline=not wandb_is_online(mode), resume="allow", log_model=False)
 
 
-def make_cli(argv: list[str]):
+class Start:
+    """This start's run folder and lock, so a start refused before it wrote anything leaves no folder behind."""
+
+    def __init__(self):
+        self.run: Optional[RunFolder] = None
+        self.lock: Optional[RunLock] = None
+        self.folder_existed = True
+
+    def take(self, run: RunFolder) -> None:
+        self.run, self.folder_existed = run, run.path.exists()
+        if launched_as_rank_zero():
+            self.lock = run.lock()
+
+    def end(self, failed: bool) -> None:
+        if failed and self.run is not None and not self.folder_existed and self.lock is not None:
+            self.run.remove_if_unused()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def make_cli(argv: list[str], start: Start):
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_modules.base import DiffusionModule
@@ -124,12 +216,17 @@ def make_cli(argv: list[str]):
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config
+            check_numbers(cfg)
             cfg.run_name = cfg.run_name or config_stem(argv) or datetime.now().strftime("run-%Y%m%d-%H%M%S")
+            writable_folder(cfg.runs_dir, "--runs_dir")
+            cache = os.environ.get("CXR_DIFFUSION_CACHE")
+            if cache:
+                writable_folder(cache, "the cache folder CXR_DIFFUSION_CACHE =")
+            if wandb_is_online(cfg.wandb_mode):
+                check_wandb_reachable()
             self.run = RunFolder.named(cfg.runs_dir, cfg.run_name)
-            try:
-                self.ckpt_path = self.run.resume_checkpoint(cfg.ckpt_path)
-            except RunFolderError as err:
-                raise SystemExit(f"train.py: error: {err}") from None
+            start.take(self.run)  # refused, naming the holder, while another process trains into this folder
+            self.ckpt_path = self.run.resume_checkpoint(cfg.ckpt_path)
             if cfg.ckpt_path == "last":
                 print(f"resuming {self.run.path} from {self.ckpt_path}" if self.ckpt_path else
                       f"no checkpoint in {self.run.checkpoints}: starting fresh", flush=True)
@@ -167,21 +264,36 @@ def make_cli(argv: list[str]):
     )
 
 
+def check_resume(cli) -> None:
+    """Before anything of this start is written: the checkpoint is readable and holds what this configuration trains,
+    on the same base model, data and batch size (:mod:`lightning_modules.resume`)."""
+    if cli.ckpt_path is None:
+        return
+    from lightning_modules.resume import read_checkpoint
+
+    cli.model.check_resumable(read_checkpoint(cli.ckpt_path), cli.datamodule)
+
+
 def record_start(cli, argv: list[str]) -> None:
-    """The resolved config (no secrets: W&B keys come from the environment, never the config) and a provenance record."""
-    cli.parser.save(cli.config, cli.run.config_file, skip_unset=False, overwrite=True, multifile=False)
+    """The resolved config (no secrets: W&B keys come from the environment, never the config) and a provenance record.
+    Each start keeps its own ``configs/start-N.yaml``; ``config.yaml`` is the first start's and is never overwritten."""
+    run = cli.run
+    start_config = run.next_start_config()
+    start_config.parent.mkdir(parents=True, exist_ok=True)
+    cli.parser.save(cli.config, start_config, skip_unset=False, overwrite=False, multifile=False)
+    if not run.config_file.exists():
+        cli.parser.save(cli.config, run.config_file, skip_unset=False, overwrite=False, multifile=False)
     settings = {"seed_everything": cli.config.seed_everything, "model_seed": cli.model.hparams.get("seed"),
-                "data_seed": getattr(cli.datamodule, "seed", None), "config": str(cli.run.config_file)}
+                "data_seed": getattr(cli.datamodule, "seed", None), "config": str(start_config)}
     inputs = {"resumed_from": str(cli.ckpt_path) if cli.ckpt_path else None, "base_model": cli.model.spec.cache_key()}
     cli.run.record_start(settings, inputs, argv)
 
 
 def fit(cli) -> int:
-    """Train; the exit status: 0 done, 143 stopped by SIGTERM after saving, 1 a clear error."""
+    """Train; the exit status: 0 done, 143/130 stopped by SIGTERM/SIGINT after saving (errors propagate)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from callbacks.checkpointing import CheckpointSaveError, RunCheckpoint
-    from lightning_modules.base import NonFiniteLossError
+    from callbacks.checkpointing import RunCheckpoint
 
     checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, RunCheckpoint))
     zero = cli.trainer.is_global_zero
@@ -189,37 +301,50 @@ def fit(cli) -> int:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     except SIGTERMException:  # during validation or setup, under Lightning's own handler
         if zero:
-            print(preempted_message(cli.run, checkpoint.preempted_step), file=sys.stderr, flush=True)
+            print(preempted_message(cli.run, checkpoint.preempted_step, "SIGTERM"), file=sys.stderr, flush=True)
         return 143
-    except (NonFiniteLossError, CheckpointSaveError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
-        return 1
     if checkpoint.preempted_step is not None:
         if zero:
-            print(preempted_message(cli.run, checkpoint.preempted_step), file=sys.stderr, flush=True)
-        return 143
+            print(preempted_message(cli.run, checkpoint.preempted_step, checkpoint.stopped_by), file=sys.stderr, flush=True)
+        return 130 if checkpoint.stopped_by == "SIGINT" else 143
     if zero:
         print(f"run folder: {cli.run.path}", flush=True)
     return 0
 
 
-def preempted_message(run: RunFolder, step: Optional[int]) -> str:
+def preempted_message(run: RunFolder, step: Optional[int], signal_name: Optional[str]) -> str:
+    what = "Ctrl-C (SIGINT)" if signal_name == "SIGINT" else "SIGTERM"
     if step is None:
-        return (f"train.py: received SIGTERM before the first step ended: nothing new saved ({run.last_checkpoint} unchanged). "
+        return (f"train.py: received {what} before the first step ended: nothing new saved ({run.last_checkpoint} unchanged). "
                 "Resume with the same command and --ckpt_path last.")
-    return (f"train.py: received SIGTERM: saved {run.last_checkpoint} at step {step}. Resume with the same command "
+    return (f"train.py: received {what}: saved {run.last_checkpoint} at step {step}. Resume with the same command "
             "and --ckpt_path last.")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    original_argv = list(sys.argv)
-    argv = resolve_config_args(list(sys.argv[1:] if argv is None else argv))
+def train(argv: list[str]) -> int:
+    """Parse, check, lock, build, check the resume, record the start, fit: nothing is written before the checks pass."""
+    original_argv = sys.argv[:1] + list(argv)
+    argv = resolve_config_args(list(argv))
     sys.argv = sys.argv[:1] + argv  # LightningCLI reads sys.argv; configs resolved above
     quiet_library_noise()
-    cli = make_cli(argv)
-    if cli.trainer.is_global_zero:
-        record_start(cli, original_argv)
-    code = fit(cli)
+    start, failed = Start(), True
+    try:
+        cli = make_cli(argv, start)
+        check_resume(cli)
+        if cli.trainer.is_global_zero:
+            record_start(cli, original_argv)
+        failed = False
+        return fit(cli)
+    except KeyboardInterrupt:
+        print("train.py: interrupted before training started; nothing saved", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        start.end(failed)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python train.py ...``: errors the user can fix are one line (``--debug`` for the traceback)."""
+    code = run_main("train.py", train, argv)
     if code:
         raise SystemExit(code)
 

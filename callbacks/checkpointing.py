@@ -2,15 +2,20 @@
 
 * :class:`RunCheckpoint` writes ``<run>/checkpoints/last.ckpt`` every ``every_n_steps`` optimizer steps, at the batch
   that reaches ``max_steps``, at the end of training when it ended otherwise (``max_epochs``, ``max_time``, or a run
-  without optimizer steps), and on SIGTERM (SLURM pre-emption, ``scancel``, ``kill``). Every save happens at the end of
-  a training batch, where the loops describe a run in the middle of an epoch, so a resume continues exactly there.
-* :class:`AtomicCheckpointIO` writes each file to a temporary name, fsyncs it and renames it over the target: a kill or
-  a full disk during a save never leaves a truncated ``last.ckpt``.
+  without optimizer steps), and on SIGTERM (SLURM pre-emption, ``scancel``, ``kill``) or SIGINT (Ctrl-C; a second
+  Ctrl-C aborts at once without saving). Every save happens at the end of a training batch, where the loops describe a
+  run in the middle of an epoch, so a resume continues exactly there.
+* :class:`AtomicCheckpointIO` checks the free space, writes each file to a temporary name, fsyncs it, keeps the previous
+  file as ``<name>.prev.ckpt`` and renames the new one over the target: a kill or a full disk during a save never leaves
+  a truncated ``last.ckpt``, and should one ever be unreadable the one before it is still there.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -20,47 +25,69 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
-from core.errors import UserError
+from core.errors import InsufficientSpaceError, UserError, check_free_space
 
 
 class RunCheckpoint(Callback):
-    """Write ``path`` periodically, at the last step, at the end of training and on SIGTERM.
+    """Write ``path`` periodically, at the last step, at the end of training and on SIGTERM or SIGINT.
 
-    On SIGTERM the signal only sets a flag (Lightning's own handler, which raises in the middle of its loops where the
-    saved state would not resume exactly, is replaced from the start of training); at the end of the current batch
-    every rank agrees (one collective, in DDP only), ``path`` is saved and the trainer stops. ``train.py`` then exits
-    with status 143. ``preempted_step`` is the step saved on SIGTERM, or None.
+    A SIGTERM or the first SIGINT only sets a flag (Lightning's own SIGTERM handler, which raises in the middle of its
+    loops where the saved state would not resume exactly, and Python's KeyboardInterrupt are replaced from the start of
+    fit); at the end of the current batch every rank agrees (one collective, in DDP only), ``path`` is saved and the
+    trainer stops. ``train.py`` then exits with status 143 (SIGTERM) or 130 (SIGINT). A second SIGINT restores the
+    default action and so ends the process at once. ``preempted_step`` is the step saved on a signal, or None;
+    ``stopped_by`` names the signal.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, path: str | Path, every_n_steps: int = 100):
         self.path = Path(path)
         self.every_n_steps = int(every_n_steps)
         self.preempted_step: Optional[int] = None
+        self.stopped_by: Optional[str] = None  # "SIGTERM" or "SIGINT"
         self._requested = False
         self._saved_step = -1
-        self._previous_handler = None
+        self._previous_handlers: dict = {}
 
     def _save(self, trainer: Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
-    # ------------------------------------------------------------------ SIGTERM
-    def _on_sigterm(self, signum, frame) -> None:
+    # ------------------------------------------------------------------ SIGTERM and SIGINT
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            if self._requested:  # the second Ctrl-C: no more waiting
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            print("\nCtrl-C: saving at the end of this batch, then stopping (Ctrl-C again to abort without saving)",
+                  file=sys.stderr, flush=True)
         self._requested = True
+        self.stopped_by = self.stopped_by or name
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            # from the start of fit: a Ctrl-C during preparation stops at the first batch end too
+            for sig in self.SIGNALS:
+                self._previous_handlers.setdefault(sig, signal.getsignal(sig))
+                signal.signal(sig, self._on_signal)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.setup(trainer, pl_module, "fit")  # Lightning installs its SIGTERM handler between setup and here
         connector = getattr(trainer, "_signal_connector", None)
         if connector is not None and connector.received_sigterm:  # arrived during setup, under Lightning's handler
             self._requested = True
+            self.stopped_by = self.stopped_by or "SIGTERM"
             connector.received_sigterm = False  # handled here, at the end of the first batch
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous_handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     # ------------------------------------------------------------------ when to save
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -92,14 +119,38 @@ class RunCheckpoint(Callback):
 class CheckpointSaveError(UserError, OSError):
     """A checkpoint could not be written (disk full, permissions, ...); the previous file is intact."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def checkpoint_bytes(obj) -> int:
+    """The bytes of tensor data in a (nested) checkpoint: what ``torch.save`` will write, less a little metadata."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(checkpoint_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in obj)
+    return 0
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """What ``torch.save`` raises when the file system fails under it: ``OSError``, or a ``RuntimeError`` from its zip
+    writer ("PytorchStreamWriter failed writing file …", "[enforce fail at inline_container.cc] unexpected pos …")."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and
+                                        any(s in str(err) for s in ("PytorchStreamWriter", "inline_container", "file write failed")))
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file beside it, fsync it, then rename it over the target.
+    """Check the free space, write each checkpoint to a temporary file beside it, fsync it, keep the previous file as
+    ``<name>.prev.ckpt`` (a hard link: no extra space) and rename the new one over the target.
 
-    A kill or a full disk during the save therefore never leaves a truncated ``last.ckpt``: the
-    previous checkpoint stays until the new one is complete. A failed save raises
-    :class:`CheckpointSaveError` naming the file and the cause, and removes the partial file.
+    A kill or a full disk during the save therefore never leaves a truncated ``last.ckpt``: the previous checkpoint
+    stays until the new one is complete. A failed save raises :class:`CheckpointSaveError` naming the file, the cause
+    and the free space, and removes the partial file; so does a save that would not fit (checked before writing).
     """
+
+    MARGIN = 8 * 2**20  # pickle structure, zip records, other files written meanwhile
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
@@ -107,18 +158,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        kept = f"the previous {path.name} is intact" if path.exists() else "no earlier checkpoint exists"
+        try:
+            check_free_space(path, checkpoint_bytes(checkpoint) + self.MARGIN, "checkpoint")
+        except InsufficientSpaceError as err:
+            raise CheckpointSaveError(errno.ENOSPC, f"{err.strerror}; nothing written, {kept}") from None
         try:
             with open(tmp, "wb") as fh:
                 torch.save(checkpoint, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
+            self._keep_previous(path)
             os.replace(tmp, path)
             for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while saving
                 stale.unlink(missing_ok=True)
-        except OSError as err:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
-            kept = f"the previous {path.name} is intact" if path.exists() else "no earlier checkpoint exists"
-            raise CheckpointSaveError(err.errno, f"{path}: could not write the checkpoint ({err.strerror or err}); {kept}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            if not is_write_failure(err):
+                raise
+            cause = (err.strerror if isinstance(err, OSError) and err.strerror else
+                     "torch's writer failed, most likely a full disk: " + str(err).strip().splitlines()[0][:160])
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise CheckpointSaveError(getattr(err, "errno", None) or errno.EIO,
+                                      f"{path}: could not write the checkpoint ({cause}); {kept}; "
+                                      f"{free:.1f} MiB free on that file system") from None
+
+    @staticmethod
+    def previous(path: Path) -> Path:
+        return path.with_name(path.stem + ".prev" + path.suffix)
+
+    def _keep_previous(self, path: Path) -> None:
+        """``last.ckpt`` → ``last.prev.ckpt`` without a moment in which neither exists complete."""
+        if not path.exists():
+            return
+        prev, link = self.previous(path), path.with_name(f".{path.name}.prev-{os.getpid()}")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)  # no copy; on file systems without hard links the previous file is not kept
+        except OSError:
+            return
+        os.replace(link, prev)

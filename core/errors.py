@@ -33,8 +33,8 @@ class InsufficientSpaceError(UserError, OSError):
 def one_line(err: BaseException) -> str:
     """The error's message on one line (the first line of ``str(err)``, or its type name when it has none)."""
     text = str(err).strip()
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        text = f"{err.filename}: {err.strerror}"
+    if isinstance(err, OSError) and err.strerror:  # not "[Errno 28] ..."
+        text = f"{err.filename}: {err.strerror}" if err.filename is not None else err.strerror
     return text or type(err).__name__
 
 
@@ -78,7 +78,7 @@ def read_text(path: str | Path, what: str = "file") -> str:
 
 def check_free_space(path: str | Path, needed_bytes: int, what: str = "file") -> None:
     """Refuse to start writing ``what`` at ``path`` when its file system has less than ``needed_bytes`` free."""
-    folder = Path(path)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     free = shutil.disk_usage(folder).free

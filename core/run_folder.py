@@ -4,7 +4,10 @@
 
     runs/<name>/
       checkpoints/last.ckpt    what was trained, the optimizer and the loop state (resume point)
-      config.yaml              the resolved configuration
+      checkpoints/last.prev.ckpt  the checkpoint before it (a fall-back should last.ckpt ever be unreadable)
+      config.yaml              the first start's resolved configuration (never overwritten)
+      configs/start-N.yaml     each start's resolved configuration
+      .lock                    held by the training process using the folder (see :class:`RunLock`)
       provenance.json          one record per start (core.provenance)
       data.json                the ids the run trains and validates on
       wandb_run_id.txt, wandb/ the W&B run (one id for every start of the run)
@@ -15,7 +18,12 @@
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import socket
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -29,6 +37,65 @@ DATA_SCHEMA = "cxr-diffusion/data/1"
 
 class RunFolderError(UserError, FileNotFoundError):
     """A run folder, or a file it should hold, is missing or unreadable."""
+
+
+class RunFolderLocked(UserError, RuntimeError):
+    """Another process is training into this run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of one process: a POSIX record lock (``fcntl.lockf``) on
+    ``<run>/.lock``, which also records the holder's PID, host and start time.
+
+    The kernel releases the lock whenever the process ends, SIGKILL included; the file stays and is simply locked again
+    by the next start. On a local disk this is exact. On shared file systems it is as strong as their POSIX locks: NFSv4
+    (and v3 with lockd), GPFS and BeeGFS with global locks enforce it across machines (if the holder's machine dies, the
+    server frees the lock when its lease expires, about 90 s on NFSv4); Lustre does only when mounted with ``-o flock``
+    (with ``localflock``, only between processes on one node). Where the file system refuses locks altogether, the run
+    goes on with a warning that two starts would not be refused.
+    """
+
+    UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd: Optional[int] = None
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "a process that has not recorded itself yet"
+        return f"PID {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                raise RunFolderLocked(f"{self.path.parent}: another training process is using this run folder ({self.holder()}). "
+                                      "Wait for it to end, or use --run_name NEW for a separate run") from None
+            if err.errno in self.UNSUPPORTED:
+                print(f"warning: the file system under {self.path.parent} does not support file locks ({err.strerror}); "
+                      "a second start into this run folder would not be refused", file=sys.stderr, flush=True)
+                return self
+            raise
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the lock
+            self._fd = None
 
 
 class RunFolder:
@@ -61,6 +128,37 @@ class RunFolder:
     @property
     def config_file(self) -> Path:
         return self.path / "config.yaml"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    def lock(self) -> RunLock:
+        """Create the folder and hold its :class:`RunLock` (refused, naming the holder, while another process has it)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return RunLock(self.lock_file).acquire()
+
+    def remove_if_unused(self) -> bool:
+        """Remove the folder if it holds nothing but its lock file (a start refused before it wrote anything)."""
+        if not self.path.is_dir() or any(p.name != ".lock" for p in self.path.iterdir()):
+            return False
+        self.lock_file.unlink(missing_ok=True)
+        self.path.rmdir()
+        return True
+
+    @property
+    def start_configs(self) -> Path:
+        return self.path / "configs"
+
+    def next_start_config(self) -> Path:
+        """``configs/start-N.yaml`` for this start (N counts the starts, from 1)."""
+        done = [int(p.stem.split("-")[1]) for p in self.start_configs.glob("start-*.yaml") if p.stem.split("-")[1].isdigit()]
+        return self.start_configs / f"start-{max(done, default=0) + 1}.yaml"
+
+    def latest_config_file(self) -> Path:
+        """The newest start's configuration, or ``config.yaml`` in a run folder written before per-start configs."""
+        starts = sorted(self.start_configs.glob("start-*.yaml"), key=lambda p: int(p.stem.split("-")[1]) if p.stem.split("-")[1].isdigit() else 0)
+        return starts[-1] if starts else self.config_file
 
     @property
     def losses_file(self) -> Path:
@@ -110,12 +208,13 @@ class RunFolder:
         return path
 
     def config(self) -> dict:
-        """The run's resolved configuration (``config.yaml``)."""
+        """The run's resolved configuration as of its latest start (``configs/start-N.yaml``, else ``config.yaml``)."""
         import yaml
 
-        if not self.config_file.is_file():
+        path = self.latest_config_file()
+        if not path.is_file():
             raise RunFolderError(f"{self.config_file}: missing; every run folder written by train.py has one")
-        return yaml.safe_load(self.config_file.read_text())
+        return yaml.safe_load(path.read_text())
 
     # ------------------------------------------------------------------ W&B
     def wandb_id(self) -> str:

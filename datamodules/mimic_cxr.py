@@ -10,9 +10,13 @@ Reads the real layout (docs/formats.md §1)::
 
 Selection: frontal views (ViewPosition PA or AP), studies positive (1.0) for any of ``findings``
 (uncertain -1.0 handled by ``uncertain``), the official split, or an explicit list of dicom_ids.
+Each CSV's key must be unique (``dicom_id`` in the metadata and split files, ``(subject_id, study_id)``
+in the label file): a repeated row would silently serve an image twice.
 Images are converted to grayscale, resized (shorter side) and centre-cropped once, cached as PNG,
-and served as 3-channel tensors in [-1, 1]. No horizontal flips unless asked: a flipped chest
-X-ray puts the heart on the wrong side.
+and served as 3-channel tensors in [-1, 1]. Each cached PNG records the size and modification time
+(ns) of the JPEG it was made from; a JPEG that changed since (replaced, truncated, deleted) is read
+again, so a now-corrupt file is reported (or skipped) instead of served from the cache. No horizontal
+flips unless asked: a flipped chest X-ray puts the heart on the wrong side.
 
 Batches are dicts ``{"pixel_values", "prompt", "finding", "labels", "dicom_id"}`` (``finding``: the
 selected CheXpert class the image was chosen for; ``labels``: the 14 CheXpert values, 1 positive,
@@ -25,6 +29,7 @@ images for the FID callback, real examples for ``SampleGrid(log_real_images=True
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import warnings
@@ -38,6 +43,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 from torch.utils.data import DataLoader, Dataset
 
 from core.cache import atomic_write, cache_key, cache_root
@@ -71,6 +77,8 @@ REQUIRED_COLUMNS = {
     CHEXPERT_CSV: ("subject_id", "study_id") + CHEXPERT_CLASSES,
     SPLIT_CSV: ("dicom_id", "study_id", "subject_id", "split"),
 }
+# The key of each file: no two rows may share it (a repeated row would double its images).
+UNIQUE_KEYS = {METADATA_CSV: ("dicom_id",), CHEXPERT_CSV: ("subject_id", "study_id"), SPLIT_CSV: ("dicom_id",)}
 FRONTAL_VIEWS = ("PA", "AP")
 SPLITS = ("train", "validate", "test")
 # The paper's prompts (section 2.1 / Table 4); other findings get "... with <finding>".
@@ -131,7 +139,19 @@ def read_mimic_csv(path: Path, kind: str) -> pd.DataFrame:
         bad = ~df["split"].isin(SPLITS)
         if bad.any():
             raise MIMICDataError(f"{path}: column 'split' has value {df.loc[bad, 'split'].iloc[0]!r}; expected one of {SPLITS}")
+    check_unique(df, path, UNIQUE_KEYS[kind])
     return df
+
+
+def check_unique(df: pd.DataFrame, path: Path, key: tuple[str, ...], shown: int = 5) -> None:
+    """Refuse a file in which two rows share ``key``, naming the file and the first ``shown`` repeated keys."""
+    repeated = df.loc[df.duplicated(list(key), keep="first"), list(key)].drop_duplicates()
+    if len(repeated):
+        name = key[0] if len(key) == 1 else f"({', '.join(key)})"
+        examples = [str(v[0]) if len(key) == 1 else f"({', '.join(map(str, v))})" for v in repeated.itertuples(index=False)]
+        raise MIMICDataError(f"{path}: {len(repeated)} {name} value(s) appear on more than one row, e.g. "
+                             f"{', '.join(examples[:shown])}{' ...' if len(examples) > shown else ''}; "
+                             f"each {name} must appear once (remove the repeated rows)")
 
 
 def load_grayscale(path: Path, size: int) -> np.ndarray:
@@ -201,6 +221,25 @@ class CXRImageDataset(Dataset):
 
 
 PREPROCESSING_ID = "gray-to-3ch/shorter-side-resize/center-crop/[-1,1]/v1"  # change when the pixels change
+SOURCE_STAMP = "cxr-diffusion-source"  # PNG text chunk of a cached image: its JPEG's "<size>:<mtime_ns>"
+
+
+def source_stamp(path: Path) -> Optional[str]:
+    """``"<size>:<mtime in ns>"`` of an image file, or None when it is missing: what a cached copy is valid for."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def cached_stamp(png: Path) -> Optional[str]:
+    """The source stamp a cached PNG was made for (its header only), or None (no such file, none recorded)."""
+    try:
+        with Image.open(png) as img:
+            return img.info.get(SOURCE_STAMP)
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -415,26 +454,34 @@ class MIMICCXRDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ cache
     def _build_cache(self, records: pd.DataFrame) -> list[str]:
-        """Resize each image once into the cache; returns the paths that could not be read."""
+        """Resize each image into the cache once, and again whenever its JPEG changed (size or modification time);
+        returns the paths that could not be read (their stale copies are removed, never served)."""
         out = self.image_cache_dir
         out.mkdir(parents=True, exist_ok=True)
-        todo = [r for r in records.itertuples() if not (out / f"{r.dicom_id}.png").exists()]
+        todo = []
+        for r in records.itertuples():
+            path = image_path(self.root, r.subject_id, r.study_id, r.dicom_id)
+            stamp = source_stamp(path)
+            if stamp is None or cached_stamp(out / f"{r.dicom_id}.png") != stamp:
+                todo.append((r.dicom_id, path, stamp))
         bad: list[str] = []
         if todo:
             from tqdm.auto import tqdm
 
-            for r in tqdm(todo, desc=f"caching {len(todo)} images at {self.resolution}px", disable=len(todo) < 50):
-                path = image_path(self.root, r.subject_id, r.study_id, r.dicom_id)
+            for dicom_id, path, stamp in tqdm(todo, desc=f"caching {len(todo)} images at {self.resolution}px", disable=len(todo) < 50):
                 try:
                     arr = load_grayscale(path, self.resolution)
                 except OSError as err:
+                    (out / f"{dicom_id}.png").unlink(missing_ok=True)
                     if self.on_bad_image == "fail":
                         raise MIMICDataError(f"{err}. Set on_bad_image: skip to leave such images out.") from None
                     bad.append(str(path))
                     continue
+                info = PngInfo()
+                info.add_text(SOURCE_STAMP, stamp)
                 png = io.BytesIO()
-                Image.fromarray(arr, mode="L").save(png, format="PNG")
-                atomic_write(out / f"{r.dicom_id}.png", png.getvalue())
+                Image.fromarray(arr, mode="L").save(png, format="PNG", pnginfo=info)
+                atomic_write(out / f"{dicom_id}.png", png.getvalue())
         return bad
 
     def prepare_data(self) -> None:
@@ -449,10 +496,9 @@ class MIMICCXRDataModule(LightningDataModule):
         train, val = self.build_records()
         cache = self.image_cache_dir
         cached = lambda df: df[[(cache / f"{d}.png").exists() for d in df["dicom_id"]]].reset_index(drop=True)
-        if any(not (cache / f"{d}.png").exists() for d in pd.concat([train, val])["dicom_id"]):
-            # prepare_data runs on one process per node; a process that did not run it (or a cache that
-            # was deleted) builds what is missing itself.
-            self._build_cache(pd.concat([train, val]))
+        # prepare_data runs on one process per node; a process that did not run it (or a cache that was deleted, or
+        # JPEGs that changed since) builds what is missing or stale itself. A fresh cache costs a stat and a PNG header.
+        self._build_cache(pd.concat([train, val]))
         self.train_records, self.val_records = cached(train), cached(val)
         if len(self.train_records) == 0:
             raise MIMICDataError(f"{self.root}: every selected training image was unreadable")
@@ -498,8 +544,12 @@ class MIMICCXRDataModule(LightningDataModule):
             return None
         self.setup()
         cache_dir = self.image_cache_dir
+        # what is made from these images (VAE latents) is rebuilt when one of their JPEGs changed, like the resized copy
+        stamps = "\n".join(f"{r.dicom_id} {source_stamp(image_path(self.root, r.subject_id, r.study_id, r.dicom_id))}"
+                           for r in self.train_records.itertuples())
+        key_parts = {**self.image_key_parts, "sources_sha1": hashlib.sha1(stamps.encode()).hexdigest()}
         return ImageSet(tuple(self.train_records["dicom_id"]), lambda d: _pixels(_read_png(cache_dir / f"{d}.png")),
-                        self.image_key_parts, self.resolution, self.cache_root)
+                        key_parts, self.resolution, self.cache_root)
 
     def training_captions(self) -> None:
         return None

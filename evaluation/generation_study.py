@@ -37,6 +37,7 @@ from core import provenance
 from core.grids import labelled_grid
 from datamodules.prompts import PAPER_PROMPTS, normal_and_effusion_prompts, prompt_finding
 from datamodules.study_images import reference_images
+from evaluation.reader_kit import SUMMARY_FILE, ReaderKitExistsError, check_kit_folder
 from metrics.classifiers import finding_probabilities, load_classifier
 from metrics.features import extract, feature_extractor
 from metrics.finding_correctness import finding_correctness
@@ -118,6 +119,7 @@ class StudyConfig:
     reader_kit: int = 0  # generated images per (strategy, prompt) in the blinded reader kit
     reader_real: int = 0  # real reference images per finding mixed into the kit
     figure1: Optional[str] = None  # a run name: Figure 1, the base beside it on the plain and effusion prompts
+    overwrite: bool = False  # replace a reader kit already in out (its key and a filled sheet are kept aside)
 
     def validate(self) -> None:
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -156,6 +158,8 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     started = time.time()
     device = _device(cfg.device)
     out = Path(cfg.out)
+    if cfg.reader_kit > 0 or cfg.reader_real > 0:
+        check_kit_folder(out / "reader_kit", cfg.overwrite)  # before the generation, not after
     (out / "grids").mkdir(parents=True, exist_ok=True)
     classifier, extractor = load_networks(cfg, device)  # weights first: a missing file stops the study before any generation
     strategies = load_strategies(cfg.base, cfg.runs, cfg.prompts)
@@ -275,7 +279,7 @@ def write_outputs(cfg: StudyConfig, strategies: list[Strategy], tables: Tables, 
         from evaluation.reader_kit import make_reader_kit
 
         make_reader_kit(tables.kit_items, out / "reader_kit", seed=cfg.seed, ids=tables.kit_ids, title="Generated chest X-rays",
-                        questions={"finding_present": "Is a pleural effusion visible?"})
+                        questions={"finding_present": "Is a pleural effusion visible?"}, overwrite=cfg.overwrite, log=log)
         log(f"reader kit: {len(tables.kit_items)} blinded images in {out / 'reader_kit'} (keep key_PRIVATE.csv from the reader); "
             f"summarise the filled sheet with `python evaluate.py generation-scores {out / 'reader_kit' / 'scores.csv'}`")
     md = results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolution)
@@ -417,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader_real", type=int, default=0, help="real reference images per finding mixed into the kit")
     p.add_argument("--figure1", default=None, metavar="RUN", help="write figure1.png: the base model beside this run (its folder "
                    "name) on the plain and the effusion prompt, as the paper's Figure 1")
+    p.add_argument("--overwrite", action="store_true", help="replace a reader kit already in --out (its key and a filled "
+                   "score sheet are kept under time-stamped names, never overwritten)")
     return p
 
 
@@ -434,7 +440,7 @@ def scores_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"evaluate.py generation-scores: error: {err}", file=sys.stderr)
         return 2
     table = pd.DataFrame(rows)
-    path = Path(args.sheet).with_name("scores_by_source.csv")
+    path = Path(args.sheet).with_name(SUMMARY_FILE)
     table.to_csv(path, index=False)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     print(f"wrote {path}")
@@ -448,7 +454,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.base = None
     try:
         run_study(cfg)
-    except (GenerationStudyError, MetricInputError) as err:
+    except (GenerationStudyError, MetricInputError, ReaderKitExistsError) as err:
         print(f"evaluate.py generation: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,6 @@ output folder ``--out``. :func:`run_study` is the sequence of steps; each step i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from torch import nn
 from core import provenance
 from datamodules.mimic_cxr import CHEXPERT_CLASSES
 from datamodules.study_images import load_images, select_folder, select_mimic
+from evaluation.reader_kit import check_kit_folder, scores_main  # noqa: F401 (``evaluate.py vae-scores``, kept here too)
 from metrics.classifiers import CHEXPERT_TO_XRV, classifier_outputs, classifier_targets, classifier_weights_file, load_classifier
 from metrics.features import INCEPTION_WEIGHTS_FILE, ClassifierFeatures, extract, feature_extractor, inception_weights_path
 from metrics.image_quality import SCALES, SSIM_KWARGS, corner_mask, pair_metrics, pooled_psnr
@@ -81,6 +81,7 @@ class StudyConfig:
     on_bad_image: str = "fail"
     n_examples: int = 4
     reader_pairs: int = 100
+    overwrite: bool = False  # replace a reader kit already in out (its key and a filled sheet are kept aside)
 
     def validate(self) -> None:
         if (self.mimic_root is None) == (self.image_folder is None):
@@ -134,6 +135,8 @@ def run_study(cfg: StudyConfig, fid_extractor: Optional[nn.Module] = None, log: 
     cfg.validate()
     started = time.time()
     out = Path(cfg.out).expanduser()
+    if cfg.reader_pairs > 0:
+        check_kit_folder(out / "reader_kit", cfg.overwrite)  # before hours of work, not after
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.device)
     classifier, fid_extractor = load_networks(cfg, fid_extractor)  # fail fast on missing weights
@@ -337,7 +340,8 @@ def write_figures(cfg: StudyConfig, r: Results, out: Path) -> None:
         from evaluation.reader_kit import make_reader_kit
 
         r.kit_dir = make_reader_kit(list(zip(r.originals, r.recons)), out / "reader_kit", n=cfg.reader_pairs, seed=cfg.seed,
-                                    ids=list(r.records["image_id"]), title="VAE reconstruction reader study")
+                                    ids=list(r.records["image_id"]), title="VAE reconstruction reader study",
+                                    overwrite=cfg.overwrite)
 
 
 def write_provenance(cfg: StudyConfig, r: Results, out: Path, fid_extractor: Optional[nn.Module], device, started: float) -> None:
@@ -519,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on_bad_image", default="fail", choices=("fail", "skip"))
     p.add_argument("--n_examples", type=int, default=4, help="images in examples.png")
     p.add_argument("--reader_pairs", type=int, default=100, help="pairs in the blinded reader kit (0: no kit)")
+    p.add_argument("--overwrite", action="store_true", help="replace a reader kit already in --out (its key and a filled "
+                   "score sheet are kept under time-stamped names, never overwritten)")
     return p
 
 
@@ -530,23 +536,4 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"evaluate.py vae: error: {err}", file=sys.stderr)
         return 2
-    return 0
-
-
-def scores_main(argv=None) -> int:
-    from evaluation.reader_kit import ScoreSheetError, format_scores, summarize_scores
-
-    p = argparse.ArgumentParser(prog="evaluate.py vae-scores", description="Summarise a filled reader-study scoring sheet.")
-    p.add_argument("sheet", help="the filled scores.csv")
-    p.add_argument("--key", default=None, help="the kit's key_PRIVATE.csv (default: beside the sheet, if present) to check for missing rows")
-    p.add_argument("--min_score", type=int, default=1)
-    p.add_argument("--max_score", type=int, default=5)
-    args = p.parse_args(argv)
-    try:
-        s = summarize_scores(args.sheet, args.min_score, args.max_score, args.key)
-    except ScoreSheetError as err:
-        print(f"evaluate.py vae-scores: error: {err}", file=sys.stderr)
-        return 2
-    print(format_scores(s))
-    print(json.dumps(s))
     return 0

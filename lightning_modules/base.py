@@ -29,13 +29,14 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
+from core.errors import UserError
 from datamodules.contract import Prepared, TrainingData, require
 from lightning_modules.ema import EMASettings, ParameterEMA
 from lightning_modules.preparation import FitPreparation, Needs, PriorPreservation
+from lightning_modules.resume import base_model_mismatch, data_identity, data_mismatch
 from models.exports import update_manifest
 from models.generator import Conditioning, Generator
-from models.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype
-from core.errors import UserError
+from models.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype, weights_fingerprint
 
 
 def step_generator(*keys: int) -> torch.Generator:
@@ -125,6 +126,10 @@ class DiffusionModule(LightningModule):
         self.sd = load_stable_diffusion(self.spec)
         self.conditioning: Conditioning = self.configure_trainable()
         self.ema = self._make_ema(ema)
+        frozen = [(n, p) for n, p in self.sd.named_parameters() if not p.requires_grad]
+        self.base_model = {"name": self.spec.cache_key(), "pretrained": self.spec.pretrained, "revision": self.spec.revision,
+                           "frozen_fingerprint": weights_fingerprint(frozen)}
+        self._data_identity: Optional[dict] = None
         # Checkpoints hold only the trained parameters, so loading is not strict; completeness of
         # the trained part is checked in on_load_checkpoint instead.
         self.strict_loading = False
@@ -220,19 +225,26 @@ class DiffusionModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["trained_keys"] = sorted(keep)
         checkpoint["stable_diffusion_spec"] = dict(vars(self.spec))
+        checkpoint["base_model"] = dict(self.base_model)
+        data = self.data_identity()
+        if data is not None:
+            checkpoint["data"] = data
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def data_identity(self) -> Optional[dict]:
+        """The attached datamodule's :func:`~lightning_modules.resume.data_identity` (computed once per fit)."""
+        if self._data_identity is None and self._trainer is not None and self.trainer.datamodule is not None:
+            self._data_identity = data_identity(self.trainer.datamodule)
+        return self._data_identity
+
+    def check_resumable(self, checkpoint: dict, datamodule=None) -> None:
+        """Refuse a checkpoint this configuration cannot continue: other trained tensors, EMA or not, another base model,
+        other data or batch size (:mod:`lightning_modules.resume`). Raises :class:`TrainedStateMismatch`."""
         if (self.ema is not None) != ("ema" in checkpoint):
             has = "holds an EMA" if "ema" in checkpoint else "holds no EMA (the run was started without ema)"
             raise TrainedStateMismatch(f"the checkpoint {has}, but this configuration {'keeps' if self.ema else 'has no'} one; "
                                        "resume with the configuration the run was started with, or start a new run")
-        if self.ema is not None:
-            try:
-                self.ema.load_state_dict(checkpoint["ema"])
-            except ValueError as err:
-                raise TrainedStateMismatch(str(err)) from None
         expected = set(self.trained_state_keys())
         found = set(checkpoint.get("trained_keys", checkpoint["state_dict"].keys()))
         if expected != found:
@@ -242,6 +254,23 @@ class DiffusionModule(LightningModule):
                 f"({len(missing)} trained tensors missing from it, e.g. {missing[:3]}; {len(extra)} unexpected, e.g. {extra[:3]}). "
                 "Resume with the configuration the run was started with, or start a new run."
             )
+        why = base_model_mismatch(checkpoint.get("base_model"), self.base_model)
+        if why is None and datamodule is not None:
+            why = data_mismatch(checkpoint.get("data"), data_identity(datamodule))
+        if why:
+            raise TrainedStateMismatch(why)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_resumable(checkpoint)
+        saved = checkpoint.get("data")
+        why = data_mismatch(saved, self.data_identity()) if saved else None
+        if why:
+            raise TrainedStateMismatch(why)
+        if self.ema is not None:
+            try:
+                self.ema.load_state_dict(checkpoint["ema"])
+            except ValueError as err:
+                raise TrainedStateMismatch(str(err)) from None
 
     # ------------------------------------------------------------------ precision and setup
     @property

@@ -136,10 +136,10 @@ class TextualProjection(DiffusionModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["projection_widths"] = [self.conditioning.in_features, self.conditioning.out_features]
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def check_resumable(self, checkpoint: dict, datamodule=None) -> None:
         if "projection_widths" in checkpoint:
             self.conditioning.check_widths(*checkpoint["projection_widths"], where="the checkpoint")
-        super().on_load_checkpoint(checkpoint)
+        super().check_resumable(checkpoint, datamodule)
 
     # ------------------------------------------------------------------ export
     def write_export(self, out_dir: Path) -> Path:

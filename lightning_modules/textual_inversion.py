@@ -3,7 +3,10 @@
 New placeholder tokens (``<lung-xray>``, ``<pleural-effusion>``, ...) are added to the CLIP tokenizer,
 and only their embedding rows train. The VAE, the U-Net and every other text-encoder weight stay
 frozen, and the rows of the existing vocabulary are bit-identical after training **by construction**
-(:mod:`models.token_embedding`: the new rows are their own small Parameter spliced into the embedding lookup).
+(:mod:`models.token_embedding`: the new rows are their own small Parameter spliced into the embedding lookup). A
+text encoder whose embedding table is padded past its tokenizer works too: the new tokens take the ids
+``len(tokenizer)``, ... in the padding rows' places (and run on past the table when there are more of them than padding
+rows); the padding rows themselves stay bit-identical, and the export loads in diffusers as for an unpadded table.
 
 Prompts are built by the module from each image's finding, not taken from the datamodule: a
 lexical variant of the templates (``learnable_property: object`` "a photo of a {}", ... or
@@ -230,7 +233,7 @@ class TextualInversion(DiffusionModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["placeholder_tokens"] = [asdict(t) for t in self._tokens]
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def check_resumable(self, checkpoint: dict, datamodule=None) -> None:
         saved = checkpoint.get("placeholder_tokens")
         if saved is not None:
             mine = [asdict(t) for t in self._tokens]
@@ -240,7 +243,7 @@ class TextualInversion(DiffusionModule):
                     f"the checkpoint holds tokens {shape(saved)} (token, vectors) but this configuration has {shape(mine)}; "
                     "resume with the configuration the run was started with, or start a new run"
                 )
-        super().on_load_checkpoint(checkpoint)
+        super().check_resumable(checkpoint, datamodule)
 
 
 def _check_templates(templates: list[str]) -> list[str]:

@@ -16,11 +16,13 @@ Kinds are looked up by name in the ``cxr_diffusion.exports`` entry points (pypro
 
 A folder without ``export.json`` (written by plain diffusers, or before ``export.json`` existed) is read by its files:
 ``model_index.json`` is a pipeline, ``projection.json`` a projection, ``textual_inversion.json`` or
-``learned_embeds*.safetensors`` textual inversion.
+``learned_embeds*.safetensors`` textual inversion. A folder whose files belong to two kinds (two exports written into
+one folder) is refused naming both, with or without ``export.json``: no kind is picked silently.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +56,36 @@ def update_manifest(folder: Path, **fields) -> Path:
     return path
 
 
+# The files that show each built-in kind (glob patterns in the export folder).
+KIND_FILES = {
+    "pipeline": ("model_index.json",),
+    "projection": ("projection.json", "projection.safetensors"),
+    "textual_inversion": ("textual_inversion.json", "learned_embeds*.safetensors"),
+    "lora": ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"),
+}
+STRATEGY_OF_FILES = {"pipeline": "a diffusers pipeline", "projection": "TextualProjection", "textual_inversion": "TextualInversion",
+                     "lora": "LoRAFineTuning"}
+
+
+def kinds_in(folder: Path) -> dict[str, list[str]]:
+    """Kind -> the files of ``folder`` that show it (:data:`KIND_FILES`), for every built-in kind found there."""
+    folder = Path(folder)
+    found = {kind: sorted({p.name for pattern in patterns for p in folder.glob(pattern)}) for kind, patterns in KIND_FILES.items()}
+    return {kind: names for kind, names in found.items() if names}
+
+
+def _check_one_kind(folder: Path, declared: Optional[str]) -> None:
+    """Refuse a folder holding the files of two kinds of export (or files of another kind than ``export.json`` names)."""
+    found = kinds_in(folder)
+    if declared is not None and declared not in KIND_FILES:
+        return  # a kind from another package: its files are its own business
+    kinds = sorted(set(found) | ({declared} if declared else set()))
+    if len(kinds) > 1:
+        shown = "; ".join(f"{kind} ({', '.join(found.get(kind, []) or [MANIFEST])})" for kind in kinds)
+        raise ExportError(f"{folder}: holds the files of {len(kinds)} kinds of export: {shown}; two exports were written into "
+                          "one folder, so which one to load is unclear. Export each run into its own (empty) folder")
+
+
 def read_manifest(folder: Path) -> dict:
     """``export.json``, or for a folder without one the kind its files show (module docstring)."""
     folder = Path(folder)
@@ -63,19 +95,38 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads((folder / MANIFEST).read_text())
         if manifest.get("format") != FORMAT or "kind" not in manifest:
             raise ExportError(f"{folder / MANIFEST}: not a {FORMAT} manifest (no 'kind')")
+        _check_one_kind(folder, manifest["kind"])
         return manifest
-    if (folder / "model_index.json").is_file():
-        return {"kind": "pipeline", "strategy": "a diffusers pipeline"}
-    if (folder / "projection.json").is_file():
-        return {"kind": "projection", "strategy": "TextualProjection"}
-    if (folder / "textual_inversion.json").is_file() or any(folder.glob("learned_embeds*.safetensors")):
-        return {"kind": "textual_inversion", "strategy": "TextualInversion"}
+    _check_one_kind(folder, None)
+    found = kinds_in(folder)
+    if found and "lora" not in found:  # plain diffusers LoRA weights name no base model: export.json is needed
+        kind = next(iter(found))
+        return {"kind": kind, "strategy": STRATEGY_OF_FILES[kind]}
     hint = (" (it looks like a run folder written by train.py: use --run, or export it with export.py)"
             if (folder / "config.yaml").is_file() else "")
     raise ExportError(
         f"{folder}: not an export folder{hint}; expected {MANIFEST} as written by export.py, or a diffusers pipeline "
         "(model_index.json), projection.json, or textual-inversion embeddings (learned_embeds*.safetensors)"
     )
+
+
+def looks_like_export(folder: Path) -> bool:
+    """True when ``folder`` holds ``export.json`` or the files of some kind of export (what ``export.py --overwrite``
+    may replace)."""
+    folder = Path(folder)
+    return (folder / MANIFEST).is_file() or bool(kinds_in(folder))
+
+
+def clear_folder(folder: Path) -> list[str]:
+    """Remove everything in ``folder`` (an earlier export, before another is written there); returns the names removed."""
+    removed = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path.name)
+    return removed
 
 
 def export_kinds() -> tuple[str, ...]:

@@ -374,3 +374,19 @@ def precision_to_dtype(precision: str | int | None) -> torch.dtype:
     if p.startswith("16"):
         return torch.float16
     return torch.float32
+
+
+def weights_fingerprint(named_tensors: Sequence[tuple[str, torch.Tensor]], samples: int = 4096) -> str:
+    """A short hash identifying a set of weights: every tensor's name, shape and up to ``samples`` evenly spaced values
+    (as float32). Cheap at any size (a few thousand values per tensor), and different for any two trained models in
+    practice; checkpoints store it for the frozen parts so a resume on another base model is noticed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > samples:
+            flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(flat.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

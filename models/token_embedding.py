@@ -2,11 +2,19 @@
 
 :class:`PlaceholderTokens` adds tokens (``<lung-xray>``, ``<pleural-effusion>``, ...) to a Stable Diffusion's tokenizer
 and splices their rows into the text encoder as an :class:`ExtendedTokenEmbedding`: the original frozen
-``nn.Embedding`` untouched plus one small ``new_rows`` Parameter ``[n_new, dim]``. Ids below the original vocabulary
-size look up the frozen table; the new ids look up ``new_rows``. The optimizer, its state, weight decay, gradients and
+``nn.Embedding`` untouched plus one small ``new_rows`` Parameter ``[n_new, dim]``. The new ids (``len(tokenizer)`` on)
+look up ``new_rows``; every other id looks up the frozen table. The optimizer, its state, weight decay, gradients and
 checkpoints see only ``new_rows``: kilobytes instead of the 49408×768 matrix plus ~300 MB of AdamW state that diffusers'
 script carries (it trains the whole matrix and writes the old rows back after every step, diffusers#507/#1176). The
 ordinary tokenizer (extended) and text-encoder forward are used everywhere else.
+
+Padded tables: many checkpoints pad the text encoder's token-embedding table beyond the tokenizer (e.g. 54 tokenizer
+entries, 70 rows). No tokenizer id reaches the padding rows, so the new tokens take the ids ``len(tokenizer)``, ... (what
+the tokenizer gives them) and the padding rows' places; when more new tokens are needed than padding rows exist, the
+ids past the table are looked up in ``new_rows`` too, so the table is never resized (where diffusers' training script
+resizes it). The frozen table, padding rows included, stays bit-identical. diffusers' ``load_textual_inversion`` gives
+the token the same id (it resizes the table to ``len(tokenizer) + n`` first, dropping the padding rows that no id
+reaches), so exports load there unchanged.
 
 Multi-vector tokens (``num_vectors: k``) follow diffusers' naming: ``<tok>``, ``<tok>_1``, ..., ``<tok>_{k-1}``; a
 prompt's ``<tok>`` is expanded to all of them (as diffusers' ``maybe_convert_prompt`` does).
@@ -60,21 +68,37 @@ class PlaceholderToken:
 
 
 class ExtendedTokenEmbedding(nn.Module):
-    """A frozen ``nn.Embedding`` plus trainable rows for ids ``>= base.num_embeddings``.
+    """A frozen ``nn.Embedding`` plus trainable rows for the ids ``first_new_id .. first_new_id + n_new - 1``.
 
-    The original table is never written to; ``new_rows`` is the only Parameter that trains.
+    ``first_new_id`` is the tokenizer's length: the table's size for an unpadded table, less for a padded one (see
+    :class:`PlaceholderTokens`). Of a padded table, the new ids take the padding rows' places (they are looked up in
+    ``new_rows`` instead); when there are more new ids than padding rows, the ids past the table are ``new_rows`` too,
+    so the table is never resized. The original table is never written to; ``new_rows`` is the only Parameter that
+    trains.
     """
 
-    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor):
+    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor, first_new_id: Optional[int] = None):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
         self.new_rows = nn.Parameter(new_rows.detach().clone().float())
-        self.first_new_id = int(base.num_embeddings)
+        self.first_new_id = int(base.num_embeddings if first_new_id is None else first_new_id)
+        if not 0 <= self.first_new_id <= base.num_embeddings:
+            raise ValueError(f"first_new_id {self.first_new_id} is outside the table of {base.num_embeddings} rows")
+
+    @property
+    def end_new_id(self) -> int:
+        """One past the last new id."""
+        return self.first_new_id + self.new_rows.shape[0]
 
     @property
     def num_embeddings(self) -> int:
-        return self.first_new_id + self.new_rows.shape[0]
+        return max(self.base.num_embeddings, self.end_new_id)
+
+    @property
+    def padding_rows(self) -> int:
+        """Rows of the original table past the tokenizer (padding) that no new id uses."""
+        return max(self.base.num_embeddings - self.end_new_id, 0)
 
     @property
     def embedding_dim(self) -> int:
@@ -82,17 +106,20 @@ class ExtendedTokenEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The full ``[vocab + n_new, dim]`` table (a fresh tensor, for code that reads ``.weight``)."""
-        return torch.cat([self.base.weight, self.new_rows.to(self.base.weight.dtype)])
+        """The full ``[num_embeddings, dim]`` table as lookups see it (a fresh tensor, for code that reads ``.weight``)."""
+        table = self.base.weight
+        return torch.cat([table[: self.first_new_id], self.new_rows.to(table.dtype), table[self.end_new_id :]])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_new = input_ids >= self.first_new_id
+        is_new = (input_ids >= self.first_new_id) & (input_ids < self.end_new_id)
         old = self.base(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
-        new = F.embedding((input_ids - self.first_new_id).clamp(min=0), self.new_rows)
+        new = F.embedding((input_ids - self.first_new_id).clamp(0, self.new_rows.shape[0] - 1), self.new_rows)
         return torch.where(is_new.unsqueeze(-1), new.to(old.dtype), old)
 
     def extra_repr(self) -> str:
-        return f"{self.first_new_id} frozen + {self.new_rows.shape[0]} trainable rows, dim {self.embedding_dim}"
+        padding = f" + {self.padding_rows} frozen padding rows" if self.padding_rows else ""
+        return (f"{self.first_new_id} frozen + {self.new_rows.shape[0]} trainable rows (ids {self.first_new_id}.."
+                f"{self.end_new_id - 1}){padding}, dim {self.embedding_dim}")
 
 
 def fix_legacy_eos_pooling(text_encoder, eos_token_id: int) -> bool:
@@ -152,11 +179,11 @@ class PlaceholderTokens:
         embeddings = text_encoder.get_input_embeddings()
         if not isinstance(embeddings, nn.Embedding):
             raise TypeError(f"the text encoder's input embedding is a {type(embeddings).__name__}, expected nn.Embedding")
-        first_id = len(tokenizer)
-        if first_id != embeddings.num_embeddings:
+        first_id = len(tokenizer)  # a padded table (more rows than tokenizer entries): the new ids use its padding rows
+        if first_id > embeddings.num_embeddings:
             raise TextualInversionConfigError(
-                f"the tokenizer has {first_id} entries but the text encoder's embedding has {embeddings.num_embeddings} rows; "
-                "new tokens need ids right after the embedding table"
+                f"the tokenizer has {first_id} entries but the text encoder's embedding has only {embeddings.num_embeddings} "
+                "rows: the tokenizer and text encoder do not belong together"
             )
         init_rows = [row for t in self.tokens for row in self._initial_rows(tokenizer, embeddings, t, multi_token_initializer)]
         names = [n for t in self.tokens for n in t.names()]
@@ -171,7 +198,7 @@ class PlaceholderTokens:
                     f"placeholder_tokens: {name!r} does not tokenize to its own id ({got} instead of [{token_id}]); "
                     "use a lower-case string without spaces, e.g. '<lung-xray>'"
                 )
-        self.embedding = ExtendedTokenEmbedding(embeddings, torch.stack(init_rows))
+        self.embedding = ExtendedTokenEmbedding(embeddings, torch.stack(init_rows), first_id)
         _replace_module(text_encoder, embeddings, self.embedding)
         fix_legacy_eos_pooling(text_encoder, tokenizer.eos_token_id)
         self.token_ids = dict(zip(names, new_ids))

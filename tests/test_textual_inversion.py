@@ -46,11 +46,11 @@ def phantom_dm(root: Path, tmp_path: Path, **kwargs) -> MIMICCXRDataModule:
                               cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
-def fit(module, dm, **trainer_kwargs) -> Trainer:
+def fit(module, dm, ckpt_path=None, **trainer_kwargs) -> Trainer:
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
                       limit_val_batches=0, **trainer_kwargs)
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -371,3 +371,107 @@ def test_ddp_two_processes_on_cpu(tmp_path):
                        "--trainer.max_steps", "4", "--trainer.callbacks=[]", "--wandb_mode", "disabled"))
     checkpoint = torch.load(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4 and checkpoint_rows(checkpoint).shape == (1, 32)
+
+
+# ---------------------------------------------------------------------- padded vocabulary (issue 19)
+def padded_model(folder: Path, padding: int) -> StableDiffusionSpec:
+    """tiny-random with ``padding`` rows past its tokenizer in the text encoder's embedding table, as a diffusers folder
+    (as many checkpoints are: a tokenizer of N entries, a table of N + padding rows)."""
+    sd = load_stable_diffusion(TINY)
+    sd.text_encoder.resize_token_embeddings(len(sd.tokenizer) + padding, mean_resizing=False)
+    sd.pipeline().save_pretrained(folder)
+    return StableDiffusionSpec(pretrained=str(folder), local_files_only=True)
+
+
+def plain_diffusers(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_padded_vocabulary_token_takes_the_first_padding_row_only_it_trains_and_diffusers_loads_it(phantom_root, tmp_path):
+    """A table padded past the tokenizer: the new token takes id len(tokenizer), a padding row's place; training moves
+    only its row (the frozen table, other padding rows included, stays bit-identical); plain diffusers loads the export
+    into the same padded base with the same row and draws the same image."""
+    spec = padded_model(tmp_path / "base", padding=16)
+    module = TextualInversion(model=spec, learning_rate=0.1, weight_decay=0.5)
+    emb, n_tok = module.token_embedding, len(module.sd.tokenizer) - 1  # tokenizer entries before the new token
+    assert module.token_ids == {"<lung-xray>": n_tok} and emb.base.num_embeddings == n_tok + 16 == emb.num_embeddings
+    assert emb.new_rows.shape == (1, 32) and emb.padding_rows == 15
+    table = emb.base.weight.detach().clone()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    fit(module, phantom_dm(phantom_root, tmp_path), max_steps=3)
+    after = module.state_dict()
+    assert sorted(k for k in before if not torch.equal(before[k], after[k])) == [new_rows_key(module)]
+    assert torch.equal(emb.base.weight, table) and not torch.equal(emb.new_rows[0], table[n_tok])
+    weight = emb.weight
+    assert weight.shape == table.shape and torch.equal(weight[n_tok], emb.new_rows[0])
+    assert torch.equal(weight[:n_tok], table[:n_tok]) and torch.equal(weight[n_tok + 1 :], table[n_tok + 1 :])
+    with torch.no_grad():  # lookups: the token's id gives its row, a padding id the untouched padding row
+        assert torch.equal(emb(torch.tensor([n_tok, n_tok + 5, 3])), torch.stack([emb.new_rows[0], table[n_tok + 5], table[3]]))
+
+    out = module.export(tmp_path / "export")
+    pipe = plain_diffusers(tmp_path / "base")
+    assert pipe.text_encoder.get_input_embeddings().num_embeddings == n_tok + 16
+    pipe.load_textual_inversion(str(out))
+    assert pipe.tokenizer.convert_tokens_to_ids("<lung-xray>") == n_tok
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[n_tok], emb.new_rows[0])
+    prompt = "a photo of a <lung-xray>"
+    theirs = pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    ours = module.generate([prompt], seeds=[0], steps=3, scheduler="ddim")
+    assert torch.allclose(ours, theirs.float().cpu(), atol=1e-4)
+
+
+def test_padded_vocabulary_checkpoint_resumes_bit_identically(phantom_root, tmp_path):
+    """Stopped after 1 step (mid-epoch, saved as train.py saves) and resumed to 2: the checkpoint holds the one new row;
+    the result is the uninterrupted run's."""
+    from callbacks.checkpointing import RunCheckpoint
+
+    spec = padded_model(tmp_path / "base", padding=16)
+    whole = TextualInversion(model=spec, learning_rate=0.1)
+    whole_trainer = fit(whole, phantom_dm(phantom_root, tmp_path), max_steps=2)
+    first = TextualInversion(model=spec, learning_rate=0.1)
+    fit(first, phantom_dm(phantom_root, tmp_path), max_steps=1, callbacks=[RunCheckpoint(tmp_path / "step1.ckpt")])
+    checkpoint = torch.load(tmp_path / "step1.ckpt", map_location="cpu", weights_only=True)
+    assert torch.equal(checkpoint_rows(checkpoint), first.token_embedding.new_rows.detach())
+    assert checkpoint_rows(checkpoint).shape == (1, 32)
+    resumed = TextualInversion(model=spec, learning_rate=0.1)
+    trainer = fit(resumed, phantom_dm(phantom_root, tmp_path), max_steps=2, ckpt_path=str(tmp_path / "step1.ckpt"))
+    assert trainer.global_step == 2 and not torch.equal(resumed.token_embedding.new_rows, first.token_embedding.new_rows)
+    assert torch.equal(resumed.token_embedding.new_rows, whole.token_embedding.new_rows)
+    assert torch.equal(resumed.token_embedding.weight, whole.token_embedding.weight)
+    (sa,), (sb,) = whole_trainer.optimizers[0].state.values(), trainer.optimizers[0].state.values()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_more_new_tokens_than_padding_rows_extend_the_table_past_it(tmp_path):
+    """3 new ids, 2 padding rows: the ids run on past the table (no resize: the frozen table keeps its shape)."""
+    spec = padded_model(tmp_path / "base", padding=2)
+    module = TextualInversion(model=spec, placeholder_tokens=[{"token": "<lung-xray>", "initializer": "lung", "num_vectors": 3}])
+    emb, n_tok = module.token_embedding, len(module.sd.tokenizer) - 3
+    assert list(module.token_ids.values()) == [n_tok, n_tok + 1, n_tok + 2]
+    assert emb.base.num_embeddings == n_tok + 2 and emb.num_embeddings == n_tok + 3 and emb.padding_rows == 0
+    assert emb.weight.shape == (n_tok + 3, 32) and torch.equal(emb.weight[:n_tok], emb.base.weight[:n_tok])
+    with torch.no_grad():
+        emb.new_rows.add_(torch.randn(emb.new_rows.shape, generator=torch.Generator().manual_seed(0)))  # "trained" rows
+    prompt = "a photo of a <lung-xray>"
+    module.conditioning([prompt]).pow(2).sum().backward()
+    assert (emb.new_rows.grad.abs().sum(1) > 0).all() and emb.base.weight.grad is None
+
+    out = module.export(tmp_path / "export")
+    pipe = plain_diffusers(tmp_path / "base")
+    pipe.load_textual_inversion(str(out))
+    names = ["<lung-xray>", "<lung-xray>_1", "<lung-xray>_2"]
+    assert pipe.tokenizer.convert_tokens_to_ids(names) == [n_tok, n_tok + 1, n_tok + 2]
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[n_tok : n_tok + 3], emb.new_rows)
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(pipe.text_encoder(ids)[0], module.conditioning([prompt]), atol=1e-5)
+
+    from models.exports import load_export  # and our own loader, onto the padded base named in the export
+
+    loaded = load_export(out).sd.text_encoder.get_input_embeddings()
+    assert torch.equal(loaded.new_rows, emb.new_rows) and loaded.first_new_id == n_tok

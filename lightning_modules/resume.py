@@ -1,0 +1,87 @@
+"""What a checkpoint must agree on before a run resumes from it, checked before anything is written.
+
+Every checkpoint records, beside the trained tensors:
+
+* ``base_model``: the frozen base model's name (preset and seed, or folder/hub id and revision) and a fingerprint of its
+  frozen weights (:func:`models.stable_diffusion.weights_fingerprint`). Another base model is refused, naming both; the
+  same weights under another name (a moved folder) are accepted.
+* ``data``: the batch size, the findings, the resolution and a digest of the training and validation ids (the
+  datamodule's ``manifest()`` without paths and class images). A resume must keep all four: another batch size or
+  another selection would silently continue on other batches than the ones the saved state belongs to.
+
+``train.py`` reads the checkpoint with :func:`read_checkpoint` and calls :meth:`DiffusionModule.check_resumable` before it
+writes the start's config, provenance or W&B files; ``on_load_checkpoint`` runs the same checks for any other caller.
+Checkpoints written before these records existed are resumed without the two checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from core.errors import UserError
+from datamodules.contract import TrainingData
+
+# manifest entries that may change without changing what is trained on (paths, prior-preservation images made at fit)
+NOT_IDENTITY = ("root", "files", "class_prompt", "num_class_images", "class_images")
+
+
+class CheckpointReadError(UserError, RuntimeError):
+    """A checkpoint file is truncated or corrupt."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents (tensors and plain data only: ``weights_only``), or a clear error naming the file and,
+    when there is one, the previous checkpoint beside it to fall back to."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip, wrong magic, unpickling refused: all mean "not a usable checkpoint"
+        if isinstance(err, UserError):
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        previous = path.with_name(path.stem + ".prev" + path.suffix)
+        fallback = (f"; the checkpoint before it is {previous}: resume from it with --ckpt_path {previous}"
+                    if previous.is_file() and previous != path else "")
+        raise CheckpointReadError(f"{path}: unreadable checkpoint (truncated or corrupt: {reason[:200]}){fallback}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointReadError(f"{path}: not a checkpoint written by train.py (no state_dict)")
+    return checkpoint
+
+
+def data_identity(datamodule) -> Optional[dict]:
+    """What a resumed run must train on exactly as before, or None for a datamodule outside the contract."""
+    if not isinstance(datamodule, TrainingData):
+        return None
+    manifest = datamodule.manifest()
+    selection = {k: v for k, v in manifest.items() if k not in NOT_IDENTITY}
+    digest = hashlib.sha256(json.dumps(selection, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"batch_size": getattr(datamodule, "batch_size", None), "findings": list(datamodule.training_findings()),
+            "resolution": manifest.get("resolution"), "selection_digest": digest}
+
+
+def data_mismatch(saved: Optional[dict], current: Optional[dict]) -> Optional[str]:
+    """Why a checkpoint's data record and this configuration's differ (None when they agree or one is unknown)."""
+    if not saved or not current:
+        return None
+    differ = [f"{key} {saved.get(key)!r} → {current.get(key)!r}" for key in ("batch_size", "findings", "resolution")
+              if saved.get(key) != current.get(key)]
+    if not differ and saved.get("selection_digest") != current.get("selection_digest"):
+        differ.append("the training/validation images (same findings, but another selection: seed, CSVs or limits changed)")
+    if not differ:
+        return None
+    return ("the checkpoint was trained on other data than this configuration gives: " + "; ".join(differ) + ". "
+            "A resumed run must keep its data and batch size (the batches after the checkpoint would differ); resume with "
+            "the run's own settings (its configs/start-*.yaml) or start a new run")
+
+
+def base_model_mismatch(saved: Optional[dict], current: dict) -> Optional[str]:
+    """Why the checkpoint's base model and this configuration's differ (None when the frozen weights are the same)."""
+    if not saved or saved.get("frozen_fingerprint") == current.get("frozen_fingerprint"):
+        return None
+    return (f"the checkpoint was trained on base model {saved.get('name')!r} (frozen weights {saved.get('frozen_fingerprint')}), "
+            f"but this configuration loads {current.get('name')!r} (frozen weights {current.get('frozen_fingerprint')}). "
+            f"Resume with --model.init_args.model.pretrained {saved.get('pretrained')}, or start a new run")
