@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from core.errors import UserError, read_text, run_main
+from models.generator import SEED_MAX, seed_value
 
 PROG = "generate.py"
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")
-# torch.Generator.manual_seed takes 0 .. 2**64-1 (a negative seed wraps around onto a positive one: refused here)
-SEED_MAX = 2**64 - 1
 
 EPILOG = """\
 textual inversion: prompts must contain the run's placeholder token, e.g. "a photo of a <lung-xray>"
@@ -38,17 +37,6 @@ need --pretrained for the model they were trained on).
 
 class GenerateError(UserError):
     """Bad input: reported as one line ``generate.py: error: ...`` with exit code 2."""
-
-
-def seed_value(text: str) -> int:
-    """``--seed``: an integer from 0 to 2**64-1, the range ``torch.Generator.manual_seed`` takes."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; a seed is an integer from 0 to 2**64-1") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"{value} is out of range; a seed is an integer from 0 to 2**64-1 ({SEED_MAX})")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,9 +50,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from core.cache import cache_root
+from core.errors import UserError
 from datamodules.contract import CaptionSet, Prepared
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
-from core.errors import UserError
 
 LAION_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "LICENSE", "NSFW", "similarity")
 NSFW_TAGS = ("UNLIKELY", "UNSURE", "NSFW")

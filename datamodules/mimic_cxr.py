@@ -47,11 +47,11 @@ from PIL.PngImagePlugin import PngInfo
 from torch.utils.data import DataLoader, Dataset
 
 from core.cache import atomic_write, cache_key, cache_root
+from core.errors import UserError
 from datamodules.contract import ClassImages, ImageSet, Prepared
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.reports import extract_impression, report_path
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
-from core.errors import UserError
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv.gz"
@@ -495,7 +495,8 @@ class MIMICCXRDataModule(LightningDataModule):
             return
         train, val = self.build_records()
         cache = self.image_cache_dir
-        cached = lambda df: df[[(cache / f"{d}.png").exists() for d in df["dicom_id"]]].reset_index(drop=True)
+        # a boolean Series, not a list: an empty list would select no columns and leave a frame without "dicom_id"
+        cached = lambda df: df[df["dicom_id"].map(lambda d: (cache / f"{d}.png").exists()).astype(bool)].reset_index(drop=True)
         # prepare_data runs on one process per node; a process that did not run it (or a cache that was deleted, or
         # JPEGs that changed since) builds what is missing or stale itself. A fresh cache costs a stat and a PNG header.
         self._build_cache(pd.concat([train, val]))

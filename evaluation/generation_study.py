@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from core import provenance
+from core.errors import UserError
 from core.grids import labelled_grid
 from datamodules.prompts import PAPER_PROMPTS, normal_and_effusion_prompts, prompt_finding
 from datamodules.study_images import reference_images
@@ -42,7 +43,7 @@ from metrics.classifiers import finding_probabilities, load_classifier
 from metrics.features import extract, feature_extractor
 from metrics.finding_correctness import finding_correctness
 from metrics.scores import MetricInputError, fid_with_ci, kid, ms_ssim_diversity
-from core.errors import UserError
+from models.generator import seed_value
 
 EFFUSION = "Pleural Effusion"
 NORMAL = "No Finding"
@@ -402,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="CompVis/stable-diffusion-v1-4", help="base SD (hub id, folder or preset); 'none' to leave it out")
     p.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS))
     p.add_argument("--n_per_prompt", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0, help="first seed, 0 to 2**64-1 (default 0)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="pndm", choices=("pndm", "ddim", "euler", "dpm"))

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from core import provenance
+from core.errors import UserError
 from datamodules.mimic_cxr import CHEXPERT_CLASSES
 from datamodules.study_images import load_images, select_folder, select_mimic
 from evaluation.reader_kit import check_kit_folder, scores_main  # noqa: F401 (``evaluate.py vae-scores``, kept here too)
@@ -38,7 +39,6 @@ from metrics.features import INCEPTION_WEIGHTS_FILE, ClassifierFeatures, extract
 from metrics.image_quality import SCALES, SSIM_KWARGS, corner_mask, pair_metrics, pooled_psnr
 from metrics.scores import accuracy_f1, auroc, cosine_similarities, fid_minibatches, format_summary, summarize
 from models.stable_diffusion import StableDiffusionSpec, load_vae
-from core.errors import UserError
 
 # Table 1's 12 rows: the 11 exact CheXpert<->xrv matches plus the paper's loose "Pleural Other" (docs/formats.md §3).
 TABLE1_MAPPING = {**CHEXPERT_TO_XRV, "Pleural Other": "Pleural_Thickening"}

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
+from core.errors import UserError
 from lightning_modules.unet import UNetFineTuning
 from models.exports import write_manifest
 from models.generator import ClipConditioning, Generator
-from core.errors import UserError
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

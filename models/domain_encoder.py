@@ -39,8 +39,8 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertPreTrainedModel
 
 from core import plugins
-from models.stable_diffusion import is_local_path
 from core.errors import UserError
+from models.stable_diffusion import is_local_path
 
 DEFAULT_DOMAIN_ENCODER = "microsoft/BiomedVLP-CXR-BERT-specialized"
 EXTRACTIONS = ("cls", "mean", "pooler", "projected")

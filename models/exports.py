@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 from core import plugins
-from models.generator import Generator
 from core.errors import UserError
+from models.generator import Generator
 
 MANIFEST = "export.json"
 FORMAT = "cxr-diffusion export"

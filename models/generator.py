@@ -17,6 +17,23 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+# torch.Generator.manual_seed takes 0 .. 2**64-1 (a negative seed wraps around onto a positive one: refused here)
+SEED_MAX = 2**64 - 1
+
+
+def seed_value(text: str) -> int:
+    """A ``--seed`` argument (argparse ``type=``): an integer from 0 to 2**64-1, the range ``torch.Generator.manual_seed``
+    takes."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; a seed is an integer from 0 to 2**64-1") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; a seed is an integer from 0 to 2**64-1 ({SEED_MAX})")
+    return value
+
 
 class Conditioning(Protocol):
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from models.domain_encoder import DomainEncoder, DomainEncoderSpec
 from core.errors import UserError
+from models.domain_encoder import DomainEncoder, DomainEncoderSpec
 
 LEVELS = ("document", "token")
 PROJECTIONS = ("mlp", "none")
