@@ -1,0 +1,136 @@
+"""Does a model copy its training images? Nearest neighbours, a calibrated copy threshold, and copy rates.
+
+Everything here works on similarity matrices, so any feature space fits:
+
+* :func:`cosine_similarity` of feature vectors (a classifier's ``features2``, RAD-DINO, a re-identification network);
+* :func:`aligned_pixel_similarity`: the Pearson correlation of gray pixels, maximised over shifts of a few pixels, so a
+  slightly shifted copy is still caught; a change of brightness or contrast (an affine map of the gray values) leaves it
+  unchanged.
+
+**The copy criterion.** A generated image is a copy when it is closer to some training image than real images of *other
+patients* (held-out) come to the training images: the threshold is the ``quantile`` (default 0.99) of the held-out
+images' nearest-training similarities (:func:`calibrate`). Its false-positive rate on held-out images is measured, not
+assumed: the threshold is set on one half of the held-out images and counted on the other (and the other way round).
+It is evidence of copying in the chosen feature space, not a proof of privacy either way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metrics.scores import MetricInputError, bootstrap_ci
+
+
+def cosine_similarity(a, b) -> np.ndarray:
+    """``[len(a), len(b)]`` cosine similarities of feature rows."""
+    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b), dtype=torch.float64)
+    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).numpy()
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    x = x.flatten(1)
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def aligned_pixel_similarity(a, b, max_shift: int = 4, size: int = 128) -> np.ndarray:
+    """``[len(a), len(b)]``: for each pair of gray images (``[N, H, W]``, any range), the largest Pearson correlation of
+    their pixels over relative shifts of up to ``max_shift`` pixels (at ``size`` × ``size``) in each direction."""
+    def prepare(x) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        if x.ndim == 4:
+            x = x.mean(1)
+        return F.interpolate(x[:, None], size=(size, size), mode="area")[:, 0] if x.shape[-1] != size else x
+
+    a, b = prepare(a), prepare(b)
+    best = torch.full((len(a), len(b)), -1.0)
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            ya, yb = (dy, 0) if dy >= 0 else (0, -dy)
+            xa, xb = (dx, 0) if dx >= 0 else (0, -dx)
+            h, w = size - abs(dy), size - abs(dx)
+            sa = _standardise(a[:, ya:ya + h, xa:xa + w])
+            sb = _standardise(b[:, yb:yb + h, xb:xb + w])
+            best = torch.maximum(best, sa @ sb.T)
+    return best.double().numpy()
+
+
+def nearest(similarity: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """For each row: the column of its most similar item and that similarity (``exclude_self``: a square matrix of a
+    set against itself, the diagonal left out)."""
+    sim = np.array(similarity, dtype=np.float64, copy=True)
+    if exclude_self:
+        if sim.shape[0] != sim.shape[1]:
+            raise MetricInputError(f"exclude_self needs a square similarity matrix, got {sim.shape}")
+        np.fill_diagonal(sim, -np.inf)
+    index = sim.argmax(1)
+    return index, sim[np.arange(len(sim)), index]
+
+
+def min_heldout(quantile: float) -> int:
+    """Held-out images needed to calibrate at ``quantile``: each half must hold at least ``1 / (1 - quantile)``."""
+    return 2 * math.ceil(1 / (1 - quantile) - 1e-9)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The copy threshold and how it was set: the ``quantile`` of ``n_heldout`` held-out images' nearest-training
+    similarities; ``false_positive_rate``: the share of held-out images above a threshold set on the other half."""
+
+    threshold: float
+    quantile: float
+    n_heldout: int
+    false_positive_rate: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(heldout_nearest: Sequence[float], quantile: float = 0.99, seed: int = 0) -> Calibration:
+    """The copy threshold from held-out images' nearest-training similarities (see the module docstring)."""
+    values = np.asarray(heldout_nearest, dtype=np.float64)
+    if not 0.5 <= quantile < 1:
+        raise MetricInputError(f"quantile {quantile}: expected at least 0.5 and below 1 (e.g. 0.99)")
+    need = min_heldout(quantile)
+    if len(values) < need:
+        raise MetricInputError(f"{len(values)} held-out images: calibrating a copy threshold at the {quantile:g} quantile "
+                               f"needs at least {need} (two halves of {need // 2}); give more held-out images or a lower "
+                               "--quantile")
+    order = np.random.default_rng(seed).permutation(len(values))
+    halves = values[order[: len(values) // 2]], values[order[len(values) // 2:]]
+    rates = [float(np.mean(other > np.quantile(one, quantile))) for one, other in (halves, halves[::-1])]
+    return Calibration(float(np.quantile(values, quantile)), quantile, len(values), float(np.mean(rates)))
+
+
+def copy_rate(is_copy: Sequence[bool], n_boot: int = 1000, seed: int = 0) -> dict:
+    """The share of copies with a bootstrap 95% interval."""
+    flags = np.asarray(is_copy, dtype=bool)
+    if not len(flags):
+        raise MetricInputError("no generated images to audit")
+    lo, hi = bootstrap_ci(lambda idx: float(flags[idx].mean()), len(flags), n_boot=n_boot, seed=seed)
+    return {"rate": float(flags.mean()), "ci_low": lo, "ci_high": hi, "n": int(len(flags)), "copies": int(flags.sum())}
+
+
+def audit(generated_to_train: np.ndarray, heldout_to_train: np.ndarray, train_subjects: Optional[Sequence] = None,
+          quantile: float = 0.99, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Nearest training image per generated image, the calibrated verdicts and the summaries.
+
+    Returns ``{"calibration", "nearest_train", "similarity", "is_copy", "copy_rate", "copies_per_train_image",
+    "subjects_copied"}`` (the last only with ``train_subjects``: the share of training patients copied at least once)."""
+    calibration = calibrate(nearest(heldout_to_train)[1], quantile, seed)
+    index, similarity = nearest(generated_to_train)
+    is_copy = similarity > calibration.threshold
+    per_train = np.bincount(index[is_copy], minlength=generated_to_train.shape[1])
+    result = {"calibration": calibration, "nearest_train": index, "similarity": similarity, "is_copy": is_copy,
+              "copy_rate": copy_rate(is_copy, n_boot, seed), "copies_per_train_image": per_train}
+    if train_subjects is not None:
+        subjects = np.asarray(train_subjects)
+        copied = set(subjects[index[is_copy]].tolist())
+        result["subjects_copied"] = {"copied": len(copied), "of": len(set(subjects.tolist())),
+                                     "share": len(copied) / max(1, len(set(subjects.tolist())))}
+    return result

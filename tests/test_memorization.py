@@ -1,0 +1,74 @@
+"""The memorization criterion (metrics/memorization.py) on constructed sets: copies are caught, new images are not, and
+the calibrated threshold keeps the false-positive rate it states."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metrics.memorization import aligned_pixel_similarity, audit, calibrate, cosine_similarity, min_heldout, nearest
+from metrics.scores import MetricInputError
+from synthetic.phantoms import render_phantom
+
+FINDINGS = ["No Finding", "Pleural Effusion"]
+
+
+def phantoms(seeds, size: int = 128) -> np.ndarray:
+    return np.stack([render_phantom(FINDINGS[s % 2], size, rng=s) for s in seeds]).astype(np.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def sets():
+    """10 training phantoms, 200 held-out phantoms (other seeds: other 'patients'), and generated sets: exact copies,
+    copies shifted by 3 pixels, copies with noise, contrast-changed copies, and 20 new phantoms."""
+    rng = np.random.default_rng(0)
+    train = phantoms(range(10))
+    copies = {
+        "exact": train[:3],
+        "shifted": np.stack([np.roll(x, (3, -3), (0, 1)) for x in train[3:6]]),
+        "noisy": np.clip(train[6:9] + rng.normal(0, 0.05, train[6:9].shape), 0, 1),
+        "contrast": np.clip(0.6 * train[:3] + 0.25, 0, 1),
+    }
+    return train, phantoms(range(1000, 1200)), copies, phantoms(range(5000, 5020))
+
+
+def test_copies_are_flagged_and_new_images_are_not(sets):
+    train, heldout, copies, new = sets
+    generated = np.concatenate([*copies.values(), new])
+    result = audit(aligned_pixel_similarity(generated, train), aligned_pixel_similarity(heldout, train), quantile=0.99)
+    n_copies = sum(len(v) for v in copies.values())
+    assert result["is_copy"][:n_copies].all(), dict(zip(range(n_copies), result["similarity"][:n_copies]))
+    assert not result["is_copy"][n_copies:].any(), result["similarity"][n_copies:].max()
+    # each copy's nearest training image is the one it was made from
+    sources = [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]
+    assert result["nearest_train"][:n_copies].tolist() == sources
+    assert result["copies_per_train_image"].tolist() == [2, 2, 2, 1, 1, 1, 1, 1, 1, 0]
+    assert result["copy_rate"]["copies"] == n_copies and result["copy_rate"]["ci_low"] < n_copies / len(generated)
+
+
+def test_the_threshold_keeps_its_false_positive_rate_on_new_held_out_images(sets):
+    """Calibrated at 0.95 on 100 held-out phantoms: of 100 other held-out phantoms about 5% come closer (binomial
+    tolerance), and the rate the calibration states is measured (halves), not assumed."""
+    train, heldout, _, _ = sets
+    calibration = calibrate(nearest(aligned_pixel_similarity(heldout[:100], train))[1], quantile=0.95)
+    fresh = nearest(aligned_pixel_similarity(heldout[100:], train))[1]
+    assert np.mean(fresh > calibration.threshold) <= 0.12
+    assert 0.0 <= calibration.false_positive_rate <= 0.12 and calibration.n_heldout == 100
+
+
+def test_calibration_on_a_known_distribution_states_the_right_rate():
+    values = np.random.default_rng(1).normal(size=4000)
+    calibration = calibrate(values, quantile=0.95)
+    assert abs(calibration.threshold - 1.645) < 0.1 and abs(calibration.false_positive_rate - 0.05) < 0.01
+
+
+def test_too_few_held_out_images_are_refused_naming_the_need():
+    assert min_heldout(0.99) == 200
+    with pytest.raises(MetricInputError, match="50 held-out images: .* 0.99 quantile needs at least 200"):
+        calibrate(np.zeros(50), quantile=0.99)
+
+
+def test_feature_space_similarity_and_self_exclusion():
+    feats = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    sim = cosine_similarity(feats, feats)
+    index, value = nearest(sim, exclude_self=True)
+    assert index.tolist() == [1, 0, 1] and value[0] == pytest.approx(sim[0, 1])
