@@ -89,6 +89,17 @@ class MIMICDataError(UserError, ValueError):
     """The MIMIC-CXR folder or one of its files is not as expected."""
 
 
+def check_patient_disjoint(train: pd.DataFrame, other: pd.DataFrame, what: str) -> None:
+    """Refuse two image sets that share a patient (``subject_id``), naming the first shared subjects: images of one
+    patient on both sides would make validation, reference statistics or a memorization audit look better than they are."""
+    if not len(train) or not len(other):
+        return
+    shared = sorted(set(train["subject_id"].tolist()) & set(other["subject_id"].tolist()))
+    if shared:
+        raise MIMICDataError(f"{what} share {len(shared)} patient(s), subject_id {shared[:5]}{' ...' if len(shared) > 5 else ''}; "
+                             "they must come from different patients (check the split CSV or the dicom_ids given)")
+
+
 def image_path(root: Path, subject_id: int, study_id: int, dicom_id: str) -> Path:
     sid = str(int(subject_id))
     return Path(root) / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{int(study_id)}" / f"{dicom_id}.jpg"
@@ -503,6 +514,7 @@ class MIMICCXRDataModule(LightningDataModule):
         self.train_records, self.val_records = cached(train), cached(val)
         if len(self.train_records) == 0:
             raise MIMICDataError(f"{self.root}: every selected training image was unreadable")
+        check_patient_disjoint(self.train_records, self.val_records, f"{self.root}: the training and validation images")
         counts = self.train_records["finding"].value_counts().to_dict()
         rank_zero_info(f"MIMIC-CXR: {len(self.train_records)} training images {counts}, {len(self.val_records)} validation images")
 
@@ -515,6 +527,7 @@ class MIMICCXRDataModule(LightningDataModule):
             "selection": self._selection(),
             "uncertain": self.uncertain, "resolution": self.resolution,
             "train": self.train_records[["dicom_id", "subject_id", "study_id", "finding"]].to_dict("records"),
+            "train_subjects": sorted(int(s) for s in self.train_records["subject_id"].unique()),
             "validation_dicom_ids": self.val_records["dicom_id"].tolist(),
             "class_prompt": class_images.prompt if class_images else None,
             "num_class_images": class_images.count if class_images else 0,

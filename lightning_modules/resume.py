@@ -26,7 +26,7 @@ from core.errors import UserError
 from datamodules.contract import TrainingData
 
 # manifest entries that may change without changing what is trained on (paths, prior-preservation images made at fit)
-NOT_IDENTITY = ("root", "files", "class_prompt", "num_class_images", "class_images")
+NOT_IDENTITY = ("root", "files", "class_prompt", "num_class_images", "class_images", "train_subjects")
 
 
 class CheckpointReadError(UserError, RuntimeError):

@@ -72,3 +72,15 @@ def test_feature_space_similarity_and_self_exclusion():
     sim = cosine_similarity(feats, feats)
     index, value = nearest(sim, exclude_self=True)
     assert index.tolist() == [1, 0, 1] and value[0] == pytest.approx(sim[0, 1])
+
+
+def test_training_and_held_out_sets_sharing_a_patient_are_refused_naming_them():
+    import pandas as pd
+
+    from datamodules.mimic_cxr import MIMICDataError, check_patient_disjoint
+
+    train = pd.DataFrame({"dicom_id": ["a", "b", "c"], "subject_id": [10000001, 10000002, 10000003]})
+    other = pd.DataFrame({"dicom_id": ["d", "e"], "subject_id": [10000003, 10000009]})
+    with pytest.raises(MIMICDataError, match=r"training and validation images share 1 patient\(s\), subject_id \[10000003\]"):
+        check_patient_disjoint(train, other, "root: the training and validation images")
+    check_patient_disjoint(train, other.iloc[1:], "disjoint sets pass")
