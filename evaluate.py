@@ -9,6 +9,8 @@
 * ``generation``: the generation study (paper Table 4, Figure 4) with finding correctness and diversity,
   see :mod:`evaluation.generation_study`;
 * ``generation-scores SHEET.csv``: the filled reader sheet of generated images, per strategy and prompt.
+* ``memorization``: the memorization audit (do generated images copy training patients?), see
+  :mod:`evaluation.memorization_study`.
 
 ``vae`` and ``generation`` refuse an ``--out`` that already holds a reader kit unless ``--overwrite`` is given; even then
 the earlier kit's key and a filled score sheet are kept under time-stamped names (:mod:`evaluation.reader_kit`).
@@ -26,6 +28,7 @@ STUDIES = {
     "text-encoders": "text-encoder CheXpert@k study (paper Tables 2 and 3)",
     "generation": "generation quality study (paper Table 4, Figure 4)",
     "generation-scores": "summary of a filled reader sheet of generated images, per strategy and prompt",
+    "memorization": "memorization audit: do generated images copy the training patients?",
 }
 
 
@@ -47,6 +50,10 @@ def main(argv=None) -> int:
         from evaluation.generation_study import scores_main as generation_scores_main
 
         return generation_scores_main(argv[1:])
+    if argv and argv[0] == "memorization":
+        from evaluation.memorization_study import main as memorization_main
+
+        return memorization_main(argv[1:])
     if argv and argv[0] == "generation":
         from evaluation.generation_study import main as generation_main
 

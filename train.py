@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from datetime import datetime
@@ -118,6 +119,12 @@ NUMBER_RULES = (
     ("data", "num_workers", lambda v: v >= 0, "0 or more"),
     ("trainer", "max_steps", lambda v: v >= 1 or v == -1, "at least 1, or -1 (no step limit)"),
     ("", "checkpoint_every_n_steps", lambda v: v >= 0, "0 (only at the end) or more"),
+    ("data", "n_per_finding", lambda v: v >= 1, "at least 1"),
+    ("data", "train_images_per_finding", lambda v: v >= 1, "at least 1 (or null: every image)"),
+    ("data", "max_train_images", lambda v: v >= 1, "at least 1 (or null: no limit)"),
+    ("model", "learning_rate", lambda v: v > 0, "positive"),
+    ("model", "text_encoder_learning_rate", lambda v: v > 0, "positive (or null: the learning rate)"),
+    ("model", "lr_warmup_steps", lambda v: v >= 0, "0 or more"),
 )
 
 
@@ -125,8 +132,8 @@ def check_numbers(cfg) -> None:
     """Refuse impossible numbers at parse time, naming the key (not a ZeroDivisionError inside PIL after the weights load)."""
     for where, key, ok, expected in NUMBER_RULES:
         section = cfg if not where else cfg.get(where)
-        if where == "data" and section is not None:
-            section, flag = section.get("init_args"), f"--data.init_args.{key}"
+        if where in ("data", "model") and section is not None:
+            section, flag = section.get("init_args"), f"--{where}.init_args.{key}"
         else:
             flag = f"--{where + '.' if where else ''}{key}"
         value = section.get(key) if section is not None else None
@@ -264,6 +271,20 @@ def make_cli(argv: list[str], start: Start):
     )
 
 
+def make_cli_or_explain(argv: list[str], start: Start):
+    """:func:`make_cli`; a suite error raised while jsonargparse builds the classes (e.g. textual inversion given
+    prior_preservation) arrives wrapped in jsonargparse's own ValueError, with a traceback: unwrap it to its one line."""
+    try:
+        return make_cli(argv, start)
+    except ValueError as err:
+        cause: Optional[BaseException] = err
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def check_resume(cli) -> None:
     """Before anything of this start is written: the checkpoint is readable and holds what this configuration trains,
     on the same base model, data and batch size (:mod:`lightning_modules.resume`)."""
@@ -327,9 +348,12 @@ def train(argv: list[str]) -> int:
     argv = resolve_config_args(list(argv))
     sys.argv = sys.argv[:1] + argv  # LightningCLI reads sys.argv; configs resolved above
     quiet_library_noise()
+    # Ctrl-C is honoured from the first moment even where SIGINT came in ignored (a job started in the background of a
+    # non-interactive shell): before training it stops at once, during training RunCheckpoint saves first.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     start, failed = Start(), True
     try:
-        cli = make_cli(argv, start)
+        cli = make_cli_or_explain(argv, start)
         check_resume(cli)
         if cli.trainer.is_global_zero:
             record_start(cli, original_argv)

@@ -39,6 +39,7 @@ from core.grids import labelled_grid
 from datamodules.prompts import PAPER_PROMPTS, normal_and_effusion_prompts, prompt_finding
 from datamodules.study_images import reference_images
 from evaluation.reader_kit import SUMMARY_FILE, ReaderKitExistsError, check_kit_folder
+from evaluation.sources import SourceError, Strategy, load_strategies
 from metrics.classifiers import finding_probabilities, load_classifier
 from metrics.features import extract, feature_extractor
 from metrics.finding_correctness import finding_correctness
@@ -54,43 +55,6 @@ STUDY_PACKAGES = ("torch", "diffusers", "transformers", "torchmetrics", "torchxr
 
 class GenerationStudyError(UserError, ValueError):
     """Bad input to the generation study: the message names the option, file or value."""
-
-
-@dataclass
-class Strategy:
-    name: str
-    generator: object  # models.generator.Generator
-    source: str
-    prompts: list[str]  # the prompts as this strategy is asked (textual inversion: with its token)
-
-
-def load_strategies(base: Optional[str], runs: Sequence[str], prompts: Sequence[str], ckpt: str = "last") -> list[Strategy]:
-    """The base model (if any), then each run folder or export folder, as generators."""
-    from lightning_modules.runs import RunLoadError, load_run_generator
-    from models.exports import ExportError, load_export
-    from models.generator import Generator
-    from models.stable_diffusion import StableDiffusionLoadError, load_stable_diffusion
-
-    out = []
-    if base:
-        try:
-            out.append(Strategy("Stable Diffusion (base)", Generator(load_stable_diffusion({"pretrained": base})), base, list(prompts)))
-        except StableDiffusionLoadError as err:
-            raise GenerationStudyError(f"--base {base}: {err}") from None
-    for run in runs:
-        try:
-            if (Path(run) / "config.yaml").is_file() or not Path(run).is_dir():
-                generator, source = load_run_generator(run, ckpt)
-            else:
-                generator = load_export(run)
-                source = run
-        except (RunLoadError, ExportError) as err:
-            raise GenerationStudyError(f"--runs {run}: {err}") from None
-        out.append(Strategy(Path(run).name, generator, str(source), [generator.paper_prompt(p) for p in prompts]))
-    names = [s.name for s in out]
-    if len(set(names)) < len(names):
-        raise GenerationStudyError(f"--runs: two strategies have the same name {names}; run folders need distinct names")
-    return out
 
 
 @dataclass
@@ -455,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.base = None
     try:
         run_study(cfg)
-    except (GenerationStudyError, MetricInputError, ReaderKitExistsError) as err:
+    except (GenerationStudyError, SourceError, MetricInputError, ReaderKitExistsError) as err:
         print(f"evaluate.py generation: error: {err}", file=sys.stderr)
         return 2
     return 0

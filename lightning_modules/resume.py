@@ -5,9 +5,9 @@ Every checkpoint records, beside the trained tensors:
 * ``base_model``: the frozen base model's name (preset and seed, or folder/hub id and revision) and a fingerprint of its
   frozen weights (:func:`models.stable_diffusion.weights_fingerprint`). Another base model is refused, naming both; the
   same weights under another name (a moved folder) are accepted.
-* ``data``: the batch size, the findings, the resolution and a digest of the training and validation ids (the
-  datamodule's ``manifest()`` without paths and class images). A resume must keep all four: another batch size or
-  another selection would silently continue on other batches than the ones the saved state belongs to.
+* ``data``: the batch size, the findings, the resolution, the data seed and shuffling, and a digest of the training and
+  validation ids (the datamodule's ``manifest()`` without paths and class images). A resume must keep all of them:
+  another batch size, order or selection would silently continue on other batches than the saved state belongs to.
 
 ``train.py`` reads the checkpoint with :func:`read_checkpoint` and calls :meth:`DiffusionModule.check_resumable` before it
 writes the start's config, provenance or W&B files; ``on_load_checkpoint`` runs the same checks for any other caller.
@@ -37,7 +37,13 @@ def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint's contents (tensors and plain data only: ``weights_only``), or a clear error naming the file and,
     when there is one, the previous checkpoint beside it to fall back to."""
     path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
     try:
+        if not head:
+            raise ValueError("the file is empty")
+        if head[:2] != b"PK":
+            raise ValueError("not a torch checkpoint: torch.save writes a zip archive, this file does not start like one")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, wrong magic, unpickling refused: all mean "not a usable checkpoint"
         if isinstance(err, UserError):
@@ -60,15 +66,17 @@ def data_identity(datamodule) -> Optional[dict]:
     selection = {k: v for k, v in manifest.items() if k not in NOT_IDENTITY}
     digest = hashlib.sha256(json.dumps(selection, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"batch_size": getattr(datamodule, "batch_size", None), "findings": list(datamodule.training_findings()),
-            "resolution": manifest.get("resolution"), "selection_digest": digest}
+            "resolution": manifest.get("resolution"), "seed": getattr(datamodule, "seed", None),
+            "shuffle": getattr(datamodule, "shuffle", None), "selection_digest": digest}
 
 
 def data_mismatch(saved: Optional[dict], current: Optional[dict]) -> Optional[str]:
     """Why a checkpoint's data record and this configuration's differ (None when they agree or one is unknown)."""
     if not saved or not current:
         return None
-    differ = [f"{key} {saved.get(key)!r} → {current.get(key)!r}" for key in ("batch_size", "findings", "resolution")
-              if saved.get(key) != current.get(key)]
+    # keys a checkpoint does not record (written before they were added) are not compared
+    differ = [f"{key} {saved.get(key)!r} → {current.get(key)!r}" for key in ("batch_size", "findings", "resolution", "seed", "shuffle")
+              if key in saved and saved.get(key) != current.get(key)]
     if not differ and saved.get("selection_digest") != current.get("selection_digest"):
         differ.append("the training/validation images (same findings, but another selection: seed, CSVs or limits changed)")
     if not differ:

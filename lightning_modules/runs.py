@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from core.run_folder import RunFolder, RunFolderError
 
@@ -13,11 +12,11 @@ RunLoadError = RunFolderError  # the name callers catch
 
 
 def load_checkpoint_file(path: Path) -> dict:
-    """Checkpoints hold tensors and plain data only, so they load with ``weights_only=True``."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RunLoadError(f"{path}: cannot be read as a checkpoint ({err})") from None
+    """Checkpoints hold tensors and plain data only, so they load with ``weights_only=True``; a truncated or corrupt one is
+    one error naming the file and the checkpoint before it (:func:`lightning_modules.resume.read_checkpoint`)."""
+    from lightning_modules.resume import read_checkpoint
+
+    return read_checkpoint(path)
 
 
 def load_run(run_dir: str | Path | RunFolder, ckpt: Optional[str] = "last", trained: bool = True):

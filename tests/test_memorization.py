@@ -3,6 +3,7 @@ the calibrated threshold keeps the false-positive rate it states."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from metrics.memorization import aligned_pixel_similarity, audit, calibrate, cosine_similarity, min_heldout, nearest
@@ -84,3 +85,75 @@ def test_training_and_held_out_sets_sharing_a_patient_are_refused_naming_them():
     with pytest.raises(MIMICDataError, match=r"training and validation images share 1 patient\(s\), subject_id \[10000003\]"):
         check_patient_disjoint(train, other, "root: the training and validation images")
     check_patient_disjoint(train, other.iloc[1:], "disjoint sets pass")
+
+
+# ---------------------------------------------------------------------------------------------- evaluate.py memorization
+@pytest.fixture(scope="module")
+def heldout_root(tmp_path_factory):
+    """Other patients' phantoms (another seed), with enough test-split images to calibrate at the 0.9 quantile."""
+    from synthetic.phantoms import write_phantom_mimic
+
+    root = tmp_path_factory.mktemp("heldout") / "mimic"
+    write_phantom_mimic(root, n_per_finding={"No Finding": 60, "Pleural Effusion": 60}, size=64, seed=11)
+    return root
+
+
+def audit_args(run, out, *extra):
+    return ["--runs", str(run), "--out", str(out), "--features", "pixel", "--quantile", "0.9", *extra]
+
+
+def test_the_audit_flags_copied_training_images_and_writes_its_report(reference_run, heldout_root, tmp_path):
+    """A folder holding three training images (one shifted, one with its contrast changed) and three images of other
+    patients (the held-out root's validation split, not used for calibration):
+    the audit from the run's data.json calls exactly the three copies copies, and writes every output."""
+    import json
+
+    from PIL import Image
+
+    from datamodules.study_images import load_images, select_mimic
+    from evaluation.memorization_study import main
+
+    data = json.loads((reference_run / "data.json").read_text())
+    records = select_mimic(data["root"], None, 0, "all")
+    records = records[records["dicom_id"].isin([r["dicom_id"] for r in data["train"][:3]])]
+    _, train, _ = load_images(records, data["resolution"])
+    _, new, _ = load_images(select_mimic(heldout_root, 3, 0, "validate"), data["resolution"])  # other patients, unseen
+    made = [train[0], np.roll(train[1], (2, -2), (0, 1)), np.clip(0.7 * train[2].astype(float) + 40, 0, 255), *new]
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    for i, image in enumerate(made):
+        Image.fromarray(np.asarray(image).astype(np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "audit"
+    assert main(audit_args(reference_run, out, "--generated", str(folder), "--heldout_root", str(heldout_root))) == 0
+    table = pd.read_csv(out / "memorization.csv").sort_values("image_id")
+    assert table["copy"].tolist() == [True, True, True, False, False, False]
+    report = (out / "memorization.md").read_text()
+    assert "3 | 50.0% [" in report and "the 0.9 quantile of the held-out images' nearest-training similarities" in report
+    assert (out / "closest_pairs.png").is_file() and (out / "similarities.png").is_file()
+    assert json.loads((out / "provenance.json").read_text())["records"][0]["what"] == "study/memorization"
+    assert main(audit_args(reference_run, out, "--generated", str(folder), "--heldout_root", str(heldout_root))) == 2  # kept
+
+
+def test_the_audit_refuses_bad_input_clearly(reference_run, heldout_root, tmp_path, capsys):
+    import gzip
+
+    from evaluation.memorization_study import main
+
+    (tmp_path / "no_data").mkdir()
+    assert main(audit_args(tmp_path / "no_data", tmp_path / "a")) == 2
+    assert "data.json: missing" in capsys.readouterr().err
+    assert main(audit_args(reference_run, tmp_path / "b", "--quantile", "0.99", "--heldout_root", str(heldout_root))) == 2
+    assert "needs at least 200" in capsys.readouterr().err
+    # a held-out split that holds a training patient
+    import json
+    import shutil
+
+    data = json.loads((reference_run / "data.json").read_text())
+    overlap = tmp_path / "overlap"
+    shutil.copytree(data["root"], overlap)
+    split = pd.read_csv(overlap / "mimic-cxr-2.0.0-split.csv.gz")
+    split.loc[split["dicom_id"] == data["train"][0]["dicom_id"], "split"] = "test"
+    with gzip.open(overlap / "mimic-cxr-2.0.0-split.csv.gz", "wt") as fh:
+        split.to_csv(fh, index=False)
+    with pytest.raises(Exception, match=rf"share 1 patient\(s\), subject_id \[{data['train'][0]['subject_id']}\]"):
+        main(audit_args(reference_run, tmp_path / "c", "--heldout_root", str(overlap)))

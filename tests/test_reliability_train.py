@@ -103,8 +103,9 @@ def test_resume_on_another_base_model_is_refused_naming_both(ref_copy):
 
 
 @pytest.mark.parametrize("change, named", [(["--data.init_args.batch_size", "2"], "batch_size 4 → 2"),
-                                           (["--data.init_args.findings", "[Pleural Effusion]"], "findings")])
-def test_resume_with_another_batch_size_or_findings_is_refused(ref_copy, change, named):
+                                           (["--data.init_args.findings", "[Pleural Effusion]"], "findings"),
+                                           (["--data.init_args.seed", "7"], "seed 0 → 7")])
+def test_resume_with_another_batch_size_findings_or_data_seed_is_refused(ref_copy, change, named):
     run, args = ref_copy
     before = snapshot(run)
     code, _, err = train_in_process(*args, *change)
@@ -133,6 +134,13 @@ def test_a_truncated_last_checkpoint_is_named_with_the_one_before_it(ref_copy):
     code, _, err = train_in_process(*args)
     assert code == 1 and f"{last}: unreadable checkpoint (truncated or corrupt" in err
     assert f"resume from it with --ckpt_path {run / 'checkpoints' / 'last.prev.ckpt'}" in err
+    import export
+    from core.errors import run_main
+
+    last.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_:
+        run_main("export.py", export.main, [str(run), str(run.parent / "out")])
+    assert exit_.value.code == 1  # export.py names the file and what is wrong with it too (stderr, one line)
 
 
 # ---------------------------------------------------------------------------------------------- 5. Ctrl-C
@@ -159,10 +167,29 @@ def test_ctrl_c_saves_at_the_batch_end_and_exits_130_and_a_second_aborts_at_once
     torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # still a complete checkpoint
 
 
+def test_ctrl_c_before_training_stops_at_once_even_when_started_with_sigint_ignored(tmp_path):
+    """A job started in the background of a script inherits SIGINT ignored; kill -INT during the imports still stops it."""
+    proc = subprocess.Popen([PYTHON, str(REPO / "train.py"), *demo_args(tmp_path, "--run_name", "early")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted before training started; nothing saved" in err, err[-2000:]
+
+
+def test_a_config_combination_refused_by_a_strategy_is_one_line(tmp_path):
+    code, _, err = train_in_process(*demo_args(tmp_path, "--run_name", "ti", config="textual_inversion_demo"),
+                                    "--model.init_args.prior_preservation.num_class_images", "4")
+    assert code == 1 and "train.py: error: model.init_args.prior_preservation is set, but textual inversion" in err
+    assert "Traceback" not in err
+
+
 # ---------------------------------------------------------------------------------------------- 7. numbers at parse
 @pytest.mark.parametrize("key, value, expected", [
     ("--trainer.max_steps", "-5", "at least 1, or -1"), ("--data.init_args.batch_size", "0", "at least 1"),
     ("--data.init_args.resolution", "0", "a positive multiple of 8"), ("--data.init_args.resolution", "100", "a positive multiple of 8"),
+    ("--model.init_args.learning_rate", "-1.0", "positive"), ("--data.init_args.n_per_finding", "0", "at least 1"),
 ])
 def test_impossible_numbers_are_refused_at_parse_naming_the_key(tmp_path, key, value, expected):
     code, _, err = train_in_process(*demo_args(tmp_path, "--run_name", "n", key, value))
