@@ -514,7 +514,8 @@ class MIMICCXRDataModule(LightningDataModule):
         self.train_records, self.val_records = cached(train), cached(val)
         if len(self.train_records) == 0:
             raise MIMICDataError(f"{self.root}: every selected training image was unreadable")
-        check_patient_disjoint(self.train_records, self.val_records, f"{self.root}: the training and validation images")
+        if self.val_split != self.train_split:  # val_split == train_split: validating on training data, on purpose
+            check_patient_disjoint(self.train_records, self.val_records, f"{self.root}: the training and validation images")
         counts = self.train_records["finding"].value_counts().to_dict()
         rank_zero_info(f"MIMIC-CXR: {len(self.train_records)} training images {counts}, {len(self.val_records)} validation images")
 
