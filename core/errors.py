@@ -7,8 +7,8 @@ types derive from it beside their built-in base (``class MIMICDataError(UserErro
 ``--debug`` anywhere on the command line shows the traceback instead.
 
 A few errors from outside the suite are just as much the user's to fix and are caught the same way:
-``PermissionError``/``FileNotFoundError``/``IsADirectoryError``/``NotADirectoryError`` (they name the file) and
-``UnicodeDecodeError`` (its message names no file, so readers of user text use :func:`read_text`).
+``PermissionError``/``FileNotFoundError``/``IsADirectoryError``/``NotADirectoryError`` (they name the file). A
+``UnicodeDecodeError`` names no file, so readers of user text use :func:`read_text`, which raises a UserError instead.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ class InsufficientSpaceError(UserError, OSError):
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message on one line (the first line of ``str(err)``, or its type name when it has none)."""
+    """The error's message (``str(err)``; for an OSError ``filename: strerror``, not ``[Errno N] ...``), or its type name
+    when it has none. The suite's messages are written as one line."""
     text = str(err).strip()
     if isinstance(err, OSError) and err.strerror:  # not "[Errno 28] ..."
         text = f"{err.filename}: {err.strerror}" if err.filename is not None else err.strerror

@@ -240,7 +240,8 @@ class DiffusionModule(LightningModule):
 
     def check_resumable(self, checkpoint: dict, datamodule=None) -> None:
         """Refuse a checkpoint this configuration cannot continue: other trained tensors, EMA or not, another base model,
-        other data or batch size (:mod:`lightning_modules.resume`). Raises :class:`TrainedStateMismatch`."""
+        other data or batch size (:mod:`lightning_modules.resume`; the data of ``datamodule``, else of the attached one).
+        Raises :class:`TrainedStateMismatch`."""
         if (self.ema is not None) != ("ema" in checkpoint):
             has = "holds an EMA" if "ema" in checkpoint else "holds no EMA (the run was started without ema)"
             raise TrainedStateMismatch(f"the checkpoint {has}, but this configuration {'keeps' if self.ema else 'has no'} one; "
@@ -255,17 +256,14 @@ class DiffusionModule(LightningModule):
                 "Resume with the configuration the run was started with, or start a new run."
             )
         why = base_model_mismatch(checkpoint.get("base_model"), self.base_model)
-        if why is None and datamodule is not None:
-            why = data_mismatch(checkpoint.get("data"), data_identity(datamodule))
+        if why is None:
+            data = data_identity(datamodule) if datamodule is not None else self.data_identity()
+            why = data_mismatch(checkpoint.get("data"), data)
         if why:
             raise TrainedStateMismatch(why)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.check_resumable(checkpoint)
-        saved = checkpoint.get("data")
-        why = data_mismatch(saved, self.data_identity()) if saved else None
-        if why:
-            raise TrainedStateMismatch(why)
+        self.check_resumable(checkpoint)  # the attached datamodule's data identity
         if self.ema is not None:
             try:
                 self.ema.load_state_dict(checkpoint["ema"])
