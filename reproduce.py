@@ -198,6 +198,15 @@ def build_plan(args) -> list[Step]:
                       "--runs", *[str(runs_dir / r.config) for r in RUNS], "--figure1", FIGURE1_RUN, *gen,
                       "--out", str(studies / "generation")], "Table 4, Figures 1 and 4", str(studies / "generation"),
                       "~1-2 h (11 models x 3 prompts x 100 images, 50 steps)", needs=tuple(run_names)))
+    image_runs = [r for r in RUNS if r.family != "projection"]  # projection runs train on captions: no images to copy
+    audit = (["--features", "pixel", "--quantile", "0.75", "--n_per_prompt", "2", "--steps", "4",
+              "--heldout_root", str(out / "data" / "heldout")] if demo else
+             ["--n_per_prompt", "16", "--max_heldout", "1000"] + (["--xrv_cache_dir", args.xrv_cache_dir] if args.xrv_cache_dir else []))
+    steps.append(Step("study/memorization", "Memorization audit (beyond the paper)",
+                      ["evaluate.py", "memorization", "--runs", *[str(runs_dir / r.config) for r in image_runs], "--base", sd,
+                       *audit, "--out", str(studies / "memorization")],
+                      "copy rates of every image-trained run and the base model", str(studies / "memorization"),
+                      "~20 min (16 images per prompt per model, xrv features)", needs=tuple(f"train/{r.config}" for r in image_runs)))
     if demo:
         cache = str(out / "cache")
         for s in steps:

@@ -1,2 +1,2 @@
 """Training callbacks: checkpoints (when and how), the loss log, the data manifest, sample grids, FID during training,
-the step progress bar."""
+the memorization monitor, the step progress bar."""

@@ -23,9 +23,10 @@ A feature-space criterion is evidence of copying, not proof of privacy either wa
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,13 +35,13 @@ import pandas as pd
 import torch
 
 from core import provenance
-from core.errors import UserError
+from core.errors import UserError, read_text
 from core.run_folder import RunFolder, RunFolderError
 from datamodules.mimic_cxr import check_patient_disjoint
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.study_images import load_images, select_folder, select_mimic
 from evaluation.sources import SourceError, Strategy, load_strategies
-from metrics.memorization import aligned_pixel_similarity, audit, calibrate, cosine_similarity, nearest
+from metrics.memorization import SimilaritySpace, audit, calibrate, cosine_similarity, nearest
 from metrics.scores import MetricInputError, frechet_distance
 from models.generator import seed_value
 
@@ -55,6 +56,7 @@ class MemorizationAuditError(UserError, ValueError):
 class AuditConfig:
     runs: list[str]
     out: str
+    train_data: Optional[str] = None
     base: Optional[str] = "auto"
     generated: Optional[str] = None
     n_per_prompt: int = 16
@@ -63,12 +65,13 @@ class AuditConfig:
     seed: int = 0
     features: str = "classifier"
     classifier: str = "densenet121-res224-all"
+    image_encoder: Optional[str] = None
     xrv_cache_dir: Optional[str] = None
     quantile: float = 0.99
     max_heldout: Optional[int] = None
     heldout_root: Optional[str] = None
     overwrite: bool = False
-    extra: dict = field(default_factory=dict)
+    calibrate_only: bool = False
 
 
 @dataclass
@@ -81,33 +84,41 @@ class RealSets:
     resolution: int
 
 
-def read_training_data(run: str) -> dict:
+def read_training_data(cfg: AuditConfig) -> dict:
+    """The training images' record: ``--train_data`` (a run folder or a ``data.json``), else the first ``--runs``."""
+    source = cfg.train_data or cfg.runs[0]
+    option = "--train_data" if cfg.train_data else "--runs"
+    path = Path(source)
+    if path.is_dir() and (path / "export.json").is_file() and not (path / "data.json").is_file():
+        raise MemorizationAuditError(f"{option} {source}: an export holds no data.json (the record of its training images); "
+                                     "give --train_data RUN_FOLDER (the run it was exported from) or that run's data.json")
     try:
-        data = RunFolder(run).data()
-    except RunFolderError as err:
-        raise MemorizationAuditError(f"--runs {run}: {err}; the audit checks exactly the images a run trained on") from None
-    if data.get("dataset") != "MIMIC-CXR-JPG" or not data.get("train"):
-        raise MemorizationAuditError(f"--runs {run}: its data.json lists no training images ({data.get('dataset')!r}); the "
+        data = json.loads(read_text(path)) if path.is_file() else RunFolder(source).data()
+    except (RunFolderError, UserError, OSError, ValueError) as err:
+        raise MemorizationAuditError(f"{option} {source}: {err}; the audit checks exactly the images a run trained on") from None
+    if not isinstance(data, dict) or data.get("dataset") != "MIMIC-CXR-JPG" or not data.get("train"):
+        what = data.get("dataset") if isinstance(data, dict) else type(data).__name__
+        raise MemorizationAuditError(f"{option} {source}: its data.json lists no training images ({what!r}); the "
                                      "audit applies to runs trained on MIMIC-CXR-JPG images")
     return data
 
 
 def real_sets(cfg: AuditConfig) -> RealSets:
-    """The first run's training images (from its data.json) and the held-out test-split images of other patients."""
-    data = read_training_data(cfg.runs[0])
+    """The training images (from the run's data.json) and the held-out test-split images of other patients."""
+    data = read_training_data(cfg)
     root, findings, resolution = data["root"], list(data["findings"]), int(data["resolution"])
-    everything = select_mimic(root, None, cfg.seed, "all")
-    wanted = [r["dicom_id"] for r in data["train"]]
-    train = everything[everything["dicom_id"].isin(wanted)].set_index("dicom_id").loc[
-        [d for d in dict.fromkeys(wanted) if d in set(everything["dicom_id"])]].reset_index()
-    missing = sorted(set(wanted) - set(train["dicom_id"]))
+    source = cfg.train_data or cfg.runs[0]
+    indexed = select_mimic(root, None, cfg.seed, "all").drop_duplicates("dicom_id").set_index("dicom_id")
+    wanted = list(dict.fromkeys(r["dicom_id"] for r in data["train"]))  # in the run's order
+    missing = [d for d in wanted if d not in indexed.index]
     if missing:
-        raise MemorizationAuditError(f"{root}: {len(missing)} training image(s) of {cfg.runs[0]} are not in its metadata, "
+        raise MemorizationAuditError(f"{root}: {len(missing)} training image(s) of {source} are not in its metadata, "
                                      f"e.g. {missing[:3]}; the audit needs the data the run trained on")
+    train = indexed.loc[wanted].reset_index()
     heldout_root = cfg.heldout_root or root
     heldout = select_mimic(heldout_root, None, cfg.seed, "test")
     heldout = heldout[(heldout[findings] == 1.0).any(axis=1)].reset_index(drop=True)
-    check_patient_disjoint(train, heldout, f"the training images of {cfg.runs[0]} and the held-out images (test split of {heldout_root})")
+    check_patient_disjoint(train, heldout, f"the training images of {source} and the held-out images (test split of {heldout_root})")
     if cfg.max_heldout is not None and len(heldout) > cfg.max_heldout:
         heldout = heldout.sample(n=cfg.max_heldout, random_state=cfg.seed).reset_index(drop=True)
     train, train_images, _ = load_images(train, resolution)
@@ -115,32 +126,18 @@ def real_sets(cfg: AuditConfig) -> RealSets:
     return RealSets(train, train_images, heldout, heldout_images, findings, resolution)
 
 
-class FeatureSpace:
-    """Similarities in the chosen space: ``pixel`` (aligned pixels) or a classifier's ``features2`` (cosine)."""
-
-    def __init__(self, cfg: AuditConfig):
-        self.name = cfg.features
-        self.extractor = None
-        if cfg.features == "classifier":
-            from metrics.features import feature_extractor
-
-            self.extractor = feature_extractor("classifier", classifier=cfg.classifier, xrv_cache_dir=cfg.xrv_cache_dir)
-            self.name = f"classifier features ({cfg.classifier})"
-        elif cfg.features != "pixel":
-            raise MemorizationAuditError(f"--features {cfg.features!r}: expected 'classifier' or 'pixel'")
-
-    def embed(self, images_u8: np.ndarray) -> Optional[torch.Tensor]:
-        if self.extractor is None:
-            return None
-        from metrics.features import extract
-
-        return extract(self.extractor, torch.from_numpy(images_u8).float().div(255).unsqueeze(1))
-
-    def similarity(self, a_u8: np.ndarray, b_u8: np.ndarray, a_feats=None, b_feats=None) -> np.ndarray:
-        if self.extractor is None:
-            return aligned_pixel_similarity(a_u8.astype(np.float32) / 255, b_u8.astype(np.float32) / 255)
-        return cosine_similarity(a_feats if a_feats is not None else self.embed(a_u8),
-                                 b_feats if b_feats is not None else self.embed(b_u8))
+def similarity_space(cfg: AuditConfig) -> SimilaritySpace:
+    """``--features``: ``pixel``, ``classifier`` (``--classifier``: xrv weights name or tiny-phantom) or ``image_encoder``
+    (``--image_encoder``: a Hugging Face id or folder, e.g. RAD-DINO or a re-identification network)."""
+    if cfg.features == "pixel":
+        return SimilaritySpace("pixel")
+    if cfg.features == "classifier":
+        return SimilaritySpace("classifier", classifier=cfg.classifier, xrv_cache_dir=cfg.xrv_cache_dir)
+    if cfg.features == "image_encoder":
+        if not cfg.image_encoder:
+            raise MemorizationAuditError("--features image_encoder needs --image_encoder ID_OR_FOLDER (e.g. microsoft/rad-dino)")
+        return SimilaritySpace("image_encoder", model=cfg.image_encoder)
+    raise MemorizationAuditError(f"--features {cfg.features!r}: expected 'classifier', 'image_encoder' or 'pixel'")
 
 
 def generated_sets(cfg: AuditConfig, real: RealSets) -> list[tuple[str, pd.DataFrame, np.ndarray]]:
@@ -150,13 +147,23 @@ def generated_sets(cfg: AuditConfig, real: RealSets) -> list[tuple[str, pd.DataF
         kept, images, _ = load_images(records, real.resolution)
         return [(Path(cfg.generated).name, kept.assign(prompt="", seed=-1), images)]
     prompts = [FINDING_PROMPTS[f] for f in real.findings if f in FINDING_PROMPTS]
-    base = cfg.base
-    if base == "auto":
-        base = RunFolder(cfg.runs[0]).config()["model"]["init_args"]["model"]["pretrained"]
+    base = base_model(cfg.runs[0]) if cfg.base == "auto" else cfg.base
     sets = []
     for strategy in load_strategies(None if base in (None, "none") else base, cfg.runs, prompts):
         sets.append(generate_set(cfg, strategy, prompts, real.resolution))
     return sets
+
+
+def base_model(source: str) -> str:
+    """The base model a run or export started from (``--base auto``), from its config or ``export.json``."""
+    try:
+        if (Path(source) / "export.json").is_file():
+            return json.loads(read_text(Path(source) / "export.json"))["base_model"]["pretrained"]
+        return RunFolder(source).config()["model"]["init_args"]["model"]["pretrained"]
+    except (RunFolderError, KeyError, TypeError, ValueError):
+        raise MemorizationAuditError(f"--base auto: the base model of {source} is not in its config.yaml "
+                                     "(model.init_args.model.pretrained) or export.json; name it with --base, or --base none"
+                                     ) from None
 
 
 def generate_set(cfg: AuditConfig, strategy: Strategy, prompts: Sequence[str], resolution: int):
@@ -170,11 +177,11 @@ def generate_set(cfg: AuditConfig, strategy: Strategy, prompts: Sequence[str], r
     return strategy.name, pd.DataFrame(rows), np.concatenate(images)
 
 
-def audit_model(cfg: AuditConfig, space: FeatureSpace, real: RealSets, feats: dict, name: str, rows: pd.DataFrame,
+def audit_model(cfg: AuditConfig, space: SimilaritySpace, real: RealSets, feats: dict, name: str, rows: pd.DataFrame,
                 images: np.ndarray) -> tuple[pd.DataFrame, dict]:
     gen_feats = space.embed(images)
-    g2t = space.similarity(images, real.train_images, gen_feats, feats["train"])
-    g2h = space.similarity(images, real.heldout_images, gen_feats, feats["heldout"])
+    g2t = space.similarity(gen_feats, feats["train"])
+    g2h = space.similarity(gen_feats, feats["heldout"])
     result = audit(g2t, feats["h2t"], real.train["subject_id"].tolist(), cfg.quantile, seed=cfg.seed)
     held_index, held_sim = nearest(g2h)
     table = rows.reset_index(drop=True).assign(
@@ -185,7 +192,7 @@ def audit_model(cfg: AuditConfig, space: FeatureSpace, real: RealSets, feats: di
                "mean_train_similarity": float(result["similarity"].mean()),
                "train_images_copied": int((result["copies_per_train_image"] > 0).sum()),
                "subjects_copied": result["subjects_copied"]["copied"], "subjects": result["subjects_copied"]["of"]}
-    if gen_feats is not None:
+    if space.has_features:
         summary.update(fid_and_mifid(gen_feats, feats["train"]))
     return table, summary
 
@@ -201,18 +208,70 @@ def fid_and_mifid(generated: torch.Tensor, train: torch.Tensor, epsilon: float =
     return {"fid": fid, "mifid": fid / (distance + 1e-15) if distance < epsilon else fid, "memorization_distance": distance}
 
 
+def training_groups(cfg: AuditConfig) -> list[list[str]]:
+    """``--runs`` grouped by training set (same root and images), in order: each group is audited against its own."""
+    if cfg.generated or cfg.train_data or len(cfg.runs) == 1:
+        return [list(cfg.runs)]
+    groups: dict = {}
+    for run in cfg.runs:
+        data = read_training_data(replace(cfg, runs=[run]))
+        groups.setdefault((str(data["root"]), tuple(sorted(r["dicom_id"] for r in data["train"]))), []).append(run)
+    return list(groups.values())
+
+
 def run_audit(cfg: AuditConfig, log=print) -> Path:
+    """Audit ``cfg.runs``; runs with different training sets each into ``--out/<first run's name>/``, with an index."""
+    groups = training_groups(cfg)
+    if len(groups) == 1:
+        return audit_training_set(cfg, log)[0]
+    out, rows = Path(cfg.out), []
+    for group in groups:
+        sub = replace(cfg, runs=group, out=str(out / Path(group[0]).name))
+        log(f"training set of {', '.join(Path(r).name for r in group)}: audit into {sub.out}")
+        rows += [{"training set of": Path(group[0]).name, **summary} for summary in audit_training_set(sub, log)[1]]
+    if rows:
+        summary_csv(rows, out)
+        lines = ["# Memorization audit: one audit per training set", "",
+                 "The runs trained on different images; each was audited against its own training images (its folder "
+                 "holds the report, the threshold and the figures).", "",
+                 "| training set of | model | copies | copy rate [95% CI] | mean nearest-training similarity |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| [{r['training set of']}]({r['training set of']}/memorization.md) | {r['model']} | {r['copy_copies']}/"
+                  f"{r['n']} | {100 * r['copy_rate']:.1f}% [{100 * r['copy_ci_low']:.1f}, {100 * r['copy_ci_high']:.1f}] | "
+                  f"{r['mean_train_similarity']:.3f} |" for r in rows]
+        (out / "memorization.md").write_text("\n".join(lines) + "\n")
+        log(f"wrote {out / 'memorization.md'}")
+    return out
+
+
+def summary_csv(rows: list[dict], out: Path) -> None:
+    """``summary.csv``: one row per model and training set (copy rate with its interval, mean similarity, FID/MiFID)."""
+    keep = ["training set of", "model", "n", "copy_copies", "copy_rate", "copy_ci_low", "copy_ci_high",
+            "mean_train_similarity", "train_images_copied", "fid", "mifid"]
+    table = pd.DataFrame(rows)
+    table[[c for c in keep if c in table.columns]].to_csv(out / "summary.csv", index=False)
+
+
+def audit_training_set(cfg: AuditConfig, log=print) -> tuple[Path, list[dict]]:
+    """The audit of runs sharing one training set: ``(output folder, one summary per model)``."""
     started = time.time()
     out = Path(cfg.out)
-    if (out / "memorization.csv").exists() and not cfg.overwrite:
+    if (out / ("calibration.json" if cfg.calibrate_only else "memorization.csv")).exists() and not cfg.overwrite:
         raise MemorizationAuditError(f"--out {out}: holds an earlier audit; pass --overwrite or give another folder")
     real = real_sets(cfg)
-    space = FeatureSpace(cfg)
+    space = similarity_space(cfg)
     feats = {"train": space.embed(real.train_images), "heldout": space.embed(real.heldout_images)}
-    feats["h2t"] = space.similarity(real.heldout_images, real.train_images, feats["heldout"], feats["train"])
+    feats["h2t"] = space.similarity(feats["heldout"], feats["train"])
     calibration = calibrate(nearest(feats["h2t"])[1], cfg.quantile, cfg.seed)  # too few held-out images: refused before generating
     log(f"training images: {len(real.train)}; held-out images (test split, other patients): {len(real.heldout)}; "
-        f"features: {space.name}; copy threshold {calibration.threshold:.4f}")
+        f"features: {space.name}; copy threshold {calibration.threshold:.4f} (false-positive rate on held-out images "
+        f"{100 * calibration.false_positive_rate:.1f}%)")
+    if cfg.calibrate_only:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "calibration.json").write_text(json.dumps({**calibration.as_dict(), "features": space.name,
+                                                          "runs": cfg.runs}, indent=2) + "\n")
+        log(f"wrote {out / 'calibration.json'} (--calibrate_only: nothing generated)")
+        return out, []
     tables, summaries, pools = [], [], {}
     for name, rows, images in generated_sets(cfg, real):
         table, summary = audit_model(cfg, space, real, feats, name, rows, images)
@@ -224,36 +283,43 @@ def run_audit(cfg: AuditConfig, log=print) -> Path:
     table.to_csv(out / "memorization.csv", index=False)
     from evaluation.memorization_report import pairs_figure, report_markdown, similarity_histogram
 
-    t2t = space.similarity(real.train_images, real.train_images, feats["train"], feats["train"])
+    t2t = space.similarity(feats["train"], feats["train"])
     similarity_histogram(table, nearest(feats["h2t"])[1], nearest(t2t, exclude_self=True)[1], calibration.threshold,
                          out / "similarities.png")
     pairs_figure(table, pools, real, out / "closest_pairs.png")
     (out / "memorization.md").write_text(report_markdown(cfg, space.name, real, calibration, summaries))
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)}
+    summary_csv([{"training set of": Path(cfg.train_data or cfg.runs[0]).name, **s} for s in summaries], out)
+    settings = asdict(cfg)
     inputs = {"runs": cfg.runs, "training_images": len(real.train), "heldout_images": len(real.heldout),
               "calibration": calibration.as_dict(), "seconds": round(time.time() - started, 1)}
     provenance.write(out / "provenance.json", provenance.record("study/memorization", settings, inputs, packages=STUDY_PACKAGES))
     log(f"wrote {out / 'memorization.md'}")
-    return out
+    return out, summaries
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py memorization", description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="run folders (their data.json names the training images) or exports")
     p.add_argument("--out", required=True, help="output folder (stays local: it shows training images)")
+    p.add_argument("--train_data", default=None, help="the run folder (or its data.json) whose training images to check "
+                   "against (default: the first --runs; needed when that is an export)")
     p.add_argument("--base", default="auto", help="base model as a control: 'auto' (the first run's), a preset/folder/id, or 'none'")
     p.add_argument("--generated", default=None, help="a folder of generated images to audit instead of generating")
     p.add_argument("--n_per_prompt", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=seed_value, default=0)
-    p.add_argument("--features", default="classifier", choices=["classifier", "pixel"])
+    p.add_argument("--features", default="classifier", choices=["classifier", "pixel", "image_encoder"])
     p.add_argument("--classifier", default="densenet121-res224-all", help="xrv weights name, or tiny-phantom (demo)")
+    p.add_argument("--image_encoder", default=None, help="with --features image_encoder: a Hugging Face image encoder id "
+                   "or folder (CLS embedding), e.g. microsoft/rad-dino or a re-identification network")
     p.add_argument("--xrv_cache_dir", default=None)
     p.add_argument("--quantile", type=float, default=0.99, help="copy threshold: this quantile of held-out similarities")
     p.add_argument("--max_heldout", type=int, default=None, help="at most this many held-out images (default: all)")
     p.add_argument("--heldout_root", default=None, help="a MIMIC-CXR-JPG root whose test split gives the held-out images "
                    "(default: the run's own root); its patients must not be training patients")
+    p.add_argument("--calibrate_only", action="store_true", help="only calibrate the copy threshold and write "
+                   "calibration.json (e.g. for MemorizationMonitor's threshold); nothing is generated")
     p.add_argument("--overwrite", action="store_true")
     return p
 

@@ -32,6 +32,12 @@ TABLES = (
     ("finding_correctness", "Finding correctness (ours): does the image show the finding the prompt asks for?",
      "studies/generation/finding_correctness.csv", None,
      "AUROC of the classifier's P(effusion) separating the effusion prompt's images from the plain prompt's; 0.5 = chance."),
+    ("memorization", "Memorization audit (beyond the paper): generated images that copy a training image",
+     "studies/memorization/summary.csv", None,
+     "Per training set (runs trained on the same images share one), the base model as the control: the share of generated "
+     "images closer to a training image than the calibrated quantile of other patients' images, with a 95% bootstrap "
+     "interval. Evidence of copying in one feature space, not proof of privacy; each folder's memorization.md states the "
+     "threshold and its false-positive rate."),
 )
 FIGURES = (
     ("Figure 1: the base model and the fine-tuned U-Net (prior preservation) on the plain and the effusion prompt",
@@ -129,7 +135,8 @@ def write_provenance(out: Path, steps: Sequence, runs: Sequence, args, started: 
                                 "starts": f"runs/{run.config}/provenance.json", "data_ids": f"runs/{run.config}/data.json",
                                 "seeds": starts[-1]["settings"] if starts else None}
     studies = {name: {"provenance": f"studies/{folder}/provenance.json"}
-               for name, folder in (("vae", "vae"), ("text-encoders", "text_encoders"), ("generation", "generation"))}
+               for name, folder in (("vae", "vae"), ("text-encoders", "text_encoders"), ("generation", "generation"),
+                                    ("memorization", "memorization"))}
     studies["vae"]["sampled_images"] = "studies/vae/per_image_metrics.csv (image_id)"
     studies["text-encoders"]["sampled_reports"] = "studies/text_encoders/sample.csv"
     inputs = {k: getattr(args, k, None) for k in ("mimic", "laion", "reports", "images", "sd", "cxr_bert", "xrv_cache_dir",

@@ -134,3 +134,42 @@ def audit(generated_to_train: np.ndarray, heldout_to_train: np.ndarray, train_su
         result["subjects_copied"] = {"copied": len(copied), "of": len(set(subjects.tolist())),
                                      "share": len(copied) / max(1, len(set(subjects.tolist())))}
     return result
+
+
+class SimilaritySpace:
+    """Where images are compared: ``pixel`` (:func:`aligned_pixel_similarity`) or the features of an extractor from
+    :mod:`metrics.features` (``classifier`` with ``classifier=...``, or a registered one), compared by cosine.
+
+    ``embed(images)`` takes uint8 gray images ``[N, H, W]`` and returns what ``similarity`` compares: for ``pixel`` the
+    images in [0, 1], otherwise feature vectors. Embed each set once and keep it (training images above all).
+    """
+
+    def __init__(self, features: str = "pixel", max_shift: int = 4, **options):
+        self.kind, self.max_shift, self.extractor = features, int(max_shift), None
+        if features == "pixel":
+            self.name = f"pixels (best correlation over shifts of up to {self.max_shift} px at 128 px)"
+        else:
+            from metrics.features import feature_extractor
+
+            self.extractor = feature_extractor(features, **options)
+            detail = options.get("classifier") or options.get("model") or ""
+            self.name = f"{features} features" + (f" ({detail})" if detail else "")
+
+    @property
+    def has_features(self) -> bool:
+        return self.extractor is not None
+
+    def embed(self, images_u8: np.ndarray, device=None) -> torch.Tensor:
+        images = torch.from_numpy(np.asarray(images_u8)).float().div(255)
+        if self.extractor is None:
+            return images
+        from metrics.features import extract
+
+        if device is not None:
+            self.extractor.to(device)
+        return extract(self.extractor, images.unsqueeze(1), device=device)
+
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+        if self.extractor is None:
+            return aligned_pixel_similarity(a, b, max_shift=self.max_shift)
+        return cosine_similarity(a, b)

@@ -44,15 +44,18 @@ def test_bad_settings_are_refused():
 
 
 def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
-    """The U-Net demo under DDP with two CPU processes, keeping an EMA: FID sharded over the ranks, one checkpoint at the
-    last step, and every rank holding the same EMA."""
+    """The U-Net demo under DDP with two CPU processes, keeping an EMA: FID and the memorization monitor sharded over the
+    ranks, one checkpoint at the last step, and every rank holding the same EMA."""
     callback = {"class_path": "callbacks.fid.FIDCallback",
                 "init_args": {"prompts": PROMPTS, "n_per_prompt": 2, "n_real": 8, "features": "classifier",
                               "classifier": "tiny-phantom", "steps": 2}}
+    monitor = {"class_path": "callbacks.memorization.MemorizationMonitor",
+               "init_args": {"every_n_steps": 2, "n_per_prompt": 2, "threshold": 0.5, "steps": 2}}
     run_train(*demo_args(tmp_path, "--run_name", "ddp_fid", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                          "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.callbacks=[]",
                          "--data.init_args.n_per_finding", "12", "--model.init_args.ema", '{"decay": 0.9}',
-                         f"--trainer.callbacks+={json.dumps(callback)}", "--trainer.callbacks+=synthetic.testing.EMAChecksum",
+                         f"--trainer.callbacks+={json.dumps(callback)}", f"--trainer.callbacks+={json.dumps(monitor)}",
+                         "--trainer.callbacks+=synthetic.testing.EMAChecksum",
                          "--wandb_mode", "disabled"))
     run = tmp_path / "runs" / "ddp_fid"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -60,5 +63,7 @@ def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
     table = pd.read_csv(run / "fid.csv")
     assert len(table) == 2 and (table["fid"] >= 0).all() and set(table["n_generated"]) == {2}
     assert set(table["weights"]) == {"EMA"}
+    copies = pd.read_csv(run / "memorization_monitor.csv")  # each rank generated 1 image per prompt; the counts summed
+    assert copies["step"].tolist() == [2, 4] and set(copies["n"]) == {4} and set(copies["weights"]) == {"EMA"}
     sums = [(run / f"ema_rank{r}.txt").read_text() for r in (0, 1)]
     assert sums[0] == sums[1]

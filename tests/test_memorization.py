@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from metrics.memorization import aligned_pixel_similarity, audit, calibrate, cosine_similarity, min_heldout, nearest
 from metrics.scores import MetricInputError
@@ -144,6 +145,8 @@ def test_the_audit_refuses_bad_input_clearly(reference_run, heldout_root, tmp_pa
     assert "data.json: missing" in capsys.readouterr().err
     assert main(audit_args(reference_run, tmp_path / "b", "--quantile", "0.99", "--heldout_root", str(heldout_root))) == 2
     assert "needs at least 200" in capsys.readouterr().err
+    assert main(audit_args(reference_run, tmp_path / "d", "--features", "image_encoder", "--heldout_root", str(heldout_root))) == 2
+    assert "--features image_encoder needs --image_encoder ID_OR_FOLDER" in capsys.readouterr().err
     # a held-out split that holds a training patient
     import json
     import shutil
@@ -157,3 +160,107 @@ def test_the_audit_refuses_bad_input_clearly(reference_run, heldout_root, tmp_pa
         split.to_csv(fh, index=False)
     with pytest.raises(Exception, match=rf"share 1 patient\(s\), subject_id \[{data['train'][0]['subject_id']}\]"):
         main(audit_args(reference_run, tmp_path / "c", "--heldout_root", str(overlap)))
+
+
+# ---------------------------------------------------------------------------------------------- MemorizationMonitor
+def monitor_fit(root, tmp_path, monitor, steps: int = 2, **data):
+    """A 64-px U-Net fit on 4 training phantoms of ``root`` with ``monitor``, a CSV logger and train.py's checkpoint
+    callback; returns the trainer."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from callbacks.checkpointing import RunCheckpoint
+    from datamodules.mimic_cxr import MIMICCXRDataModule
+    from lightning_modules.unet import UNetFineTuning
+
+    dm = MIMICCXRDataModule(root=str(root), findings=FINDINGS, resolution=64, batch_size=2, max_train_images=4,
+                            cache_dir=str(tmp_path / "cache"), **data)
+    trainer = Trainer(accelerator="cpu", max_steps=steps, logger=CSVLogger(tmp_path, name="log"), enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path),
+                      callbacks=[monitor, RunCheckpoint(tmp_path / "last.ckpt", every_n_steps=0)], enable_checkpointing=False)
+    trainer.fit(UNetFineTuning(model={"pretrained": "tiny-phantom"}), dm)
+    return trainer
+
+
+def test_the_monitor_calibrates_on_validation_images_and_logs_the_copy_rate(heldout_root, tmp_path):
+    from callbacks.memorization import MemorizationMonitor
+
+    monitor = MemorizationMonitor(every_n_steps=1, n_per_prompt=2, quantile=0.9, steps=2)
+    monitor_fit(heldout_root, tmp_path, monitor)
+    table = pd.read_csv(tmp_path / "memorization_monitor.csv")
+    assert table["step"].tolist() == [1, 2] and set(table["n"]) == {4}  # 2 images × 2 training prompts
+    assert table["copy_rate"].between(0, 1).all() and not table["stopped"].any()
+    assert table["threshold_source"][0].startswith("quantile 0.9 of ") and "validation images" in table["threshold_source"][0]
+    logged = pd.read_csv(next((tmp_path / "log").rglob("metrics.csv")))
+    assert logged["memorization/copy_rate"].dropna().tolist() == table["copy_rate"].tolist()
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]  # no training features: patient pixels
+    assert all(state == {} for key, state in saved.items() if "MemorizationMonitor" in key)
+
+
+def test_the_monitor_stops_a_copying_run_with_a_checkpoint_and_says_why(heldout_root, tmp_path, capsys):
+    """A threshold every image passes: the copy rate is 1, above ``stop_above``, so the run stops at the first check."""
+    from callbacks.memorization import MemorizationMonitor
+
+    monitor = MemorizationMonitor(every_n_steps=2, n_per_prompt=1, threshold=-1.0, stop_above=0.5, steps=2)
+    trainer = monitor_fit(heldout_root, tmp_path, monitor, steps=6)
+    assert trainer.global_step == 2 and monitor.stopped_at == 2
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert "copy rate 1.000 (2/2 generated images closer to a training image than -1.0000) passed stop_above=0.5 at step 2" \
+        in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "memorization_monitor.csv")["stopped"].tolist() == [True]
+
+
+def test_the_monitor_refuses_what_it_cannot_calibrate(phantom_root, tmp_path):
+    from callbacks.memorization import MemorizationMonitor
+
+    with pytest.raises(ValueError, match=r"validation image\(s\) of the training findings; calibrating the copy threshold "
+                                         r"at quantile 0.99 needs at least 200.*--calibrate_only"):
+        monitor_fit(phantom_root, tmp_path, MemorizationMonitor(quantile=0.99))
+    with pytest.raises(ValueError, match=r"validation image\(s\) are training images .* give the monitor a threshold"):
+        monitor_fit(phantom_root, tmp_path, MemorizationMonitor(quantile=0.5), val_split="train")
+    with pytest.raises(ValueError, match="stop_above 1.5"):
+        MemorizationMonitor(stop_above=1.5)
+
+
+def test_the_audit_takes_an_export_with_the_run_it_came_from(reference_run, heldout_root, tmp_path, capsys):
+    from core.run_folder import RunFolder
+    from evaluation.memorization_study import main
+    from lightning_modules.runs import load_run
+
+    module, _ = load_run(RunFolder(reference_run), "last")
+    export = module.export(tmp_path / "export")
+    args = ["--n_per_prompt", "1", "--steps", "2", "--heldout_root", str(heldout_root)]
+    assert main(audit_args(export, tmp_path / "a", *args)) == 2
+    assert "an export holds no data.json" in capsys.readouterr().err
+    assert main(audit_args(export, tmp_path / "b", "--train_data", str(reference_run / "data.json"), *args)) == 0
+    table = pd.read_csv(tmp_path / "b" / "memorization.csv")
+    assert table["model"].tolist() == ["Stable Diffusion (base)"] * 2 + ["export"] * 2  # --base auto: from export.json
+
+
+def tiny_dinov2(folder):
+    """A random 2-layer DINOv2 (RAD-DINO's architecture) and its image processor, saved as a Hugging Face folder."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                             patch_size=8)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+                      image_mean=[0.5307, 0.5307, 0.5307], image_std=[0.2583, 0.2583, 0.2583]).save_pretrained(folder)
+    return folder
+
+
+def test_an_image_encoder_folder_is_a_feature_space_and_a_missing_one_is_named(tmp_path):
+    from metrics.features import ImageEncoderError, feature_extractor
+    from metrics.memorization import SimilaritySpace
+
+    extractor = feature_extractor("image_encoder", model=str(tiny_dinov2(tmp_path / "dino")))
+    assert extractor.num_features == 32 and extractor.size == 32
+    images = (phantoms(range(3), size=64) * 255).astype(np.uint8)
+    space = SimilaritySpace("image_encoder", model=str(tmp_path / "dino"))
+    features = space.embed(images)
+    assert features.shape == (3, 32) and "image_encoder features" in space.name
+    assert np.allclose(np.diag(space.similarity(features, features)), 1.0)
+    with pytest.raises(ImageEncoderError, match=r"image encoder microsoft/rad-dino: 'microsoft/rad-dino' is neither a folder "
+                                                r"nor in the Hugging Face cache.*huggingface-cli download microsoft/rad-dino"):
+        feature_extractor("image_encoder", model="microsoft/rad-dino")
