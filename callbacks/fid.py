@@ -9,7 +9,8 @@ validation images of the matching finding.
   every rank calls: no collective runs in rank-zero-only code, so DDP cannot hang here.
 * Features (:mod:`metrics.features`): Inception-2048 (torchmetrics' FID network; its weights file must be in the
   torch hub cache or given) or a classifier's pooled ``features2`` (torchxrayvision DenseNet: 1024-d;
-  ``tiny-phantom``: the shipped phantom classifier) for a domain FID.
+  ``tiny-phantom``: the shipped phantom classifier) for a domain FID, or any Hugging Face image encoder's CLS embedding
+  (``image_encoder``: RAD-DINO, as CheXGenBench uses).
 * The feature network lives in this callback, never in the LightningModule: checkpoints do not hold it.
 * Logged as ``val/fid/<prompt>`` to every logger (W&B included) and appended to ``<run>/fid.csv``
   with the step and both N. FID on a few images is strongly biased upwards: compare runs only at equal N.
@@ -46,7 +47,8 @@ class FIDCallback(Callback):
         prompts: prompts to sample (default: the paper's three).
         n_per_prompt: generated images per prompt (a multiple of the number of ranks).
         n_real: real validation images per finding (at most; all there are if fewer).
-        features: ``inception`` or ``classifier``.
+        features: ``inception``, ``classifier`` or ``image_encoder`` (with ``image_encoder``: a Hugging Face id or folder,
+            e.g. microsoft/rad-dino, CheXGenBench's FID features).
         classifier: with ``features: classifier``: ``tiny-phantom`` or a torchxrayvision weights name.
         inception_weights / xrv_cache_dir: where the weights files are (nothing is downloaded).
         steps, guidance, seed: sampling settings (seeds ``seed .. seed + n_per_prompt - 1``).
@@ -54,18 +56,22 @@ class FIDCallback(Callback):
 
     def __init__(self, prompts: Sequence[str] = PAPER_PROMPTS, n_per_prompt: int = 16, n_real: int = 64,
                  features: str = "inception", classifier: str = "tiny-phantom", inception_weights: Optional[str] = None,
-                 xrv_cache_dir: Optional[str] = None, steps: int = 25, guidance: float = 7.5, seed: int = 0):
+                 xrv_cache_dir: Optional[str] = None, steps: int = 25, guidance: float = 7.5, seed: int = 0,
+                 image_encoder: Optional[str] = None):
         super().__init__()
         if not prompts or any(not str(p).strip() for p in prompts):
             raise ValueError("FIDCallback: prompts must be a non-empty list of non-empty prompts")
         if n_per_prompt < 2 or n_real < 2:
             raise ValueError(f"FIDCallback: FID needs at least 2 images on each side (n_per_prompt={n_per_prompt}, n_real={n_real})")
-        if features not in ("inception", "classifier"):
-            raise ValueError(f"FIDCallback: features {features!r}; expected 'inception' or 'classifier'")
+        if features not in ("inception", "classifier", "image_encoder"):
+            raise ValueError(f"FIDCallback: features {features!r}; expected 'inception', 'classifier' or 'image_encoder'")
+        if features == "image_encoder" and not image_encoder:
+            raise ValueError("FIDCallback: features image_encoder needs image_encoder: a Hugging Face id or folder, e.g. "
+                             "microsoft/rad-dino")
         self.prompts = list(prompts)
         self.n_per_prompt, self.n_real = int(n_per_prompt), int(n_real)
         self.features, self.classifier = features, classifier
-        self.inception_weights, self.xrv_cache_dir = inception_weights, xrv_cache_dir
+        self.inception_weights, self.xrv_cache_dir, self.image_encoder = inception_weights, xrv_cache_dir, image_encoder
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self._metrics: dict = {}
         self._real_counts: dict[str, int] = {}
@@ -78,8 +84,8 @@ class FIDCallback(Callback):
         if self.n_per_prompt % trainer.world_size:
             raise ValueError(f"FIDCallback: n_per_prompt={self.n_per_prompt} must be a multiple of the {trainer.world_size} ranks "
                              "(each rank generates an equal share)")
-        options = {"inception_weights": self.inception_weights} if self.features == "inception" else \
-            {"classifier": self.classifier, "xrv_cache_dir": self.xrv_cache_dir}
+        options = {"inception": {"inception_weights": self.inception_weights}, "image_encoder": {"model": self.image_encoder},
+                   "classifier": {"classifier": self.classifier, "xrv_cache_dir": self.xrv_cache_dir}}[self.features]
         # one extractor shared by the metrics: it is not a trained part and never enters a checkpoint
         self._extractor = feature_extractor(self.features, **options)
         for prompt in self.prompts:

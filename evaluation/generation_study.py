@@ -8,7 +8,10 @@ the same seeds. Per (strategy, prompt):
   generated images (:mod:`metrics.scores`). What the paper leaves open, fixed here:
   the reference set is frontal images of the chosen split (``test`` by default); prompts that name a
   pleural effusion are compared with effusion-positive images, every other prompt (the plain and the
-  style prompt) with "No Finding" images. KID is added where N is small (``--kid``).
+  style prompt) with "No Finding" images. KID is added where N is small (``--kid``). Features (``--fid_features``):
+  Inception-v3, the xrv classifier's ``features2``, or a Hugging Face image encoder's CLS embedding
+  (``image_encoder``, e.g. RAD-DINO as CheXGenBench uses).
+* **Precision, recall, density, coverage** (Naeem et al. 2020, k = 5) on the same features.
 * **Diversity**: mean pairwise MS-SSIM of the prompt's samples (higher = less diverse), with its
   scale setting.
 
@@ -41,9 +44,9 @@ from datamodules.study_images import reference_images
 from evaluation.reader_kit import SUMMARY_FILE, ReaderKitExistsError, check_kit_folder
 from evaluation.sources import SourceError, Strategy, load_strategies
 from metrics.classifiers import finding_probabilities, load_classifier
-from metrics.features import extract, feature_extractor
+from metrics.features import ImageEncoderError, extract, feature_extractor
 from metrics.finding_correctness import finding_correctness
-from metrics.scores import MetricInputError, fid_with_ci, kid, ms_ssim_diversity
+from metrics.scores import PRDC_K, MetricInputError, fid_with_ci, kid, ms_ssim_diversity, prdc
 from models.generator import seed_value
 
 EFFUSION = "Pleural Effusion"
@@ -73,6 +76,7 @@ class StudyConfig:
     split: str = "test"
     n_real: Optional[int] = None
     fid_features: str = "inception"
+    image_encoder: Optional[str] = None  # with fid_features image_encoder: a Hugging Face id or folder (RAD-DINO)
     inception_weights: Optional[str] = None
     classifier: str = "densenet121-res224-all"
     xrv_cache_dir: Optional[str] = None
@@ -93,8 +97,10 @@ class StudyConfig:
             raise GenerationStudyError(f"--n_per_prompt {self.n_per_prompt}: FID and diversity need at least 2 images per prompt")
         if not self.runs and not self.base:
             raise GenerationStudyError("nothing to evaluate: give --runs and/or --base")
-        if self.fid_features not in ("inception", "xrv"):
-            raise GenerationStudyError(f"--fid_features: {self.fid_features!r}; expected inception or xrv")
+        if self.fid_features not in ("inception", "xrv", "image_encoder"):
+            raise GenerationStudyError(f"--fid_features: {self.fid_features!r}; expected inception, xrv or image_encoder")
+        if self.fid_features == "image_encoder" and not self.image_encoder:
+            raise GenerationStudyError("--fid_features image_encoder needs --image_encoder ID_OR_FOLDER (e.g. microsoft/rad-dino)")
         if self.figure1:
             if not self.base:
                 raise GenerationStudyError(f"--figure1 {self.figure1}: Figure 1 compares the base model with a run; give --base")
@@ -140,12 +146,14 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
 
 
 def load_networks(cfg: StudyConfig, device):
-    """The finding classifier and the FID feature network (Inception or the classifier's features2)."""
+    """The finding classifier and the FID feature network (Inception, the classifier's features2 or an image encoder)."""
     try:
         classifier = load_classifier(cfg.classifier, cfg.xrv_cache_dir).to(device)
-        options = {"inception_weights": cfg.inception_weights} if cfg.fid_features == "inception" else {"classifier": classifier}
-        extractor = feature_extractor("inception" if cfg.fid_features == "inception" else "classifier", **options).to(device)
-    except FileNotFoundError as err:
+        name, options = {"inception": ("inception", {"inception_weights": cfg.inception_weights}),
+                         "xrv": ("classifier", {"classifier": classifier}),
+                         "image_encoder": ("image_encoder", {"model": cfg.image_encoder})}[cfg.fid_features]
+        extractor = feature_extractor(name, **options).to(device)
+    except (FileNotFoundError, ImageEncoderError) as err:
         raise GenerationStudyError(str(err)) from None
     return classifier, extractor
 
@@ -206,6 +214,7 @@ def evaluate_strategy(cfg: StudyConfig, strategy: Strategy, classifier, extracto
                **fid_with_ci(real_features[finding], fake, cfg.n_boot, cfg.seed)}
         if cfg.kid:
             row.update({k: v for k, v in kid(real_features[finding], fake).items() if k in ("kid", "kid_std", "subset_size")})
+        row.update(prdc_or_nan(real_features[finding], fake))
         tables.fid.append(row)
         tables.diversity.append({"strategy": strategy.name, "prompt": prompt,
                                  **ms_ssim_diversity(gray, max_pairs=2000, seed=cfg.seed, n_boot=cfg.n_boot)})
@@ -227,6 +236,14 @@ def evaluate_strategy(cfg: StudyConfig, strategy: Strategy, classifier, extracto
                                    "mean_p_effusion_normal_prompt": score["mean_prob_normal_prompt"],
                                    **{k: v for k, v in score.items() if not k.startswith("mean_prob") and k != "finding"}})
     strategy.generator.to("cpu")
+
+
+def prdc_or_nan(real: torch.Tensor, fake: torch.Tensor) -> dict:
+    """Precision, recall, density and coverage (k = 5), or NaN where a set has too few images for k."""
+    if min(len(real), len(fake)) <= PRDC_K:
+        return {"precision": float("nan"), "recall": float("nan"), "density": float("nan"), "coverage": float("nan"),
+                "prdc_k": PRDC_K}
+    return prdc(real, fake)
 
 
 def write_outputs(cfg: StudyConfig, strategies: list[Strategy], tables: Tables, real_n: dict, resolution: int, out: Path, log) -> None:
@@ -320,6 +337,22 @@ def figure4(cells: dict, strategies: Sequence[str], prompts: Sequence[str], path
     plt.close(fig)
 
 
+def prdc_markdown(cfg, names: Sequence[str], fid_df: pd.DataFrame) -> list[str]:
+    """Precision / recall / density / coverage per strategy and prompt, on the FID features."""
+    lines = [f"## Precision / recall / density / coverage ({cfg.fid_features} features, k = {PRDC_K}, Naeem et al. 2020)", "",
+             "Fidelity (precision, density: are generated images where real ones are) and diversity (recall, coverage: "
+             "do they reach all of the real images). n/a: fewer than k + 1 images on a side.", "",
+             "| Strategy | " + " | ".join(cfg.prompts) + " |", "|---|" + "---:|" * len(cfg.prompts)]
+    for name in names:
+        cells = []
+        for p in cfg.prompts:
+            r = fid_df[(fid_df.strategy == name) & (fid_df.prompt == p)].iloc[0]
+            cells.append("n/a" if pd.isna(r.precision) else
+                         f"{r.precision:.2f} / {r.recall:.2f} / {r.density:.2f} / {r.coverage:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolution) -> str:
     names = [s.name for s in strategies]
     lines = ["# Generation study", "",
@@ -338,8 +371,9 @@ def results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolutio
     lines += ["", "Not comparable with the paper's Table 4 (0.03–0.27), which is not on the standard Inception-FID scale."
               + (" † beyond the paper: a later recipe (" + ", ".join(sorted({s.generator.info['strategy'] for s in strategies
                                                                               if s.name in beyond})) + ") for comparison."
-                 if beyond else ""), "",
-              "## Finding correctness (P(effusion) from the classifier)", "",
+                 if beyond else ""), ""]
+    lines += prdc_markdown(cfg, names, fid_df)
+    lines += ["## Finding correctness (P(effusion) from the classifier)", "",
               "| Strategy | AUROC effusion vs plain prompt | accuracy at 0.5 | mean P, effusion prompt | mean P, plain prompt |",
               "|---|---:|---:|---:|---:|"]
     for r in corr_df.itertuples():
@@ -374,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
     p.add_argument("--split", default="test", choices=("train", "validate", "test", "all"))
     p.add_argument("--n_real", type=int, default=None, help="reference images per finding (default: all)")
-    p.add_argument("--fid_features", default="inception", choices=("inception", "xrv"))
+    p.add_argument("--fid_features", default="inception", choices=("inception", "xrv", "image_encoder"),
+                   help="FID/KID/PRDC features: Inception-v3, the xrv classifier's features2, or --image_encoder's CLS")
+    p.add_argument("--image_encoder", default=None, help="with --fid_features image_encoder: a Hugging Face image encoder "
+                   "id or folder, e.g. microsoft/rad-dino (CheXGenBench's FID features)")
     p.add_argument("--inception_weights", default=None)
     p.add_argument("--classifier", default="densenet121-res224-all", help="xrv weights name or tiny-phantom")
     p.add_argument("--xrv_cache_dir", default=None)

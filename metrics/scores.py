@@ -14,6 +14,9 @@ The callbacks and every study use these; nothing else computes them.
 * **Diversity** (:func:`ms_ssim_diversity`): mean pairwise MS-SSIM between the samples of one prompt
   (higher = less diverse). torchmetrics' default 5 scales need images over 160 px; smaller images use
   fewer scales (the first weights of the default, renormalised), and the setting is returned with the value.
+* **Precision, recall, density, coverage** (:func:`prdc`, Naeem et al. 2020, k = 5 as they recommend): fidelity
+  (precision, density) and diversity (recall, coverage) of generated features against real ones from k-nearest-
+  neighbour balls; tests check it against the authors' ``prdc`` package.
 * **AUROC** (:func:`auroc`, :func:`auroc_with_ci`): torchmetrics' ``binary_auroc``; NaN when one class is absent.
 * **Intervals**: :func:`bootstrap_ci` (percentile, seeded) for any statistic of resampled indices;
   :func:`summarize` gives mean, sd, median and range.
@@ -123,6 +126,32 @@ def fid_with_ci(real: torch.Tensor, fake: torch.Tensor, n_boot: int = 100, seed:
     lo, hi = bootstrap_ci(lambda idx: fid_of(fake[torch.from_numpy(idx)]), fake.shape[0], n_boot, seed)
     return {"fid": value, "ci_low": lo, "ci_high": hi, "n_real": int(real.shape[0]), "n_generated": int(fake.shape[0]),
             "feature_dim": int(real.shape[1]), "n_boot": int(n_boot)}
+
+
+PRDC_K = 5  # Naeem et al. (2020) recommend k = 5; CheXGenBench reports PRDC with it too
+
+
+def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = PRDC_K) -> dict:
+    """Precision, recall, density and coverage of ``fake`` against ``real`` features (Naeem et al. 2020).
+
+    Each real point's ball has the radius of its distance to its ``k``-th nearest other real point (each fake point's
+    likewise among fakes). Precision: share of fakes inside some real ball. Recall: share of reals inside some fake
+    ball. Density: mean over fakes of the number of real balls containing it, divided by ``k`` (can exceed 1).
+    Coverage: share of real balls containing at least one fake. Euclidean distances, float64."""
+    real, fake = torch.as_tensor(real).double(), torch.as_tensor(fake).double()
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise MetricInputError(f"PRDC needs feature matrices [N, d] of one d, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise MetricInputError(f"PRDC with k={k} needs more than {k} real and generated images, got {len(real)} real and "
+                               f"{len(fake)} generated")
+    radius_real = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # the first is the point itself
+    radius_fake = torch.cdist(fake, fake).kthvalue(k + 1, dim=1).values
+    distance = torch.cdist(real, fake)  # [N_real, N_fake]
+    inside_real = distance < radius_real[:, None]
+    return {"precision": float(inside_real.any(0).double().mean()),
+            "recall": float((distance < radius_fake[None, :]).any(1).double().mean()),
+            "density": float(inside_real.double().sum(0).mean() / k),
+            "coverage": float((distance.min(1).values < radius_real).double().mean()), "prdc_k": k}
 
 
 def fid_minibatches(real: torch.Tensor, fake: torch.Tensor, batch: int = 32) -> dict:

@@ -166,3 +166,19 @@ def straight_and_resumed(fresh, root, tmp_path, steps: int = 4, stop_at: int = 2
     resumed = fresh()
     quiet_trainer(steps).fit(resumed, datamodule=phantom_dm(root, tmp_path), ckpt_path=str(half))
     return straight, resumed, half
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A random 2-layer DINOv2 (RAD-DINO's architecture, microsoft/rad-dino's processor settings) saved as a Hugging
+    Face folder: the image-encoder feature path without a download."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("dinov2") / "tiny-rad-dino"
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                             patch_size=8)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+                      image_mean=[0.5307, 0.5307, 0.5307], image_std=[0.2583, 0.2583, 0.2583]).save_pretrained(folder)
+    return folder

@@ -16,10 +16,12 @@ from lightning_modules.unet import UNetFineTuning
 PROMPTS = ["a photo of a lung xray", "a photo of a lung xray with a visible pleural effusion"]
 
 
-def test_fid_is_logged_per_prompt_and_the_checkpoint_holds_no_feature_network(phantom_root, tmp_path):
+def test_fid_is_logged_per_prompt_and_the_checkpoint_holds_no_feature_network(phantom_root, tiny_dinov2, tmp_path):
+    """On an image encoder's features (a tiny random DINOv2 folder standing in for microsoft/rad-dino); the DDP test
+    below uses the classifier's."""
     dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding", "Pleural Effusion"], resolution=64, batch_size=2,
                             cache_dir=str(tmp_path / "cache"))
-    fid = FIDCallback(prompts=PROMPTS, n_per_prompt=3, n_real=8, features="classifier", classifier="tiny-phantom", steps=2)
+    fid = FIDCallback(prompts=PROMPTS, n_per_prompt=3, n_real=8, features="image_encoder", image_encoder=str(tiny_dinov2), steps=2)
     module = UNetFineTuning(model={"pretrained": "tiny-phantom"})
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, val_check_interval=2, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path), callbacks=[fid],
@@ -30,9 +32,10 @@ def test_fid_is_logged_per_prompt_and_the_checkpoint_holds_no_feature_network(ph
     assert all(v >= 0 for v in logged.values())
     table = pd.read_csv(tmp_path / "fid.csv")
     assert list(table["reference"]) == ["No Finding", "Pleural Effusion"] and set(table["n_generated"]) == {3}
+    assert set(table["features"]) == {"image_encoder"}
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     ckpt = torch.load(tmp_path / "x.ckpt", weights_only=True)
-    assert not any("inception" in k or "classifier" in k for k in ckpt["state_dict"])
+    assert not any("inception" in k or "classifier" in k or "cls_token" in k for k in ckpt["state_dict"])
     assert all(v == {} for k, v in ckpt.get("callbacks", {}).items() if "FIDCallback" in k)
 
 
@@ -41,6 +44,8 @@ def test_bad_settings_are_refused():
         FIDCallback(prompts=[])
     with pytest.raises(ValueError, match="at least 2 images"):
         FIDCallback(n_per_prompt=1)
+    with pytest.raises(ValueError, match="features image_encoder needs image_encoder: a Hugging Face id or folder"):
+        FIDCallback(features="image_encoder")
 
 
 def test_ddp_two_processes_shard_generation_and_agree(tmp_path):

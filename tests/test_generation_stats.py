@@ -2,6 +2,7 @@
 bootstrap intervals."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +74,30 @@ def test_fid_accumulated_batch_by_batch_is_the_same_fid_and_keeps_its_real_side(
     assert abs(float(metric.compute())) < 1e-8
     with pytest.raises(GenerationStatsError, match="at least 2 images on each side"):
         FeatureFID(6).compute()
+
+
+# ---------------------------------------------------------------------------------------------- PRDC
+def test_prdc_on_identical_far_and_random_sets_matches_the_authors_implementation():
+    """Identical sets: precision = recall = coverage = 1; sets far apart: all 0; random sets: the values of the
+    authors' ``prdc`` package (Naeem et al. 2020), k = 5."""
+    from prdc import compute_prdc
+
+    from metrics.scores import prdc
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(40, 6))
+    same = prdc(torch.tensor(real), torch.tensor(real))
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0 and same["prdc_k"] == 5
+    far = prdc(torch.tensor(real), torch.tensor(real + 100.0))
+    assert far["precision"] == far["recall"] == far["density"] == far["coverage"] == 0.0
+    for shift in (0.0, 0.7):
+        fake = rng.normal(size=(30, 6)) + shift
+        ours, theirs = prdc(torch.tensor(real), torch.tensor(fake)), compute_prdc(real, fake, nearest_k=5)
+        assert {k: round(ours[k], 10) for k in theirs} == {k: round(float(v), 10) for k, v in theirs.items()}
+
+
+def test_prdc_needs_more_images_than_k():
+    from metrics.scores import MetricInputError, prdc
+
+    with pytest.raises(MetricInputError, match="PRDC with k=5 needs more than 5 real and generated images, got 5 real"):
+        prdc(torch.zeros(5, 3), torch.zeros(9, 3))

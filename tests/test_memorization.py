@@ -237,27 +237,14 @@ def test_the_audit_takes_an_export_with_the_run_it_came_from(reference_run, held
     assert table["model"].tolist() == ["Stable Diffusion (base)"] * 2 + ["export"] * 2  # --base auto: from export.json
 
 
-def tiny_dinov2(folder):
-    """A random 2-layer DINOv2 (RAD-DINO's architecture) and its image processor, saved as a Hugging Face folder."""
-    import torch
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                             patch_size=8)).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
-                      image_mean=[0.5307, 0.5307, 0.5307], image_std=[0.2583, 0.2583, 0.2583]).save_pretrained(folder)
-    return folder
-
-
-def test_an_image_encoder_folder_is_a_feature_space_and_a_missing_one_is_named(tmp_path):
+def test_an_image_encoder_folder_is_a_feature_space_and_a_missing_one_is_named(tiny_dinov2):
     from metrics.features import ImageEncoderError, feature_extractor
     from metrics.memorization import SimilaritySpace
 
-    extractor = feature_extractor("image_encoder", model=str(tiny_dinov2(tmp_path / "dino")))
+    extractor = feature_extractor("image_encoder", model=str(tiny_dinov2))
     assert extractor.num_features == 32 and extractor.size == 32
     images = (phantoms(range(3), size=64) * 255).astype(np.uint8)
-    space = SimilaritySpace("image_encoder", model=str(tmp_path / "dino"))
+    space = SimilaritySpace("image_encoder", model=str(tiny_dinov2))
     features = space.embed(images)
     assert features.shape == (3, 32) and "image_encoder features" in space.name
     assert np.allclose(np.diag(space.similarity(features, features)), 1.0)
