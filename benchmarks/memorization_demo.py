@@ -37,6 +37,22 @@ def train(runs: Path, name: str, steps: int, *extra: str) -> Path:
     return runs / name
 
 
+TWO = ("--data.init_args.train_images_per_finding", "1")
+
+
+def calibrate(out: Path, heldout: Path, run: Path) -> float:
+    if not (out / "calibration.json").is_file():
+        sh("evaluate.py", "memorization", "--runs", str(run), "--out", str(out), "--heldout_root", str(heldout),
+           "--calibrate_only", *AUDIT)
+    return json.loads((out / "calibration.json").read_text())["threshold"]
+
+
+def monitor_args(threshold: float) -> str:
+    monitor = {"class_path": "callbacks.memorization.MemorizationMonitor",
+               "init_args": {"every_n_steps": 100, "n_per_prompt": 16, "threshold": threshold, "steps": 10}}
+    return f"--trainer.callbacks+={json.dumps(monitor)}"
+
+
 def audit(out: Path, heldout: Path, runs: list[Path], *extra: str) -> dict:
     if not (out / "memorization.csv").is_file():
         sh("evaluate.py", "memorization", "--runs", *map(str, runs), "--out", str(out), "--heldout_root", str(heldout),
@@ -58,22 +74,19 @@ def main(argv=None) -> int:
 
     write_phantom_mimic(heldout, n_per_finding=HELDOUT, size=256, seed=11)
     short = [train(runs, f"demo-{s}", s) for s in (100, 300)]
-    calibration = out / "calibration"
-    if not (calibration / "calibration.json").is_file():
-        sh("evaluate.py", "memorization", "--runs", str(short[0]), "--out", str(calibration), "--heldout_root", str(heldout),
-           "--calibrate_only", *AUDIT)
-    threshold = json.loads((calibration / "calibration.json").read_text())["threshold"]
-    monitor = {"class_path": "callbacks.memorization.MemorizationMonitor",
-               "init_args": {"every_n_steps": 100, "n_per_prompt": 16, "threshold": threshold, "steps": 10}}
-    long = train(runs, "demo-1000", 1000, f"--trainer.callbacks+={json.dumps(monitor)}")
-    two = train(runs, "two-images", 1000, "--data.init_args.train_images_per_finding", "1")
+    threshold = calibrate(out / "calibration", heldout, short[0])
+    long = train(runs, "demo-1000", 1000, monitor_args(threshold))
+    # the 2-image run: 100 steps, its own threshold (its training images differ), then on to 1,000 with the monitor
+    two = train(runs, "two-images", 100, *TWO)
+    threshold_two = calibrate(out / "calibration-two-images", heldout, two)
+    train(runs, "two-images", 1000, *TWO, monitor_args(threshold_two))
     demo = audit(out / "demo", heldout, [*short, long])
     few = audit(out / "two-images", heldout, [two])
-    write_summary(out, runs, demo, few, long / "memorization_monitor.csv", threshold)
+    write_summary(out, runs, demo, few, threshold, threshold_two)
     return 0
 
 
-def write_summary(out: Path, runs: Path, demo: dict, few: dict, monitor_csv: Path, threshold: float) -> None:
+def write_summary(out: Path, runs: Path, demo: dict, few: dict, threshold: float, threshold_two: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,21 +113,22 @@ def write_summary(out: Path, runs: Path, demo: dict, few: dict, monitor_csv: Pat
               f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | {r['mean similarity']:.3f} |" for r in rows]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     table.to_csv(out / "summary.csv", index=False)
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    demo_rows = table.iloc[:4]
-    ax.errorbar(demo_rows["steps"], 100 * demo_rows["copy rate"],
-                yerr=[100 * (demo_rows["copy rate"] - demo_rows["ci_low"]), 100 * (demo_rows["ci_high"] - demo_rows["copy rate"])],
-                fmt="o-", capsize=3, label=f"audit, {n_demo} training images (64 images per model)")
-    if monitor_csv.is_file():
-        monitor = pd.read_csv(monitor_csv)
-        ax.plot(monitor["step"], 100 * monitor["copy_rate"], "s--", alpha=0.7, label="MemorizationMonitor during training (32)")
-    last = table.iloc[-1]
-    ax.errorbar([last["steps"]], [100 * last["copy rate"]], yerr=[[100 * (last["copy rate"] - last["ci_low"])],
-                [100 * (last["ci_high"] - last["copy rate"])]], fmt="r^", capsize=3, label="audit, 2 training images")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    for first, label, color, csv_path, t in ((0, f"{n_demo} training images", "tab:blue", runs / "demo-1000", threshold),
+                                             (4, f"{n_few} training images", "tab:red", runs / "two-images", threshold_two)):
+        audited = table.iloc[[first, 1, 2, 3]] if first == 0 else table.iloc[[4, 5]]
+        ax.errorbar(audited["steps"], 100 * audited["copy rate"], fmt="o", color=color, capsize=3,
+                    yerr=[100 * (audited["copy rate"] - audited["ci_low"]), 100 * (audited["ci_high"] - audited["copy rate"])],
+                    label=f"audit, {label} (64 images, 95% CI; threshold {t:.3f})")
+        monitor = csv_path / "memorization_monitor.csv"
+        if monitor.is_file():
+            m = pd.read_csv(monitor)
+            ax.plot(m["step"], 100 * m["copy_rate"], "--", marker=".", color=color, alpha=0.6,
+                    label=f"MemorizationMonitor, {label} (32 images)")
     ax.set_xlabel("training steps")
     ax.set_ylabel("copy rate (%)")
-    ax.set_title(f"tiny-phantom U-Net demo: generated images closer to a training\nimage than {QUANTILE} of other patients' "
-                 f"(pixel space, threshold {threshold:.3f})", fontsize=9)
+    ax.set_title(f"tiny-phantom U-Net demo: share of generated images closer to a training image\nthan the {QUANTILE} "
+                 "quantile of other patients' images (pixel space)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

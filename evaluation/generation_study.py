@@ -42,6 +42,7 @@ from core.grids import labelled_grid
 from datamodules.prompts import PAPER_PROMPTS, normal_and_effusion_prompts, prompt_finding
 from datamodules.study_images import reference_images
 from evaluation.reader_kit import SUMMARY_FILE, ReaderKitExistsError, check_kit_folder
+from evaluation.report_prompts import ReportEvaluationError, run_report_study
 from evaluation.sources import SourceError, Strategy, load_strategies
 from metrics.classifiers import finding_probabilities, load_classifier
 from metrics.features import ImageEncoderError, extract, feature_extractor
@@ -89,6 +90,12 @@ class StudyConfig:
     reader_real: int = 0  # real reference images per finding mixed into the kit
     figure1: Optional[str] = None  # a run name: Figure 1, the base beside it on the plain and effusion prompts
     overwrite: bool = False  # replace a reader kit already in out (its key and a filled sheet are kept aside)
+    # --prompts reports (evaluation/report_prompts.py): impressions of test-split reports as prompts
+    reports_root: Optional[str] = None  # default: mimic_root (files/pXX/pSUBJECT/sSTUDY.txt)
+    report_labels: Optional[str] = None  # default: mimic_root's mimic-cxr-2.0.0-chexpert.csv.gz
+    report_classes: Optional[list[str]] = None  # default: the classifier's findings and "No Finding"
+    n_reports_per_class: int = 10
+    images_per_report: int = 1
 
     def validate(self) -> None:
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -399,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--runs", nargs="*", default=[], help="run folders written by train.py or export folders written by export.py (any strategy)")
     p.add_argument("--base", default="CompVis/stable-diffusion-v1-4", help="base SD (hub id, folder or preset); 'none' to leave it out")
-    p.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS))
+    p.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS), help="prompts to sample (default: the paper's "
+                   "three), or the single word 'reports': impressions of test-split reports, every finding scored")
     p.add_argument("--n_per_prompt", type=int, default=100)
     p.add_argument("--seed", type=seed_value, default=0, help="first seed, 0 to 2**64-1 (default 0)")
     p.add_argument("--steps", type=int, default=50)
@@ -425,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "name) on the plain and the effusion prompt, as the paper's Figure 1")
     p.add_argument("--overwrite", action="store_true", help="replace a reader kit already in --out (its key and a filled "
                    "score sheet are kept under time-stamped names, never overwritten)")
+    g = p.add_argument_group("report-conditioned evaluation (--prompts reports)")
+    g.add_argument("--reports_root", default=None, help="folder holding files/pXX/pSUBJECT/sSTUDY.txt (default: --mimic_root)")
+    g.add_argument("--report_labels", default=None, help="CheXpert label CSV (default: --mimic_root's)")
+    g.add_argument("--report_classes", nargs="+", default=None, help="classes to draw reports for (default: every finding "
+                   "the classifier knows, and No Finding)")
+    g.add_argument("--n_reports_per_class", type=int, default=10)
+    g.add_argument("--images_per_report", type=int, default=1)
     return p
 
 
@@ -455,8 +470,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.base and cfg.base.lower() == "none":
         cfg.base = None
     try:
-        run_study(cfg)
-    except (GenerationStudyError, SourceError, MetricInputError, ReaderKitExistsError) as err:
+        if cfg.prompts == ["reports"]:
+            run_report_study(cfg)
+        else:
+            run_study(cfg)
+    except (GenerationStudyError, SourceError, MetricInputError, ReaderKitExistsError, ReportEvaluationError) as err:
         print(f"evaluate.py generation: error: {err}", file=sys.stderr)
         return 2
     return 0

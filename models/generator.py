@@ -45,6 +45,9 @@ class Conditioning(Protocol):
     def to(self, device) -> None:
         """Move the conditioning's own networks (those that are not part of the Stable Diffusion)."""
 
+    def window(self, prompts: Sequence[str]) -> dict:
+        """How long prompts are handled: ``{"encoder", "window" (tokens), "too_long" (count), "handling"}``."""
+
 
 class ClipConditioning:
     """SD's conditioning: CLIP's ``last_hidden_state`` after the final layer norm, of each (rewritten) prompt."""
@@ -63,6 +66,11 @@ class ClipConditioning:
 
     def to(self, device) -> None:
         """Nothing of its own: CLIP is part of the Stable Diffusion."""
+
+    def window(self, prompts: Sequence[str]) -> dict:
+        prompts = [self.rewrite(p) for p in prompts] if self.rewrite else list(prompts)
+        return {"encoder": "CLIP", "window": self.sd.max_token_length, "too_long": self.sd.count_too_long(prompts),
+                "handling": f"truncated to CLIP's {self.sd.max_token_length} tokens"}
 
 
 class Generator:
@@ -94,6 +102,10 @@ class Generator:
         self.sd.to(device)
         self.conditioning.to(device)
         return self
+
+    def prompt_window(self, prompts: Sequence[str]) -> dict:
+        """How this model handles long prompts, and how many of ``prompts`` exceed its window (see Conditioning.window)."""
+        return self.conditioning.window(prompts)
 
     @property
     def native_size(self) -> int:

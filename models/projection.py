@@ -136,6 +136,14 @@ class ProjectedConditioning:
         self.domain.to(device)
         self.projection.to(device)
 
+    def window(self, prompts: Sequence[str]) -> dict:
+        """Prompts go through the domain encoder, which truncates them to its own limit (not CLIP's 77)."""
+        limit = self.domain.max_length
+        lengths = self.domain.tokenizer(list(prompts), truncation=False).input_ids
+        return {"encoder": f"domain encoder ({self.domain.spec.pretrained})", "window": limit,
+                "too_long": sum(len(ids) > limit for ids in lengths),
+                "handling": f"truncated to the domain encoder's {limit} tokens"}
+
     def check_widths(self, in_features: int, out_features: int, where: str) -> None:
         """A projection trained for other encoder widths cannot be loaded: say which sizes differ."""
         if (int(in_features), int(out_features)) != (self.in_features, self.out_features):

@@ -92,3 +92,63 @@ def test_reader_kit_of_generated_and_real_images_and_its_summary(phantom_root, t
     (kit / "scores.csv").write_text("\n".join(lines[:-1] + [lines[-1].replace(",no,", ",,").replace(",yes,", ",,")]) + "\n")
     assert evaluate.main(["generation-scores", str(kit / "scores.csv")]) == 2
     assert "finding_present is ''; expected yes or no" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- --prompts reports
+def test_report_conditioned_auroc_on_a_constructed_case_with_known_answers():
+    """Scores equal to the label give AUROC 1, reversed scores 0; uncertain labels are left out and counted; the macro
+    is their mean."""
+    import numpy as np
+
+    from evaluation.report_prompts import score_strategy
+
+    labels = pd.DataFrame({"Pleural Effusion": [1.0, 1.0, 0.0, np.nan, -1.0, 0.0],
+                           "Cardiomegaly": [0.0, 1.0, 1.0, 0.0, 0.0, np.nan]})
+    scores = {"Pleural Effusion": np.array([0.9, 0.8, 0.1, 0.2, 0.99, 0.3]),  # perfect, the uncertain one left out
+              "Cardiomegaly": np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.6])}       # reversed
+    rows = {r["finding"]: r for r in score_strategy("m", scores, labels, ["Pleural Effusion", "Cardiomegaly"], 20, 0)}
+    assert rows["Pleural Effusion"]["auroc"] == 1.0 and rows["Pleural Effusion"]["n_uncertain_left_out"] == 1
+    assert (rows["Pleural Effusion"]["n_positive"], rows["Pleural Effusion"]["n_negative"]) == (2, 3)
+    assert rows["Cardiomegaly"]["auroc"] == 0.0 and rows["macro"]["auroc"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def report_root(tmp_path_factory):
+    from synthetic.phantoms import write_phantom_mimic
+
+    root = tmp_path_factory.mktemp("reports") / "mimic"
+    write_phantom_mimic(root, n_per_finding={"No Finding": 30, "Pleural Effusion": 30}, size=64, seed=3)
+    return root
+
+
+def test_report_prompts_score_every_finding_the_classifier_knows(report_root, tmp_path, capsys):
+    out = tmp_path / "reports"
+    args = ["generation", "--prompts", "reports", "--mimic_root", str(report_root), "--base", "tiny-phantom", "--out", str(out),
+            "--classifier", "tiny-phantom", "--steps", "2", "--scheduler", "ddim", "--n_boot", "5", "--device", "cpu",
+            "--n_reports_per_class", "4"]
+    # the default classes are every finding the classifier knows: this root has no cardiomegaly reports
+    assert evaluate.main(args) == 2
+    assert "too few impressions positive for 'Cardiomegaly': 0 (--n_reports_per_class 4)" in capsys.readouterr().err
+    assert evaluate.main([*args, "--report_classes", "Edema"]) == 2
+    assert "the classifier tiny-phantom does not know ['Edema']; it scores ['Cardiomegaly', 'Pleural Effusion']" in capsys.readouterr().err
+    assert evaluate.main([*args, "--report_classes", "Pleural Effusion", "No Finding", "--images_per_report", "2"]) == 0, \
+        capsys.readouterr().err
+    table = pd.read_csv(out / "report_auroc.csv")
+    assert table["finding"].tolist() == ["Cardiomegaly", "Pleural Effusion", "macro"]
+    effusion = table[table.finding == "Pleural Effusion"].iloc[0]
+    assert (effusion["n_positive"], effusion["n_negative"]) == (8, 8) and 0 <= effusion["auroc"] <= 1  # 4 reports × 2 images
+    drawn = pd.read_csv(out / "report_prompts.csv")
+    assert drawn["class"].value_counts().to_dict() == {"Pleural Effusion": 4, "No Finding": 4}
+    assert list(drawn.columns) == ["study_id", "subject_id", "class"]  # ids only: no report text leaves the data
+    confusion = pd.read_csv(out / "report_confusion.csv")
+    assert confusion["asked"].tolist() == ["Pleural Effusion", "No Finding"]
+    md = (out / "report_results.md").read_text()
+    assert "| Stable Diffusion (base) | CLIP | 77 | 0 of 8 | truncated to CLIP's 77 tokens |" in md
+    assert (out / "report_confusion.png").stat().st_size > 5000
+
+
+def test_a_prompt_longer_than_clips_window_is_counted(tiny_sd):
+    from models.generator import Generator
+
+    window = Generator(tiny_sd).prompt_window(["effusion " * 200, "small left effusion"])
+    assert window["too_long"] == 1 and window["window"] == tiny_sd.max_token_length and window["encoder"] == "CLIP"

@@ -15,6 +15,7 @@ import evaluate
 from datamodules.mimic_cxr import CHEXPERT_CLASSES
 from metrics.chexpert_at_k import (CosineSimilarity, TokenIoUSimilarity, chexpert_at_k, class_matrices, is_degenerate,
                                       top_k_neighbours)
+from datamodules.report_corpus import ReportCorpusError
 from evaluation.text_encoder_study import (REGISTRY, TextEncoderStudyError, load_corpus, load_study_encoder,
                                            parse_encoders, sample_per_class)
 
@@ -196,7 +197,7 @@ def test_class_balanced_sample(report_root):
     assert s.equals(sample_per_class(corpus, 4, seed=1, classes=classes))
     assert not s["study_id"].equals(sample_per_class(corpus, 4, seed=2, classes=classes)["study_id"])
     # Edema has 5 definite positives (one is uncertain); Atelectasis 8 (6 + 2 from effusion reports)
-    with pytest.raises(TextEncoderStudyError, match=r"'Edema': 5.*--allow_short_classes"):
+    with pytest.raises(ReportCorpusError, match=r"'Edema': 5.*--allow_short_classes"):
         sample_per_class(corpus, 6, classes=classes)
     assert (sample_per_class(corpus, 6, classes=classes, uncertain="positive")["class"] == "Edema").sum() == 6
     short = sample_per_class(corpus, 6, classes=classes, allow_short_classes=True)
