@@ -11,6 +11,8 @@
 * ``generation-scores SHEET.csv``: the filled reader sheet of generated images, per strategy and prompt.
 * ``memorization``: the memorization audit (do generated images copy training patients?), see
   :mod:`evaluation.memorization_study`.
+* ``utility``: are synthetic images useful to a classifier (real / synthetic / mixed / pretrain-then-real arms)? See
+  :mod:`evaluation.utility_study`.
 
 ``vae`` and ``generation`` refuse an ``--out`` that already holds a reader kit unless ``--overwrite`` is given; even then
 the earlier kit's key and a filled score sheet are kept under time-stamped names (:mod:`evaluation.reader_kit`).
@@ -29,6 +31,7 @@ STUDIES = {
     "generation": "generation quality study (paper Table 4, Figure 4)",
     "generation-scores": "summary of a filled reader sheet of generated images, per strategy and prompt",
     "memorization": "memorization audit: do generated images copy the training patients?",
+    "utility": "downstream utility: a classifier trained on real, synthetic, mixed or synthetic-then-real images",
 }
 
 
@@ -54,6 +57,10 @@ def main(argv=None) -> int:
         from evaluation.memorization_study import main as memorization_main
 
         return memorization_main(argv[1:])
+    if argv and argv[0] == "utility":
+        from evaluation.utility_study import main as utility_main
+
+        return utility_main(argv[1:])
     if argv and argv[0] == "generation":
         from evaluation.generation_study import main as generation_main
 

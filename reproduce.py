@@ -207,6 +207,27 @@ def build_plan(args) -> list[Step]:
                        *audit, "--out", str(studies / "memorization")],
                       "copy rates of every image-trained run and the base model", str(studies / "memorization"),
                       "~20 min (16 images per prompt per model, xrv features)", needs=tuple(f"train/{r.config}" for r in image_runs)))
+    # beyond the paper: report-conditioned generation and downstream utility (issue 22)
+    heldout = str(out / "data" / "heldout")  # the demo's own test split holds a handful of reports and images
+    reports = (["--mimic_root", heldout, "--classifier", "tiny-phantom", "--n_reports_per_class", "3", "--steps", "4",
+                "--scheduler", "ddim", "--n_boot", "10", "--batch_size", "12"] if demo else
+               ["--mimic_root", mimic, "--n_reports_per_class", "50"] + (["--reports_root", args.reports] if args.reports else [])
+               + (["--xrv_cache_dir", args.xrv_cache_dir] if args.xrv_cache_dir else []))
+    steps.append(Step("study/generation-reports", "Report-conditioned generation (beyond the paper)",
+                      ["evaluate.py", "generation", "--prompts", "reports", "--base", sd, "--runs",
+                       *[str(runs_dir / r.config) for r in RUNS], *reports, "--out", str(studies / "generation_reports")],
+                      "per-finding AUROC of every model prompted with test-split impressions", str(studies / "generation_reports"),
+                      "~1 h (12 models x 150 impressions, 50 steps)", needs=tuple(run_names)))
+    utility_runs = [FIGURE1_RUN] if demo else [r.config for r in RUNS]  # the demo: one run, to stay a few minutes
+    utility = (["--mimic_root", heldout, "--classifier", "tiny-phantom", "--findings", "Pleural Effusion", "Cardiomegaly",
+                "--steps", "10", "--batch_size", "8", "--seeds", "0", "--gen_steps", "4", "--max_real", "24", "--n_boot", "10"]
+               if demo else ["--mimic_root", mimic, "--findings", "Pleural Effusion", "--max_real", "2000"]
+               + (["--xrv_cache_dir", args.xrv_cache_dir] if args.xrv_cache_dir else []))
+    steps.append(Step("study/utility", "Downstream utility of synthetic images (beyond the paper)",
+                      ["evaluate.py", "utility", "--base", sd, "--runs", *[str(runs_dir / r) for r in utility_runs], *utility,
+                       "--out", str(studies / "utility")],
+                      "a classifier trained on real, synthetic, mixed and synthetic-then-real images", str(studies / "utility"),
+                      "~2-4 h (a synthetic set per model, 4 arms x 3 seeds)", needs=tuple(f"train/{r}" for r in utility_runs)))
     if demo:
         cache = str(out / "cache")
         for s in steps:

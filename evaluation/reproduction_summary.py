@@ -38,6 +38,14 @@ TABLES = (
      "images closer to a training image than the calibrated quantile of other patients' images, with a 95% bootstrap "
      "interval. Evidence of copying in one feature space, not proof of privacy; each folder's memorization.md states the "
      "threshold and its false-positive rate."),
+    ("report_auroc", "Report-conditioned generation (beyond the paper): AUROC per finding",
+     "studies/generation_reports/report_auroc.csv", None,
+     "Every model prompted with test-split impressions, class-balanced; per finding the AUROC of the classifier's score "
+     "against the report's CheXpert label, and the macro. report_results.md adds the confusion view and long-prompt counts."),
+    ("utility", "Downstream utility (beyond the paper): macro AUROC of a classifier per training arm",
+     "studies/utility/utility.csv", None,
+     "(a) real only, (b) synthetic only, (c) mixed at the same budget, (d) synthetic then real; scored on real test "
+     "images. utility.md has the per-finding values and the differences to (a) with paired intervals."),
 )
 FIGURES = (
     ("Figure 1: the base model and the fine-tuned U-Net (prior preservation) on the plain and the effusion prompt",
@@ -86,6 +94,8 @@ def write_summary(out: Path, steps: Sequence, runs: Sequence, args, started: flo
     tables = {}
     for key, title, rel, index_col, note in TABLES:
         df = read_table(out, rel, index_col)
+        if key == "utility":
+            df = df[df["finding"] == "macro"][["source", "arm", "arm_name", "seed", "auroc", "ci_low", "ci_high", "steps"]]
         if key == "finding_correctness":
             keep = [c for c in ("strategy", "auroc", "ci_low", "ci_high", "accuracy", "mean_p_effusion_finding_prompt",
                                 "mean_p_effusion_normal_prompt", "n_positive", "n_negative") if c in df.columns]
@@ -136,7 +146,8 @@ def write_provenance(out: Path, steps: Sequence, runs: Sequence, args, started: 
                                 "seeds": starts[-1]["settings"] if starts else None}
     studies = {name: {"provenance": f"studies/{folder}/provenance.json"}
                for name, folder in (("vae", "vae"), ("text-encoders", "text_encoders"), ("generation", "generation"),
-                                    ("memorization", "memorization"))}
+                                    ("memorization", "memorization"), ("generation-reports", "generation_reports"),
+                                    ("utility", "utility"))}
     studies["vae"]["sampled_images"] = "studies/vae/per_image_metrics.csv (image_id)"
     studies["text-encoders"]["sampled_reports"] = "studies/text_encoders/sample.csv"
     inputs = {k: getattr(args, k, None) for k in ("mimic", "laion", "reports", "images", "sd", "cxr_bert", "xrv_cache_dir",

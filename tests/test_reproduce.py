@@ -146,7 +146,8 @@ def test_dry_run_prints_every_step_with_its_command_and_every_training_command_p
     steps = reproduce.build_plan(args)
     names = [s.name for s in steps]
     assert names == ["base"] + [f"train/{r.config}" for r in reproduce.RUNS] + ["study/vae", "study/text-encoders", "study/generation",
-                                                                                  "study/memorization"]
+                                                                                  "study/memorization", "study/generation-reports",
+                                                                                  "study/utility"]
     for n, s in enumerate(steps, 1):
         assert f"{n:2d}. {s.name}  [to run]" in out and s.command() in out
     by = {s.name: s.argv for s in steps}
@@ -156,12 +157,18 @@ def test_dry_run_prints_every_step_with_its_command_and_every_training_command_p
     assert by["train/projection_document"][by["train/projection_document"].index("--data.init_args.data_files") + 1] == str(i["laion"])
     assert by["study/text-encoders"][by["study/text-encoders"].index("--reports") + 1] == str(i["reports"])
     assert all("--ckpt_path" in a and a[a.index("--ckpt_path") + 1] == "last" for n, a in by.items() if n.startswith("train/"))
-    assert set(steps[-2].needs) == {f"train/{r.config}" for r in reproduce.RUNS}
+    assert set(steps[-4].needs) == {f"train/{r.config}" for r in reproduce.RUNS}
     # the audit: every run trained on images (not the caption-trained projections), a command its parser accepts
     from evaluation.memorization_study import build_parser as audit_parser
 
-    assert set(steps[-1].needs) == {f"train/{r.config}" for r in reproduce.RUNS if r.family != "projection"}
+    assert set(steps[-3].needs) == {f"train/{r.config}" for r in reproduce.RUNS if r.family != "projection"}
     assert audit_parser().parse_args(by["study/memorization"][2:]).max_heldout == 1000
+    from evaluation.generation_study import build_parser as generation_parser
+    from evaluation.utility_study import build_parser as utility_parser
+
+    reports = generation_parser().parse_args(by["study/generation-reports"][2:])
+    assert reports.prompts == ["reports"] and reports.reports_root == str(i["reports"])
+    assert utility_parser().parse_args(by["study/utility"][2:]).runs == [str(i["out"] / "runs" / r.config) for r in reproduce.RUNS]
 
     # every planned training command is accepted by train.py as it stands (keys, types, the config name)
     import train
@@ -355,13 +362,16 @@ def test_demo_reproduces_every_table_and_figure_and_a_second_run_skips_everythin
     assert set(memorization["model"]) == {"Stable Diffusion (base)"} | {r.config for r in reproduce.RUNS if r.family != "projection"}
     assert memorization["copy_rate"].between(0, 1).all()
     md = (out / "summary.md").read_text()
-    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Figure 1", "Figure 3", "Figure 4", "Memorization audit"):
+    assert set(pd.read_csv(out / "studies" / "utility" / "utility.csv")["arm"]) == {"a", "b", "c", "d"}
+    assert "macro" in set(pd.read_csv(out / "studies" / "generation_reports" / "report_auroc.csv")["finding"])
+    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Figure 1", "Figure 3", "Figure 4", "Memorization audit",
+                  "Report-conditioned generation", "Downstream utility"):
         assert f"## {title}" in md
     assert "**Demo scale**" in md and "Rows beyond the paper" in md and "lora_unet (LoRA on the U-Net (rank 4))" in md
 
     (prov,) = json.loads((out / "provenance.json").read_text())["records"]
     assert prov["what"] == "reproduce"
-    assert len(prov["inputs"]["steps"]) == 17 and all(s["exit"] == 0 and s["argv"] for s in prov["inputs"]["steps"])
+    assert len(prov["inputs"]["steps"]) == 19 and all(s["exit"] == 0 and s["argv"] for s in prov["inputs"]["steps"])
     assert prov["git"]["commit"] and prov["packages"]["torch"]
     selected = pd.read_csv(out / "data" / "selected.csv")
     assert prov["inputs"]["image_ids"] == selected.astype(str).to_dict("records")
@@ -385,5 +395,5 @@ def test_demo_reproduces_every_table_and_figure_and_a_second_run_skips_everythin
     before = {p: p.stat().st_mtime_ns for p in (out / "steps").glob("*.json")}
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done, skipped") == 17 and "all 17 steps done" in again.stdout
+    assert again.stdout.count("done, skipped") == 19 and "all 19 steps done" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in (out / "steps").glob("*.json")} == before

@@ -1,0 +1,295 @@
+"""Are synthetic images useful to a classifier? ``python evaluate.py utility --runs RUN --mimic_root ROOT --out DIR``.
+
+For each source (the base model with ``--base``, then every run or export) a **synthetic set** mirrors the real
+training set: one image per real training image (frontal ``train``-split images of ``--findings``, and "No Finding"
+images as negatives), prompted from that image's labels (``--prompt_source template``: the prompt of its first
+positive finding) or its report's impression (``impression``), carrying the same labels; seed ``seed + i`` for image
+``i``. Images already written to ``--out/synthetic/<source>/`` are kept, so an interrupted generation resumes.
+
+Four arms, each trained ``--seeds`` times (Lightning, :class:`lightning_modules.classifier_training.ClassifierTraining`)
+and scored on the **real test split**:
+
+* (a) real only, ``--steps`` steps; (b) synthetic only, ``--steps`` steps; (c) real + synthetic mixed, ``--steps``
+  steps: a, b and c see the same number of images at the same rate, the **equal budget**;
+* (d) synthetic pretraining for ``--steps`` steps, then real fine-tuning for ``--steps`` steps (RoentGen-v2's recipe:
+  twice the steps, half of them on real images, stated as such).
+
+Per arm and seed: per-finding and macro AUROC with bootstrap 95% intervals over the test images; per arm the
+difference to (a) averaged over seeds with a paired bootstrap interval (the same resampled test images for both arms).
+Outputs: ``utility.md``, ``utility.csv`` (arm × seed × finding), ``differences.csv``, ``utility.png``,
+``provenance.json``. A finished arm (``arms/<source>/<arm>-seed<k>.npz``: its test probabilities) is not trained again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core import provenance
+from core.errors import UserError
+from datamodules.mimic_cxr import CHEXPERT_CLASSES, MIMICDataError
+from datamodules.prompts import FINDING_PROMPTS
+from datamodules.study_images import ImageSelectionError, load_images, select_mimic
+from evaluation.sources import SourceError, Strategy, load_strategies
+from metrics.scores import auroc
+
+ARMS = {"a": "real only", "b": "synthetic only", "c": "real + synthetic (mixed)", "d": "synthetic, then real"}
+PACKAGES = ("torch", "lightning", "diffusers", "torchxrayvision", "numpy")
+
+
+class UtilityStudyError(UserError, ValueError):
+    """Bad input to the utility study: the message names the option, class or folder."""
+
+
+@dataclass
+class UtilityConfig:
+    mimic_root: str
+    out: str
+    runs: list[str] = field(default_factory=list)
+    base: Optional[str] = None
+    findings: list[str] = field(default_factory=lambda: ["Pleural Effusion"])
+    classifier: str = "densenet121-res224-all"
+    init: str = "scratch"
+    xrv_cache_dir: Optional[str] = None
+    steps: int = 500
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    prompt_source: str = "template"
+    reports_root: Optional[str] = None
+    resolution: Optional[int] = None
+    gen_steps: int = 25
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    max_real: Optional[int] = None
+    n_boot: int = 200
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        unknown = [f for f in self.findings if f not in CHEXPERT_CLASSES or f == "No Finding"]
+        if unknown:
+            raise UtilityStudyError(f"--findings: {unknown} are not CheXpert findings (No Finding images are the negatives)")
+        if self.steps < 1 or self.batch_size < 1:
+            raise UtilityStudyError(f"--steps {self.steps} and --batch_size {self.batch_size}: an arm's budget must be at "
+                                    "least 1 step of 1 image")
+        if not self.runs and not self.base:
+            raise UtilityStudyError("nothing to make synthetic images with: give --runs and/or --base")
+        if self.prompt_source not in ("template", "impression"):
+            raise UtilityStudyError(f"--prompt_source {self.prompt_source!r}: expected template or impression")
+
+
+@dataclass
+class RealData:
+    train: pd.DataFrame
+    train_images: np.ndarray
+    train_labels: np.ndarray  # [N, F] in {0, 1}
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def labels_of(records: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
+    """1 where a finding is positive (1.0), else 0 (negative, blank, and uncertain -1.0)."""
+    return np.stack([(records[f].to_numpy() == 1.0) for f in findings], axis=1).astype(np.float32)
+
+
+def real_data(cfg: UtilityConfig, resolution: int) -> RealData:
+    try:
+        train = select_mimic(cfg.mimic_root, None, cfg.seed, "train")
+        test = select_mimic(cfg.mimic_root, None, cfg.seed, "test")
+    except (MIMICDataError, ImageSelectionError) as err:
+        raise UtilityStudyError(str(err)) from None
+    train = train[(train[[*cfg.findings, "No Finding"]] == 1.0).any(axis=1)].reset_index(drop=True)
+    absent = [f for f in cfg.findings if not (train[f] == 1.0).any()]
+    if absent:
+        raise UtilityStudyError(f"{cfg.mimic_root}: the real training set (frontal train-split images) has no image "
+                                f"positive for {absent}; every finding needs positives to train and to mirror")
+    if cfg.max_real is not None and len(train) > cfg.max_real:
+        train = train.sample(n=cfg.max_real, random_state=cfg.seed).sort_values("dicom_id").reset_index(drop=True)
+    train, train_images, _ = load_images(train, resolution)
+    test, test_images, _ = load_images(test, resolution)
+    return RealData(train, train_images, labels_of(train, cfg.findings), test_images, labels_of(test, cfg.findings))
+
+
+def prompts_for(cfg: UtilityConfig, real: RealData) -> list[str]:
+    """One prompt per real training image: its first positive finding's template (or No Finding's), or its impression."""
+    if cfg.prompt_source == "impression":
+        from datamodules.reports import extract_impression, report_path
+
+        root, prompts = Path(cfg.reports_root or cfg.mimic_root), []
+        for r in real.train.itertuples():
+            path = report_path(root, r.subject_id, r.study_id)
+            section, text = extract_impression(path.read_text(encoding="utf-8")) if path.is_file() else (None, None)
+            if section != "impression":
+                raise UtilityStudyError(f"{path}: no IMPRESSION section for training image {r.dicom_id}; use "
+                                        "--prompt_source template or give --reports_root")
+            prompts.append(text)
+        return prompts
+    first = [next((f for f, y in zip(cfg.findings, row) if y), "No Finding") for row in real.train_labels]
+    return [FINDING_PROMPTS[f] for f in first]
+
+
+def synthetic_set(cfg: UtilityConfig, strategy: Strategy, prompts: Sequence[str], resolution: int, log) -> np.ndarray:
+    """The source's mirror of the real training set, generated where missing (``--out/synthetic/<source>/NNNNNN.png``)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    folder = Path(cfg.out) / "synthetic" / strategy.name.replace("/", "_").replace(" ", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i:06d}.png" for i in range(len(prompts))]
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    log(f"{strategy.name}: {len(prompts) - len(missing)} synthetic images kept, {len(missing)} to generate in {folder}")
+    asked = [strategy.generator.paper_prompt(p) for p in prompts]
+    for s in tqdm(range(0, len(missing), cfg.batch_size), desc=f"{strategy.name}: synthetic set", disable=not missing):
+        chunk = missing[s:s + cfg.batch_size]
+        images = strategy.generator.generate([asked[i] for i in chunk], seeds=[cfg.seed + i for i in chunk],
+                                             steps=cfg.gen_steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
+                                             height=resolution, width=resolution)
+        for i, image in zip(chunk, images.mean(1)):
+            Image.fromarray((image.numpy() * 255).round().clip(0, 255).astype(np.uint8)).save(paths[i])
+    images = [np.asarray(Image.open(p).convert("L")) for p in paths]
+    if any(im.shape != (resolution, resolution) for im in images):
+        raise UtilityStudyError(f"{folder}: images of another size than {resolution} px (from an earlier run at another "
+                                "--resolution?); remove the folder to regenerate")
+    return np.stack(images)
+
+
+def train_arm(cfg: UtilityConfig, arm: str, seed: int, real: RealData, synthetic: np.ndarray, device) -> np.ndarray:
+    """Train one arm with one seed; its probabilities ``[N_test, F]`` on the real test split."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from datamodules.labelled_images import LabelledImages
+    from lightning_modules.classifier_training import ClassifierTraining
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" lines for every arm
+    seed_everything(seed, verbose=False)
+    model = ClassifierTraining(cfg.classifier, cfg.findings, cfg.init, cfg.learning_rate, xrv_cache_dir=cfg.xrv_cache_dir,
+                               seed=seed)
+    sets = {"a": [(real.train_images, real.train_labels)], "b": [(synthetic, real.train_labels)],
+            "c": [(np.concatenate([real.train_images, synthetic]), np.concatenate([real.train_labels, real.train_labels]))],
+            "d": [(synthetic, real.train_labels), (real.train_images, real.train_labels)]}[arm]
+    for images, labels in sets:
+        trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=cfg.steps,
+                          logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                          enable_progress_bar=sys.stderr.isatty())
+        trainer.fit(model, LabelledImages(images, labels, cfg.steps, cfg.batch_size, seed))
+    return model.to(device).probabilities(real.test_images)
+
+
+def score(probabilities: np.ndarray, labels: np.ndarray, findings: Sequence[str], idx: Optional[np.ndarray] = None) -> list[float]:
+    """Per-finding AUROC (NaN where the test images hold one class only), then the macro (their mean)."""
+    idx = np.arange(len(labels)) if idx is None else idx
+    values = [auroc(labels[idx, j], probabilities[idx, j]) for j in range(len(findings))]
+    return values + [float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")]
+
+
+def intervals(stat: Callable[[np.ndarray], list[float]], n: int, n_boot: int, seed: int) -> np.ndarray:
+    """Percentile 95% intervals ``[2, K]`` of a vector statistic of resampled test images."""
+    rng = np.random.default_rng(seed)
+    reps = np.array([stat(rng.integers(0, n, n)) for _ in range(max(n_boot, 0))])
+    if not len(reps):
+        return np.full((2, len(stat(np.arange(n)))), np.nan)
+    return np.nanquantile(reps, [0.025, 0.975], axis=0)
+
+
+def run_utility(cfg: UtilityConfig, log=print) -> Path:
+    cfg.validate()
+    started, out = time.time(), Path(cfg.out)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    from lightning_modules.classifier_training import ClassifierTraining
+
+    try:
+        probe = ClassifierTraining(cfg.classifier, cfg.findings, "pretrained", xrv_cache_dir=cfg.xrv_cache_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise UtilityStudyError(f"--classifier {cfg.classifier}: {err}") from None
+    resolution = cfg.resolution or int(getattr(probe.net, "resolution", 224))
+    real = real_data(cfg, resolution)
+    log(f"real: {len(real.train_images)} training images {dict(zip(cfg.findings, real.train_labels.sum(0).astype(int)))}, "
+        f"{len(real.test_images)} test images; {resolution} px")
+    prompts = prompts_for(cfg, real)
+    rows, probabilities = [], {}
+    for strategy in load_strategies(cfg.base, cfg.runs, []):
+        strategy.generator.to(device)
+        synthetic = synthetic_set(cfg, strategy, prompts, resolution, log)
+        strategy.generator.to("cpu")
+        for arm in ARMS:
+            for seed in cfg.seeds:
+                folder = "real" if arm == "a" else strategy.name.replace("/", "_").replace(" ", "_")  # (a) is the same for all
+                path = out / "arms" / folder / f"{arm}-seed{seed}.npz"
+                if path.is_file():
+                    p = np.load(path)["probabilities"]
+                else:
+                    log(f"{strategy.name}: arm ({arm}) {ARMS[arm]}, seed {seed}")
+                    p = train_arm(cfg, arm, seed, real, synthetic, device)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(path, probabilities=p)
+                probabilities[(strategy.name, arm, seed)] = p
+                rows += score_rows(cfg, strategy.name, arm, seed, p, real.test_labels)
+    from evaluation.utility_report import differences, write_outputs
+
+    table, diffs = pd.DataFrame(rows), differences(cfg, probabilities, real.test_labels)
+    write_outputs(cfg, out, table, diffs, real, resolution)
+    provenance.write(out / "provenance.json", provenance.record(
+        "study/utility", asdict(cfg), {"training_images": real.train["dicom_id"].tolist(), "test_images": len(real.test_images),
+                                       "seconds": round(time.time() - started, 1)}, packages=PACKAGES))
+    log(f"wrote {out / 'utility.md'}")
+    return out
+
+
+def score_rows(cfg: UtilityConfig, source: str, arm: str, seed: int, p: np.ndarray, labels: np.ndarray) -> list[dict]:
+    value = score(p, labels, cfg.findings)
+    lo, hi = intervals(lambda idx: score(p, labels, cfg.findings, idx), len(labels), cfg.n_boot, seed)
+    return [{"source": source, "arm": arm, "arm_name": ARMS[arm], "seed": seed, "finding": f, "auroc": v, "ci_low": a,
+             "ci_high": b, "steps": cfg.steps * (2 if arm == "d" else 1), "batch_size": cfg.batch_size,
+             "learning_rate": cfg.learning_rate} for f, v, a, b in zip([*cfg.findings, "macro"], value, lo, hi)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py utility", description=__doc__.split("\n")[0])
+    p.add_argument("--mimic_root", required=True, help="MIMIC-CXR-JPG root: the real train split (mirrored) and test split (scored)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", nargs="*", default=[], help="run or export folders whose synthetic images to test")
+    p.add_argument("--base", default=None, help="also the base model (hub id, folder or preset) as a source")
+    p.add_argument("--findings", nargs="+", default=["Pleural Effusion"])
+    p.add_argument("--classifier", default="densenet121-res224-all", help="the architecture: an xrv weights name "
+                   "(DenseNet-121) or tiny-phantom (demo)")
+    p.add_argument("--init", default="scratch", choices=("scratch", "pretrained"), help="re-initialised (seeded) or from its weights")
+    p.add_argument("--xrv_cache_dir", default=None)
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps per arm (arm d: this many twice)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--prompt_source", default="template", choices=("template", "impression"))
+    p.add_argument("--reports_root", default=None, help="with --prompt_source impression (default: --mimic_root)")
+    p.add_argument("--resolution", type=int, default=None, help="default: the classifier's (224; tiny-phantom 64)")
+    p.add_argument("--gen_steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default="ddim", choices=("pndm", "ddim", "euler", "dpm"))
+    p.add_argument("--max_real", type=int, default=None, help="at most this many real training images (seeded sample)")
+    p.add_argument("--n_boot", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = UtilityConfig(**vars(build_parser().parse_args(argv)))
+    try:
+        run_utility(cfg)
+    except (UtilityStudyError, SourceError) as err:
+        print(f"evaluate.py utility: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
