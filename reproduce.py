@@ -198,6 +198,18 @@ def build_plan(args) -> list[Step]:
                       "--runs", *[str(runs_dir / r.config) for r in RUNS], "--figure1", FIGURE1_RUN, *gen,
                       "--out", str(studies / "generation")], "Table 4, Figures 1 and 4", str(studies / "generation"),
                       "~1-2 h (11 models x 3 prompts x 100 images, 50 steps)", needs=tuple(run_names)))
+    steps += beyond_paper_steps(args, sd, mimic, runs_dir, studies, run_names)
+    if demo:
+        cache = str(out / "cache")
+        for s in steps:
+            s.env = {"CXR_DIFFUSION_CACHE": cache}
+            s.cost = ""  # seconds on a CPU; the GPU estimates are for the full-size steps
+    return steps
+
+
+def beyond_paper_steps(args, sd: str, mimic: str, runs_dir: Path, studies: Path, run_names: list) -> list[Step]:
+    """The studies beyond the paper: memorization audit, report-conditioned generation, downstream utility."""
+    demo, out, steps = args.demo, Path(args.out), []
     image_runs = [r for r in RUNS if r.family != "projection"]  # projection runs train on captions: no images to copy
     audit = (["--features", "pixel", "--quantile", "0.75", "--n_per_prompt", "2", "--steps", "4",
               "--heldout_root", str(out / "data" / "heldout")] if demo else
@@ -228,11 +240,6 @@ def build_plan(args) -> list[Step]:
                        "--out", str(studies / "utility")],
                       "a classifier trained on real, synthetic, mixed and synthetic-then-real images", str(studies / "utility"),
                       "~2-4 h (a synthetic set per model, 4 arms x 3 seeds)", needs=tuple(f"train/{r}" for r in utility_runs)))
-    if demo:
-        cache = str(out / "cache")
-        for s in steps:
-            s.env = {"CXR_DIFFUSION_CACHE": cache}
-            s.cost = ""  # seconds on a CPU; the GPU estimates are for the full-size steps
     return steps
 
 
