@@ -75,7 +75,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
     macro = table[table.finding == "macro"]
     sources = list(dict.fromkeys(macro["source"]))
-    fig, ax = plt.subplots(figsize=(1.5 + 2.2 * len(sources), 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(1.5 + 2.2 * len(sources), 4.2), dpi=120)
     width = 0.8 / len(ARMS)
     for k, (arm, name) in enumerate(ARMS.items()):
         for i, source in enumerate(sources):
@@ -88,7 +88,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("macro AUROC on real test images")
     ax.set_ylim(0, 1)
     ax.set_title("classifier trained on each arm (bars: mean over seeds; dots: seeds)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
