@@ -152,3 +152,15 @@ def test_a_prompt_longer_than_clips_window_is_counted(tiny_sd):
 
     window = Generator(tiny_sd).prompt_window(["effusion " * 200, "small left effusion"])
     assert window["too_long"] == 1 and window["window"] == tiny_sd.max_token_length and window["encoder"] == "CLIP"
+
+
+def test_a_projection_counts_prompts_against_its_domain_encoders_window(tiny_sd):
+    """Prompts through a textual projection are truncated by the domain encoder, at its own limit, not CLIP's 77."""
+    from torch import nn
+
+    from models.domain_encoder import DomainEncoderSpec, load_domain_encoder
+    from models.projection import ProjectedConditioning
+
+    domain = load_domain_encoder(DomainEncoderSpec("tiny-bert", max_length=16))
+    window = ProjectedConditioning(tiny_sd, domain, nn.Identity(), "document").window(["effusion " * 30, "small effusion"])
+    assert (window["window"], window["too_long"]) == (16, 1) and "tiny-bert" in window["encoder"]
