@@ -1,4 +1,5 @@
-"""Does the demo copy its training phantoms? ``python benchmarks/memorization_demo.py`` (about 40 min on 2 CPU cores).
+"""Does the demo copy its training phantoms? ``python benchmarks/memorization_demo.py`` (an estimate: 30-45 min on 2 CPU
+cores, from its parts run separately, never timed end to end).
 
 Trains the U-Net demo (``configs/demo.yaml``: 16 training phantoms, prior preservation) for 100, 300 and 1,000 steps,
 the last with a :class:`callbacks.memorization.MemorizationMonitor` checking every 100 steps, and the same

@@ -30,10 +30,15 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from core.errors import UserError
 from datamodules.contract import RealImages, require
 from datamodules.prompts import PAPER_PROMPTS, prompt_finding
 from metrics.features import feature_extractor
 from metrics.scores import FeatureFID
+
+
+class FIDCallbackError(UserError, ValueError):
+    """A setting the FID callback cannot work with: the message names it."""
 
 
 def _key(prompt: str) -> str:
@@ -60,13 +65,13 @@ class FIDCallback(Callback):
                  image_encoder: Optional[str] = None):
         super().__init__()
         if not prompts or any(not str(p).strip() for p in prompts):
-            raise ValueError("FIDCallback: prompts must be a non-empty list of non-empty prompts")
+            raise FIDCallbackError("FIDCallback: prompts must be a non-empty list of non-empty prompts")
         if n_per_prompt < 2 or n_real < 2:
-            raise ValueError(f"FIDCallback: FID needs at least 2 images on each side (n_per_prompt={n_per_prompt}, n_real={n_real})")
+            raise FIDCallbackError(f"FIDCallback: FID needs at least 2 images on each side (n_per_prompt={n_per_prompt}, n_real={n_real})")
         if features not in ("inception", "classifier", "image_encoder"):
-            raise ValueError(f"FIDCallback: features {features!r}; expected 'inception', 'classifier' or 'image_encoder'")
+            raise FIDCallbackError(f"FIDCallback: features {features!r}; expected 'inception', 'classifier' or 'image_encoder'")
         if features == "image_encoder" and not image_encoder:
-            raise ValueError("FIDCallback: features image_encoder needs image_encoder: a Hugging Face id or folder, e.g. "
+            raise FIDCallbackError("FIDCallback: features image_encoder needs image_encoder: a Hugging Face id or folder, e.g. "
                              "microsoft/rad-dino")
         self.prompts = list(prompts)
         self.n_per_prompt, self.n_real = int(n_per_prompt), int(n_real)
@@ -82,7 +87,7 @@ class FIDCallback(Callback):
         if stage != "fit" or self._metrics:
             return
         if self.n_per_prompt % trainer.world_size:
-            raise ValueError(f"FIDCallback: n_per_prompt={self.n_per_prompt} must be a multiple of the {trainer.world_size} ranks "
+            raise FIDCallbackError(f"FIDCallback: n_per_prompt={self.n_per_prompt} must be a multiple of the {trainer.world_size} ranks "
                              "(each rank generates an equal share)")
         options = {"inception": {"inception_weights": self.inception_weights}, "image_encoder": {"model": self.image_encoder},
                    "classifier": {"classifier": self.classifier, "xrv_cache_dir": self.xrv_cache_dir}}[self.features]

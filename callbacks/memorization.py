@@ -30,11 +30,16 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from core.errors import UserError
 from datamodules.contract import RealImages, TrainingData, require
 from metrics.memorization import SimilaritySpace, calibrate, min_heldout, nearest
 from metrics.scores import MetricInputError
 
 CSV_NAME = "memorization_monitor.csv"
+
+
+class MemorizationMonitorError(UserError, ValueError):
+    """A setting or a data set the monitor cannot work with: the message says which and what to change."""
 
 
 class MemorizationMonitor(Callback):
@@ -60,19 +65,19 @@ class MemorizationMonitor(Callback):
                  stop_above: Optional[float] = None, steps: int = 25, guidance: float = 7.5, seed: int = 0):
         super().__init__()
         if every_n_steps < 1 or n_per_prompt < 1 or max_prompts < 1:
-            raise ValueError(f"MemorizationMonitor: every_n_steps ({every_n_steps}), n_per_prompt ({n_per_prompt}) and "
+            raise MemorizationMonitorError(f"MemorizationMonitor: every_n_steps ({every_n_steps}), n_per_prompt ({n_per_prompt}) and "
                              f"max_prompts ({max_prompts}) must be at least 1")
         if prompts is not None and (not prompts or any(not str(p).strip() for p in prompts)):
-            raise ValueError("MemorizationMonitor: prompts must be a non-empty list of non-empty prompts (or null: the "
+            raise MemorizationMonitorError("MemorizationMonitor: prompts must be a non-empty list of non-empty prompts (or null: the "
                              "training prompts)")
         if features not in ("pixel", "classifier", "image_encoder"):
-            raise ValueError(f"MemorizationMonitor: features {features!r}; expected 'pixel', 'classifier' or 'image_encoder'")
+            raise MemorizationMonitorError(f"MemorizationMonitor: features {features!r}; expected 'pixel', 'classifier' or 'image_encoder'")
         if features == "image_encoder" and not image_encoder:
-            raise ValueError("MemorizationMonitor: features image_encoder needs image_encoder: a Hugging Face id or folder")
+            raise MemorizationMonitorError("MemorizationMonitor: features image_encoder needs image_encoder: a Hugging Face id or folder")
         if threshold is None and not 0.5 <= quantile < 1:
-            raise ValueError(f"MemorizationMonitor: quantile {quantile}; expected at least 0.5 and below 1 (e.g. 0.95)")
+            raise MemorizationMonitorError(f"MemorizationMonitor: quantile {quantile}; expected at least 0.5 and below 1 (e.g. 0.95)")
         if stop_above is not None and not 0 <= stop_above < 1:
-            raise ValueError(f"MemorizationMonitor: stop_above {stop_above}; expected a share in [0, 1), e.g. 0.1")
+            raise MemorizationMonitorError(f"MemorizationMonitor: stop_above {stop_above}; expected a share in [0, 1), e.g. 0.1")
         self.every_n_steps, self.n_per_prompt, self.max_prompts = int(every_n_steps), int(n_per_prompt), int(max_prompts)
         self.prompts = list(prompts) if prompts is not None else None
         self.features, self.classifier, self.xrv_cache_dir = features, classifier, xrv_cache_dir
@@ -92,13 +97,13 @@ class MemorizationMonitor(Callback):
         if stage != "fit" or self._train is not None:
             return
         if self.n_per_prompt % trainer.world_size:
-            raise ValueError(f"MemorizationMonitor: n_per_prompt={self.n_per_prompt} must be a multiple of the "
+            raise MemorizationMonitorError(f"MemorizationMonitor: n_per_prompt={self.n_per_prompt} must be a multiple of the "
                              f"{trainer.world_size} ranks (each rank generates an equal share)")
         data = require(trainer.datamodule, TrainingData, "MemorizationMonitor (the run's training images)")
         real = require(trainer.datamodule, RealImages, "MemorizationMonitor (training and validation images)")
         train_ids = [r["dicom_id"] for r in data.manifest().get("train") or []]
         if not train_ids:
-            raise ValueError(f"MemorizationMonitor: {type(trainer.datamodule).__name__} lists no training images; the "
+            raise MemorizationMonitorError(f"MemorizationMonitor: {type(trainer.datamodule).__name__} lists no training images; the "
                              "monitor compares generated images with training images (MIMIC-CXR-JPG data)")
         if self.prompts is None:
             self.prompts = list(dict.fromkeys(data.training_prompts()))[: self.max_prompts]
@@ -116,12 +121,12 @@ class MemorizationMonitor(Callback):
         heldout = [i for f in data.training_findings() for i in real.validation_images(f, self.max_heldout)]
         shared = sorted(train_ids.intersection(heldout))
         if shared:
-            raise ValueError(f"MemorizationMonitor: {len(shared)} validation image(s) are training images (e.g. "
+            raise MemorizationMonitorError(f"MemorizationMonitor: {len(shared)} validation image(s) are training images (e.g. "
                              f"{shared[:3]}): calibrating needs validation images of other patients; validate on another "
                              "split (data val_split) or give the monitor a threshold")
         need = min_heldout(self.quantile)
         if len(heldout) < need:
-            raise ValueError(f"MemorizationMonitor: {len(heldout)} validation image(s) of the training findings; "
+            raise MemorizationMonitorError(f"MemorizationMonitor: {len(heldout)} validation image(s) of the training findings; "
                              f"calibrating the copy threshold at quantile {self.quantile:g} needs at least {need}. Give "
                              "more validation images (data max_val_images, a larger validation split), a lower quantile, "
                              "or a threshold (python evaluate.py memorization --calibrate_only states one for this run)")
@@ -129,7 +134,7 @@ class MemorizationMonitor(Callback):
         try:
             calibration = calibrate(nearest(similarity)[1], self.quantile)
         except MetricInputError as err:
-            raise ValueError(f"MemorizationMonitor: {err}") from None
+            raise MemorizationMonitorError(f"MemorizationMonitor: {err}") from None
         self.threshold = calibration.threshold
         self.threshold_source = (f"quantile {self.quantile:g} of {len(heldout)} validation images, false-positive rate "
                                  f"{100 * calibration.false_positive_rate:.1f}%")

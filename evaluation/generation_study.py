@@ -43,7 +43,7 @@ from datamodules.prompts import PAPER_PROMPTS, normal_and_effusion_prompts, prom
 from datamodules.study_images import reference_images
 from evaluation.reader_kit import SUMMARY_FILE, ReaderKitExistsError, check_kit_folder
 from evaluation.report_prompts import ReportEvaluationError, run_report_study
-from evaluation.sources import SourceError, Strategy, load_strategies
+from evaluation.sources import SourceError, Strategy, load_strategies, study_device
 from metrics.classifiers import finding_probabilities, load_classifier
 from metrics.features import ImageEncoderError, extract, feature_extractor
 from metrics.finding_correctness import finding_correctness
@@ -287,7 +287,7 @@ def write_provenance(cfg: StudyConfig, strategies: list[Strategy], real_n: dict,
 
 
 def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    return study_device(name)
 
 
 def _u8_to_float(images_u8: np.ndarray) -> torch.Tensor:

@@ -182,7 +182,8 @@ def audit_model(cfg: AuditConfig, space: SimilaritySpace, real: RealSets, feats:
     gen_feats = space.embed(images)
     g2t = space.similarity(gen_feats, feats["train"])
     g2h = space.similarity(gen_feats, feats["heldout"])
-    result = audit(g2t, feats["h2t"], real.train["subject_id"].tolist(), cfg.quantile, seed=cfg.seed)
+    result = audit(g2t, feats["h2t"], real.train["subject_id"].tolist(), cfg.quantile, seed=cfg.seed,
+                   calibration=feats["calibration"])
     held_index, held_sim = nearest(g2h)
     table = rows.reset_index(drop=True).assign(
         model=name, nearest_train=real.train["dicom_id"].to_numpy()[result["nearest_train"]],
@@ -263,6 +264,7 @@ def audit_training_set(cfg: AuditConfig, log=print) -> tuple[Path, list[dict]]:
     feats = {"train": space.embed(real.train_images), "heldout": space.embed(real.heldout_images)}
     feats["h2t"] = space.similarity(feats["heldout"], feats["train"])
     calibration = calibrate(nearest(feats["h2t"])[1], cfg.quantile, cfg.seed)  # too few held-out images: refused before generating
+    feats["calibration"] = calibration
     log(f"training images: {len(real.train)}; held-out images (test split, other patients): {len(real.heldout)}; "
         f"features: {space.name}; copy threshold {calibration.threshold:.4f} (false-positive rate on held-out images "
         f"{100 * calibration.false_positive_rate:.1f}%)")

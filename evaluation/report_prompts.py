@@ -36,7 +36,7 @@ from core import provenance
 from core.errors import UserError
 from datamodules.mimic_cxr import CHEXPERT_CLASSES, SPLIT_CSV, MIMICDataError, read_csv_checked
 from datamodules.report_corpus import ReportCorpusError, load_corpus
-from evaluation.sources import Strategy, load_strategies
+from evaluation.sources import Strategy, load_strategies, study_device
 from metrics.classifiers import CHEXPERT_TO_XRV, classifier_targets, finding_probabilities, load_classifier
 from metrics.scores import auroc, auroc_with_ci, bootstrap_ci
 
@@ -63,7 +63,7 @@ def check_classes(classes: Sequence[str], scorable: Sequence[str], classifier_na
     return list(classes)
 
 
-def test_impressions(mimic_root: str, reports_root: str, labels_csv: str, split: str) -> pd.DataFrame:
+def split_impressions(mimic_root: str, reports_root: str, labels_csv: str, split: str) -> pd.DataFrame:
     """Impressions of the reports of ``split`` studies, one row per study with its 14 CheXpert labels."""
     try:
         splits = read_csv_checked(Path(mimic_root), SPLIT_CSV)
@@ -143,8 +143,7 @@ def score_strategy(name: str, scores: dict, labels: pd.DataFrame, findings: Sequ
 def run_report_study(cfg, log: Callable[[str], None] = print) -> Path:
     """The report-conditioned evaluation of the base model and every run (``cfg``: the generation study's config)."""
     started, out = time.time(), Path(cfg.out)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = study_device(cfg.device)
     try:
         classifier = load_classifier(cfg.classifier, cfg.xrv_cache_dir).to(device)
     except FileNotFoundError as err:
@@ -157,7 +156,7 @@ def run_report_study(cfg, log: Callable[[str], None] = print) -> Path:
     reports_root = cfg.reports_root or cfg.mimic_root
     labels_csv = cfg.report_labels or str(Path(cfg.mimic_root) / "mimic-cxr-2.0.0-chexpert.csv.gz")
     try:
-        impressions = test_impressions(cfg.mimic_root, reports_root, labels_csv, cfg.split)
+        impressions = split_impressions(cfg.mimic_root, reports_root, labels_csv, cfg.split)
         drawn = draw_reports(impressions, classes, cfg.n_reports_per_class, cfg.seed,
                              f"{reports_root} ({cfg.split!r} split, IMPRESSION sections)")
     except ReportCorpusError as err:

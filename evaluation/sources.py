@@ -13,6 +13,21 @@ class SourceError(UserError, ValueError):
     """A base model, run or export that cannot be loaded: the message names the option and the folder."""
 
 
+def study_device(name: str):
+    """``--device``: ``auto`` (CUDA when available, else CPU) or a torch device name; a bad name is one error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SourceError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SourceError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+    return device
+
+
 @dataclass
 class Strategy:
     name: str

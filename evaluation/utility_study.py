@@ -31,14 +31,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from core import provenance
 from core.errors import UserError
 from datamodules.mimic_cxr import CHEXPERT_CLASSES, MIMICDataError
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.study_images import ImageSelectionError, load_images, select_mimic
-from evaluation.sources import SourceError, Strategy, load_strategies
+from evaluation.sources import SourceError, Strategy, load_strategies, study_device
 from metrics.scores import auroc
 
 ARMS = {"a": "real only", "b": "synthetic only", "c": "real + synthetic (mixed)", "d": "synthetic, then real"}
@@ -203,8 +202,7 @@ def intervals(stat: Callable[[np.ndarray], list[float]], n: int, n_boot: int, se
 def run_utility(cfg: UtilityConfig, log=print) -> Path:
     cfg.validate()
     started, out = time.time(), Path(cfg.out)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = study_device(cfg.device)
     from lightning_modules.classifier_training import ClassifierTraining
 
     try:

@@ -117,12 +117,13 @@ def copy_rate(is_copy: Sequence[bool], n_boot: int = 1000, seed: int = 0) -> dic
 
 
 def audit(generated_to_train: np.ndarray, heldout_to_train: np.ndarray, train_subjects: Optional[Sequence] = None,
-          quantile: float = 0.99, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Nearest training image per generated image, the calibrated verdicts and the summaries.
+          quantile: float = 0.99, n_boot: int = 1000, seed: int = 0, calibration: Optional[Calibration] = None) -> dict:
+    """Nearest training image per generated image, the calibrated verdicts and the summaries (``calibration``: one
+    already made from ``heldout_to_train``, so that several models are judged by one threshold computed once).
 
     Returns ``{"calibration", "nearest_train", "similarity", "is_copy", "copy_rate", "copies_per_train_image",
     "subjects_copied"}`` (the last only with ``train_subjects``: the share of training patients copied at least once)."""
-    calibration = calibrate(nearest(heldout_to_train)[1], quantile, seed)
+    calibration = calibration or calibrate(nearest(heldout_to_train)[1], quantile, seed)
     index, similarity = nearest(generated_to_train)
     is_copy = similarity > calibration.threshold
     per_train = np.bincount(index[is_copy], minlength=generated_to_train.shape[1])

@@ -64,6 +64,7 @@ def test_the_synthetic_set_is_generated_with_the_real_labels_prompts(utility_roo
     (["--findings", "Edema"], "the classifier tiny-phantom does not know ['Edema']"),
     (["--findings", "Cardiomegaly"], "has no image positive for ['Cardiomegaly']"),
     (["--steps", "0"], "--steps 0 and --batch_size 4: an arm's budget must be at least 1 step"),
+    (["--device", "tpu9"], "--device 'tpu9': expected auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_input_is_one_clear_error(utility_root, tmp_path, capsys, extra, message):
     assert evaluate.main(args(utility_root, tmp_path / "o", *extra)) == 2
