@@ -24,12 +24,31 @@ allocated during the timed steps; CPU: the worker's maximum resident set size, w
 the ratio ours/reference, all measured in this one run. The fixed CPU model is ``tiny-random``:
 U-Net block_out_channels (32, 64), 2 layers per block, cross-attention 32; VAE (32, 64); 64 px;
 batch 4. ``--size sd14`` uses SD v1.4's architecture (``sd14-random``) at 512 px, batch 8, bf16.
+
+Beside samples/s each row gives the FLOPs of one training step per sample (counted once per strategy with
+``torch.utils.flop_counter.FlopCounterMode`` on our step: what the step must compute, without the recomputation of
+gradient checkpointing), the achieved TFLOP/s and, on a GPU whose bf16 dense peak is known (or ``--peak_tflops``),
+the model FLOP utilisation (MFU). The reference rows use the same FLOPs (the useful work), so its MFU is comparable.
+
+* ``--ladder``: the U-Net settings ladder (ours; bf16 baseline with the reference, + channels_last, + torch.compile,
+  batch 16 and 32, gradient checkpointing, adamw8bit), one row each.
+* ``--suite``: every strategy row, then the ladder, then DDP scaling when more than one GPU is visible; what
+  ``benchmarks/gpu_suite.sh`` runs. ``--json`` / ``--markdown`` write the rows with machine, versions and date.
+* ``--memory_profile DIR``: one extra run of each loop (U-Net, two steps) under
+  ``torch.distributed._tools.mem_tracker.MemTracker``: the peak split into parameters, gradients, optimizer
+  state, activations and temporaries (any device), and on CUDA a ``torch.cuda.memory`` snapshot per loop
+  (``DIR/<loop>-unet.pickle``, open at https://pytorch.org/memory_viz).
+* ``--pretrained FOLDER``: load the model from a diffusers folder instead of the size's preset (the real loading
+  path, and much faster than drawing SD-size random weights in every worker); ``--save_model FOLDER`` writes the
+  size's preset there first.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -40,7 +59,15 @@ from pathlib import Path
 import torch
 
 
-STRATEGIES = ("unet", "unet_text_encoder", "lora", "textual_inversion", "projection")
+STRATEGIES = ("unet", "unet_text_encoder", "lora", "textual_inversion", "projection", "projection_token")
+UNET_LIKE = ("unet", "unet_text_encoder", "lora")
+STRATEGY_NAMES = {"unet": "U-Net", "unet_text_encoder": "U-Net + text encoder", "lora": "LoRA, rank 4",
+                  "textual_inversion": "textual inversion", "projection": "projection (document)",
+                  "projection_token": "projection (token)"}
+# bf16 dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, TFLOP/s; matched in this order against
+# torch.cuda.get_device_name. Anything else: pass --peak_tflops.
+BF16_PEAK_TFLOPS = (("H200", 989.4), ("GH200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("H800", 989.4),
+                    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0))
 LORA_RANK = 4
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 SIZES = {
@@ -62,35 +89,109 @@ def _precision(device: torch.device) -> str:
 
 
 class Clock:
-    """Wall time of steps [warmup, warmup + steps) and the CUDA peak memory during them."""
+    """Wall time of steps [warmup, warmup + steps) and the peak memory during them.
 
-    def __init__(self, warmup: int, steps: int, device: torch.device):
+    With ``profile_dir`` the same steps also run under ``MemTracker`` (peak by category, any device) and, on CUDA,
+    ``torch.cuda.memory``'s allocation history, dumped to ``profile_dir/<name>.pickle``; the times are then not
+    meaningful (the tracker intercepts every operation)."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device, profile_dir: str | None = None, name: str = "run"):
         self.warmup, self.steps, self.device = warmup, steps, device
+        self.profile_dir, self.name = profile_dir, name
         self.t0 = self.t1 = None
+        self.peak_mib = None
+        self.tracker = None
+        self.breakdown = None
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def tick(self, step: int) -> None:
-        """Call before step ``step`` (0-based) and once more after the last step."""
+    def tick(self, step: int, tracked=lambda: ()) -> None:
+        """Call before step ``step`` (0-based) and once more after the last step. ``tracked``: a function giving the
+        modules and optimizers that exist before the profiled steps (the memory tracker must know them)."""
         if step == self.warmup:
             self.sync()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            if self.profile_dir:
+                self._start_profile(tracked())
             self.t0 = time.perf_counter()
         if step == self.warmup + self.steps:
             self.sync()
             self.t1 = time.perf_counter()
+            if self.device.type == "cuda":
+                self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            else:
+                self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if self.profile_dir:
+                self._stop_profile()
 
-    def result(self, batch: int) -> dict:
-        out = {"samples_per_s": batch * self.steps / (self.t1 - self.t0), "seconds": self.t1 - self.t0}
+    def _start_profile(self, objects) -> None:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        class CategoryTracker(MemTracker):
+            """MemTracker's categories without its per-module statistics, which refuse a module called twice in one
+            step (the reference's image transforms run once per image), and without its optimizer-step hook: Lightning
+            runs forward and backward *inside* ``optimizer.step(closure)``, which would file every activation as optimizer
+            state. The optimizer states exist after the warm-up and are registered by ``track_external``; what the step
+            itself allocates then counts as activation/temporary memory."""
+
+            def _register_global_optimizer_hook(self):
+                pass
+
+            def _pre_fw_hook(self, module, inputs):
+                pass
+
+            def _post_fw_hook(self, module, inputs, outputs):
+                pass
+
+            def _pre_bw_hook(self, module, args):
+                pass
+
+            def _post_bw_hook(self, module, args):
+                pass
+
         if self.device.type == "cuda":
-            out["peak_mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-            out["memory_kind"] = "CUDA peak allocated"
-        else:
-            out["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            out["memory_kind"] = "max RSS (process)"
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        self.tracker = CategoryTracker()
+        self.tracker.track_external(*objects)
+        # the gradient hooks MemTracker installs in the forward hooks switched off above: a gradient counts as one
+        from torch.distributed._tools.mem_tracker import _MemRefType
+
+        def as_gradient(param) -> None:
+            self.tracker._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
+
+        self.hooks = [param.register_post_accumulate_grad_hook(as_gradient)
+                      for module in objects if isinstance(module, torch.nn.Module)
+                      for param in module.parameters() if param.requires_grad]
+        self.tracker.__enter__()
+
+    def _stop_profile(self) -> None:
+        self.tracker.__exit__(None, None, None)
+        for hook in self.hooks:
+            hook.remove()
+        peak = self.tracker.get_tracker_snapshot("peak")
+        snap = peak.get(self.device) or next(iter(peak.values()), {})
+        parts = {getattr(k, "value", str(k)): v / 2**20 for k, v in snap.items()}
+        self.breakdown = {"parameters": parts.get("Parameter", 0) + parts.get("Buffer", 0), "gradients": parts.get("Gradient", 0),
+                          "optimizer state": parts.get("Optstate", 0),
+                          "activations and temporaries": sum(parts.get(k, 0) for k in ("Activation", "Temp", "Other")),
+                          "total": parts.get("Total", sum(parts.values()))}
+        self.tracker = None
+        if self.device.type == "cuda":
+            Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(str(Path(self.profile_dir) / f"{self.name}.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+    def result(self, batch: int, world_size: int = 1) -> dict:
+        if self.t1 is None:
+            raise RuntimeError(f"{self.name}: the timed steps did not all run (warm-up {self.warmup} + {self.steps} steps)")
+        out = {"samples_per_s": world_size * batch * self.steps / (self.t1 - self.t0), "seconds": self.t1 - self.t0,
+               "batch": batch, "world_size": world_size, "peak_mem_mib": self.peak_mib,
+               "memory_kind": "CUDA peak allocated" if self.device.type == "cuda" else "max RSS (process)"}
+        if self.breakdown is not None:
+            out["memory_breakdown_mib"] = self.breakdown
         return out
 
 
@@ -177,10 +278,10 @@ def reference_unet(args, data_root: Path, device: torch.device, text_encoder: bo
     params = [p for p in list(unet.parameters()) + list(sd.text_encoder.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4 if lora else 5e-6)
     sched = sd.noise_scheduler
-    clock = Clock(args.warmup, args.steps, device)
+    clock = Clock(args.warmup, args.steps, device, args.memory_profile, "reference-" + args.worker.split(":")[1])
     data = _cycle(loader)
     for step in range(args.warmup + args.steps):
-        clock.tick(step)
+        clock.tick(step, lambda: (unet, sd.text_encoder, sd.vae, opt))
         batch = next(data)
         with torch.no_grad():
             latents = sd.vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist.sample()
@@ -239,10 +340,10 @@ def reference_textual_inversion(args, data_root: Path, device: torch.device) -> 
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True)
     opt = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=5e-4)
     sched = sd.noise_scheduler
-    clock = Clock(args.warmup, args.steps, device)
+    clock = Clock(args.warmup, args.steps, device, args.memory_profile, "reference-textual_inversion")
     data = _cycle(loader)
     for step in range(args.warmup + args.steps):
-        clock.tick(step)
+        clock.tick(step, lambda: (text_encoder, sd.unet, sd.vae, opt))
         batch = next(data)
         with torch.no_grad():
             latents = sd.vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist.sample().detach()
@@ -272,18 +373,18 @@ def _captions(args) -> list[str]:
     return [ds[i]["caption"] for i in range(dm.num_captions)]
 
 
-def reference_projection(args, device: torch.device) -> dict:
-    """Both encoders on every step's captions, then the MLP (document level)."""
+def reference_projection(args, device: torch.device, level: str) -> dict:
+    """Both encoders on every step's captions, then the MLP (document or token level)."""
     from lightning_modules.projection import TextualProjection
 
-    module = TextualProjection(model={"pretrained": args.pretrained}, domain_encoder={"pretrained": args.domain}, level="document",
+    module = TextualProjection(model={"pretrained": args.pretrained}, domain_encoder={"pretrained": args.domain}, level=level,
                                cache_embeddings=False).to(device)
     opt = torch.optim.AdamW(module.projection.parameters(), lr=1e-4)
     captions = _captions(args)
     g = torch.Generator().manual_seed(0)
-    clock = Clock(args.warmup, args.steps, device)
+    clock = Clock(args.warmup, args.steps, device, args.memory_profile, "reference-projection")
     for step in range(args.warmup + args.steps):
-        clock.tick(step)
+        clock.tick(step, lambda: (module, opt))
         index = torch.randperm(len(captions), generator=g)[: args.caption_batch]
         loss = module.projection_loss({"caption": [captions[i] for i in index.tolist()], "index": index})
         loss.backward()
@@ -295,23 +396,57 @@ def reference_projection(args, device: torch.device) -> dict:
 
 # ============================================================================================ ours
 
+def step_flops(module, strategy: str, batch, device: torch.device) -> float:
+    """FLOPs of one training step (forward and backward) of ``module`` on ``batch``: matrix products, convolutions and
+    attention as ``torch.utils.flop_counter`` counts them (2 per multiply-add). Gradient checkpointing is switched off
+    for the count (its recomputation is not useful work); the gradients are dropped afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_modules.base import step_generator
+
+    unet = module.sd.unet
+    recompute = getattr(unet, "is_gradient_checkpointing", False)
+    if recompute:
+        unet.disable_gradient_checkpointing()
+    counter = FlopCounterMode(display=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    try:
+        with autocast, counter:
+            if strategy.startswith("projection"):
+                loss = module.projection_loss(batch)
+            else:
+                loss = module.diffusion_loss(batch, step_generator(0, 0, 0))["loss"]
+            loss.backward()
+    finally:
+        module.zero_grad(set_to_none=True)
+        if recompute:
+            unet.enable_gradient_checkpointing()
+    return float(counter.get_total_flops())
+
+
 def ours(args, strategy: str, data_root: Path, device: torch.device) -> dict:
     from lightning.pytorch import Callback, Trainer
 
     class Timing(Callback):
         def __init__(self, clock):
             self.clock = clock
+            self.flops = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.clock.tick(trainer.global_step)
+            self.clock.tick(trainer.global_step, lambda: (pl_module, *trainer.optimizers))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == self.clock.warmup + self.clock.steps:
                 self.clock.tick(trainer.global_step)
+                # still on the device (fit's teardown moves the model to the CPU): count one step's FLOPs here, after
+                # the timed steps and their peak memory were read
+                if args.count_flops and not args.compile_unet and not args.memory_profile:
+                    n = len(batch["caption"] if strategy.startswith("projection") else batch["prompt"])
+                    self.flops = step_flops(pl_module, strategy, batch, device) / n
 
     speed = dict(gradient_checkpointing=args.gradient_checkpointing, channels_last=args.channels_last,
-                 compile_unet=args.compile_unet)
-    if strategy in ("unet", "unet_text_encoder", "lora"):
+                 compile_unet=args.compile_unet, optimizer=args.optimizer)
+    if strategy in UNET_LIKE:
         from lightning_modules.lora import LoRAFineTuning
         from lightning_modules.unet import UNetFineTuning
         from lightning_modules.unet_text_encoder import UNetTextEncoderFineTuning
@@ -332,18 +467,27 @@ def ours(args, strategy: str, data_root: Path, device: torch.device) -> dict:
         from synthetic.laion import SyntheticLAIONDataModule
         from lightning_modules.projection import TextualProjection
 
-        module = TextualProjection(model={"pretrained": args.pretrained}, domain_encoder={"pretrained": args.domain}, level="document",
-                                   cache_embeddings=True, cache_dir=str(Path(args.work) / "projection_cache"))
+        level = "token" if strategy == "projection_token" else "document"
+        module = TextualProjection(model={"pretrained": args.pretrained}, domain_encoder={"pretrained": args.domain}, level=level,
+                                   cache_embeddings=True, cache_dir=str(Path(args.work) / "projection_cache"),
+                                   optimizer=args.optimizer)
         dm = SyntheticLAIONDataModule(root=str(Path(args.work) / "laion"), n_captions=2048, cache_dir=str(Path(args.work) / "hf"),
                                       batch_size=args.caption_batch)
         batch = args.caption_batch
-    clock = Clock(args.warmup, args.steps, device)
-    trainer = Trainer(accelerator=device.type, devices=1, precision=_precision(device), max_steps=args.warmup + args.steps,
+    clock = Clock(args.warmup, args.steps, device, args.memory_profile, "ours-" + strategy)
+    timing = Timing(clock)
+    trainer = Trainer(accelerator=device.type, devices=args.devices, precision=_precision(device), max_steps=args.warmup + args.steps,
+                      strategy="ddp" if args.devices > 1 else "auto",
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timing(clock)],
-                      gradient_clip_val=1.0 if strategy in ("unet", "unet_text_encoder", "lora") else None)
+                      limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timing],
+                      gradient_clip_val=1.0 if strategy in UNET_LIKE else None)
     trainer.fit(module, dm)
-    return clock.result(batch)
+    if trainer.global_rank != 0:
+        return {}
+    out = clock.result(batch, world_size=trainer.world_size)
+    if timing.flops is not None:
+        out["flops_per_sample"] = timing.flops
+    return out
 
 
 # ============================================================================================ driver
@@ -353,12 +497,124 @@ def worker(args) -> dict:
     variant, strategy = args.worker.split(":")
     data_root = Path(args.work) / "phantoms"
     if variant == "reference":
-        if strategy in ("unet", "unet_text_encoder", "lora"):
+        if strategy in UNET_LIKE:
             return reference_unet(args, data_root, device, text_encoder=strategy == "unet_text_encoder", lora=strategy == "lora")
         if strategy == "textual_inversion":
             return reference_textual_inversion(args, data_root, device)
-        return reference_projection(args, device)
+        return reference_projection(args, device, "token" if strategy == "projection_token" else "document")
     return ours(args, strategy, data_root, device)
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    """The device's bf16 dense peak in TFLOP/s: ``given``, else looked up by the CUDA device name (None on CPU)."""
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+
+
+def ladder_rows() -> list[dict]:
+    """The U-Net settings ladder. Each row adds one thing to channels_last (the second row); torch.compile comes last,
+    as it costs a compilation."""
+    return [
+        dict(label="bf16 baseline", reference=True),
+        dict(label="+ channels_last", channels_last=True),
+        dict(label="+ channels_last, batch 16", channels_last=True, batch=16),
+        dict(label="+ channels_last, batch 32", channels_last=True, batch=32),
+        dict(label="+ channels_last, gradient checkpointing", channels_last=True, gradient_checkpointing=True),
+        dict(label="+ channels_last, adamw8bit", channels_last=True, optimizer="adamw8bit", needs="bitsandbytes"),
+        dict(label="+ channels_last + torch.compile", channels_last=True, compile_unet=True),
+    ]
+
+
+def run_worker(args, variant: str, strategy: str, row: dict, work: Path) -> dict:
+    """One loop in its own process (its peak memory is its own); with ``--in_process`` in this one."""
+    settings = {**dict(batch=args.batch, channels_last=args.channels_last, compile_unet=args.compile_unet,
+                       gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, devices=1,
+                       memory_profile=None), **{k: v for k, v in row.items() if k not in ("label", "reference", "needs")}}
+    if args.in_process:
+        ns = argparse.Namespace(**{**vars(args), **settings, "worker": f"{variant}:{strategy}", "work": str(work)})
+        return worker(ns)
+    cmd = [sys.executable, __file__, "--worker", f"{variant}:{strategy}", "--size", args.size, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--device", str(args.device_obj), "--workers", str(args.workers), "--work", str(work),
+           "--batch", str(settings["batch"]), "--optimizer", settings["optimizer"], "--devices", str(settings["devices"]),
+           "--pretrained", args.pretrained]
+    cmd += [f"--{flag}" for flag in ("gradient_checkpointing", "channels_last", "compile_unet") if settings[flag]]
+    if settings["memory_profile"]:
+        cmd += ["--memory_profile", str(settings["memory_profile"])]
+    if not args.count_flops:
+        cmd += ["--no_flops"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise RuntimeError(f"{variant}:{strategy} ({row.get('label', 'default')}) failed (exit {proc.returncode})")
+    return json.loads(line[len("RESULT "):])
+
+
+def summarise(strategy: str, label: str, ref: dict | None, our: dict, peak: float | None, flops: float | None) -> dict:
+    row = {"strategy": strategy, "label": label, "batch": our["batch"], "world_size": our.get("world_size", 1), "ours": our,
+           "reference": ref, "flops_per_sample": flops, "memory_kind": our["memory_kind"]}
+    if ref:
+        row["speed_ratio"] = our["samples_per_s"] / ref["samples_per_s"]
+        row["memory_ratio"] = our["peak_mem_mib"] / ref["peak_mem_mib"]
+    if flops:
+        for res in (our, ref):
+            if res:
+                res["tflops"] = flops * res["samples_per_s"] / 1e12
+                res["mfu"] = res["tflops"] / peak if peak else None
+    return row
+
+
+def _fmt(x, spec: str, suffix: str = "") -> str:
+    return "—" if x is None else format(x, spec) + suffix
+
+
+def _size(mib: float) -> str:
+    return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
+
+
+def print_row(row: dict) -> None:
+    our, ref = row["ours"], row["reference"]
+    text = f"{row['strategy']:<18} {row['label']:<42}"
+    if ref:
+        text += f" reference {ref['samples_per_s']:8.2f} samples/s {ref['peak_mem_mib']:9.0f} MiB |"
+    text += f" ours {our['samples_per_s']:8.2f} samples/s {our['peak_mem_mib']:9.0f} MiB"
+    if ref:
+        text += f" | speed {row['speed_ratio']:5.2f}x, memory {row['memory_ratio']:5.2f}x"
+    if row["flops_per_sample"]:
+        text += f" | {row['flops_per_sample'] / 1e9:.3g} GFLOP/sample, {our['tflops']:.3g} TFLOP/s"
+        if our.get("mfu") is not None:
+            text += f", MFU {100 * our['mfu']:.1f}%"
+    print(text + f" ({row['memory_kind']})", flush=True)
+
+
+def markdown(report: dict) -> str:
+    """The rows as the README's benchmark table, headed by machine, versions and date."""
+    m = report["machine"]
+    head = (f"**{m['device']}**, {report['date']}: {report['size']} ({report['model']}, {report['resolution']} px, "
+            f"{report['precision']}); torch {m['torch']}, diffusers {m['diffusers']}; {report['warmup']} warm-up + "
+            f"{report['steps']} timed steps per row" + (f"; bf16 dense peak {m['peak_tflops']} TFLOP/s" if m["peak_tflops"] else ""))
+    lines = [head, "", "| strategy | setting | batch | reference samples/s | reference memory | ours samples/s | ours memory "
+             "| speed | memory | GFLOP/sample | ours TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        our, ref = row["ours"], row["reference"]
+        name = STRATEGY_NAMES.get(row["strategy"], row["strategy"])
+        lines.append("| " + " | ".join([
+            name + (f", {row['world_size']} GPUs" if row["world_size"] > 1 else ""), row["label"], str(row["batch"]),
+            _fmt(ref["samples_per_s"] if ref else None, ".1f"), _size(ref["peak_mem_mib"]) if ref else "—",
+            f"{our['samples_per_s']:.1f}", _size(our["peak_mem_mib"]),
+            _fmt(row.get("speed_ratio"), ".2f", "×"), _fmt(row.get("memory_ratio"), ".2f", "×"),
+            _fmt(row["flops_per_sample"] / 1e9 if row["flops_per_sample"] else None, ".3g"),
+            _fmt(our.get("tflops"), ".3g"), _fmt(100 * our["mfu"] if our.get("mfu") is not None else None, ".1f", "%"),
+        ]) + " |")
+    lines.append("")
+    lines += [f"* {note}" for note in report["notes"]]
+    for name, parts in report.get("memory_breakdown", {}).items():
+        lines.append(f"* {name}, peak by category (MemTracker): " + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()))
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,9 +625,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="dataloader workers for both loops (default: 0 on CPU, 4 on GPU)")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: 4 tiny, 8 sd14)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="both loops: recompute U-Net activations (memory for speed)")
     p.add_argument("--channels_last", action="store_true", help="ours: U-Net in channels-last memory format")
     p.add_argument("--compile_unet", action="store_true", help="ours: torch.compile the U-Net")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw", help="ours: optimizer (adamw8bit: bitsandbytes)")
+    p.add_argument("--ladder", action="store_true", help="the U-Net settings ladder instead of one row per strategy")
+    p.add_argument("--suite", action="store_true", help="every strategy, the ladder and DDP scaling (benchmarks/gpu_suite.sh)")
+    p.add_argument("--no_compile", action="store_true", help="leave the ladder's torch.compile row out (it compiles for minutes)")
+    p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--memory_profile", default=None, metavar="DIR",
+                   help="also profile the U-Net loops' memory (MemTracker categories; CUDA snapshots into DIR)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 dense peak, TFLOP/s (default: looked up)")
+    p.add_argument("--no_flops", dest="count_flops", action="store_false", help="skip the FLOP count")
+    p.add_argument("--pretrained", default=None, help="a diffusers folder to load instead of the size's preset")
+    p.add_argument("--save_model", default=None, metavar="FOLDER", help="write the size's preset there (diffusers folder) and load it")
+    p.add_argument("--json", default=None, help="write the rows, machine and date as JSON here")
+    p.add_argument("--markdown", default=None, help="write the rows as a markdown table here")
     p.add_argument("--work", default=None, help="folder for data and caches (default: a temporary folder)")
     p.add_argument("--in_process", action="store_true",
                    help="run every loop in this process (a quick smoke test: memory figures are then not per loop)")
@@ -379,52 +649,116 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def machine(device: torch.device, peak: float | None) -> dict:
+    import diffusers
+
+    if device.type == "cuda":
+        name = f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(device)}"
+    else:
+        name = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads, {platform.machine()})"
+    return {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda, "peak_tflops": peak}
+
+
+def save_model(size: str, folder: Path) -> str:
+    """The size's preset written as a diffusers folder, which every worker then loads with ``from_pretrained``."""
+    from models.stable_diffusion import load_stable_diffusion
+
+    if not (folder / "model_index.json").is_file():
+        load_stable_diffusion(SIZES[size]["pretrained"]).pipeline().save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     size = SIZES[args.size]
-    args.pretrained, args.resolution, args.batch = size["pretrained"], size["resolution"], size["batch"]
-    args.domain, args.caption_batch = size["domain"], size["caption_batch"]
-    device = _device(args.device)
+    args.resolution, args.domain, args.caption_batch = size["resolution"], size["domain"], size["caption_batch"]
+    args.batch = args.batch or size["batch"]
+    device = args.device_obj = _device(args.device)
     args.steps = args.steps or (40 if args.size == "tiny" else 20)
     args.warmup = 5 if args.warmup is None else args.warmup
     args.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     if args.worker:
+        args.pretrained = args.pretrained or size["pretrained"]
         result = worker(args)
-        print("RESULT " + json.dumps(result), flush=True)
+        if result:
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if args.save_model:
+            args.pretrained = save_model(args.size, Path(args.save_model))
+        args.pretrained = args.pretrained or size["pretrained"]
         write_images(work, args.resolution)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        peak = peak_tflops(device, args.peak_tflops)
+        report = {"size": args.size, "model": args.pretrained, "resolution": args.resolution, "precision": _precision(device),
+                  "warmup": args.warmup, "steps": args.steps, "date": datetime.date.today().isoformat(),
+                  "machine": machine(device, peak), "rows": [], "notes": []}
         print(f"{args.size}: {args.pretrained}, {args.resolution} px, batch {args.batch} (captions: {args.caption_batch}), "
-              f"{_precision(device)}, {name}; {args.warmup} warm-up + {args.steps} timed steps"
+              f"{_precision(device)}, {report['machine']['device']}; {args.warmup} warm-up + {args.steps} timed steps"
               + ("; gradient checkpointing" if args.gradient_checkpointing else ""), flush=True)
-        rows = []
-        for strategy in args.strategies:
-            results = {}
+        flops: dict[str, float] = {}
+
+        def add(strategy: str, row: dict, with_reference: bool) -> dict:
+            ref = run_worker(args, "reference", strategy, row, work) if with_reference else None
+            our = run_worker(args, "ours", strategy, row, work)
+            if our.get("flops_per_sample"):
+                flops.setdefault(strategy, our["flops_per_sample"])  # the same model and step: counted once
+            out = summarise(strategy, row["label"], ref, our, peak, flops.get(strategy))
+            report["rows"].append(out)
+            print_row(out)
+            return out
+
+        if not args.ladder or args.suite:
+            for strategy in args.strategies:
+                add(strategy, {"label": "bf16" if device.type == "cuda" else "fp32"}, True)
+        if args.ladder or args.suite:
+            import importlib.util
+
+            for row in ladder_rows():
+                why = None
+                if row.get("needs") and importlib.util.find_spec(row["needs"]) is None:
+                    why = f"{row['needs']} is not installed"
+                elif row.get("optimizer") == "adamw8bit" and device.type != "cuda":
+                    why = "bitsandbytes' 8-bit AdamW needs CUDA"
+                elif row.get("compile_unet") and args.no_compile:
+                    why = "--no_compile"
+                if why:
+                    report["notes"].append(f"U-Net {row['label']}: not measured ({why})")
+                    print(f"{'unet':<18} {row['label']:<42} not measured: {why}", flush=True)
+                elif not (args.suite and row.get("reference") and "unet" in args.strategies):
+                    add("unet", row, bool(row.get("reference")))  # (the suite's strategy rows hold the baseline already)
+        if args.suite:
+            n = torch.cuda.device_count() if device.type == "cuda" else 1
+            if n > 1:
+                one = next(r for r in report["rows"] if r["strategy"] == "unet")
+                many = add("unet", {"label": f"DDP, {n} GPUs, batch {args.batch} each", "devices": n}, False)
+                many["scaling_efficiency"] = many["ours"]["samples_per_s"] / (n * one["ours"]["samples_per_s"])
+                report["notes"].append(f"DDP scaling: {n} GPUs give {many['ours']['samples_per_s']:.1f} samples/s, "
+                                       f"{many['scaling_efficiency']:.0%} of {n} × one GPU's {one['ours']['samples_per_s']:.1f}")
+            else:
+                report["notes"].append("multi-GPU scaling: not measured (one GPU visible)")
+        if args.memory_profile:
+            report["memory_breakdown"] = {}
             for variant in ("reference", "ours"):
-                cmd = [sys.executable, __file__, "--worker", f"{variant}:{strategy}", "--size", args.size, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--device", str(device), "--workers", str(args.workers), "--work", str(work)]
-                cmd += [f"--{flag}" for flag in ("gradient_checkpointing", "channels_last", "compile_unet") if getattr(args, flag)]
-                if args.in_process:
-                    results[variant] = worker(argparse.Namespace(**{**vars(args), "worker": f"{variant}:{strategy}", "work": str(work)}))
-                    continue
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-                line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"{variant}:{strategy} failed (exit {proc.returncode})")
-                results[variant] = json.loads(line[len("RESULT "):])
-            ref, our = results["reference"], results["ours"]
-            rows.append((strategy, ref, our))
-            print(f"{strategy:<18} reference {ref['samples_per_s']:8.2f} samples/s {ref['peak_mem_mib']:9.0f} MiB | "
-                  f"ours {our['samples_per_s']:8.2f} samples/s {our['peak_mem_mib']:9.0f} MiB | "
-                  f"speed {our['samples_per_s'] / ref['samples_per_s']:5.2f}x, memory {our['peak_mem_mib'] / ref['peak_mem_mib']:5.2f}x"
-                  f" ({our['memory_kind']})", flush=True)
-            if strategy == "projection":
-                print(f"{'':<18} 10k document-level steps at our rate: {10_000 * args.caption_batch / our['samples_per_s']:.0f} s", flush=True)
+                res = run_worker(args, variant, "unet", {"label": "memory profile", "memory_profile": args.memory_profile}, work)
+                parts = res.get("memory_breakdown_mib", {})
+                report["memory_breakdown"][f"{variant} U-Net"] = parts
+                print(f"memory profile, {variant} U-Net peak: " + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()), flush=True)
+        if peak is None and device.type == "cuda":
+            report["notes"].append("MFU: this GPU's bf16 peak is not in the table; pass --peak_tflops")
+        for row in report["rows"]:
+            if row["strategy"] == "projection":
+                print(f"{'':<18} 10k document-level steps at our rate: {10_000 * args.caption_batch / row['ours']['samples_per_s']:.0f} s",
+                      flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        if args.markdown:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.markdown).write_text(markdown(report))
     return 0
 
 

@@ -177,8 +177,13 @@ class DiffusionModule(LightningModule):
         """A context in which the module holds the weights that sampling and export use (the EMA's, if so configured)."""
         return self.ema.swapped_in() if self.weights_in_use == "EMA" else nullcontext()
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Free the gradients as soon as they are used. Lightning sets them to None only before the next backward,
+        # i.e. after the next forward, so without this the forward's activations (the step's peak) sit on top of a
+        # full set of fp32 gradients: for SD v1.4's U-Net 3.2 GiB of the 3.4 GiB we used to take over diffusers'
+        # loop. Optimizer steps only happen at accumulation boundaries, so accumulation is unaffected.
+        optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and self._step_usable:  # before any callback saves this step's checkpoint
             self.ema.update()
 
