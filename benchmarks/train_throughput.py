@@ -669,6 +669,28 @@ def save_model(size: str, folder: Path) -> str:
     return str(folder)
 
 
+def extra_measurements(args, report: dict, work: Path, add) -> None:
+    """The suite's DDP scaling row (or why not) and the memory profile of both U-Net loops, into ``report``."""
+    device = args.device_obj
+    if args.suite:
+        n = torch.cuda.device_count() if device.type == "cuda" else 1
+        if n > 1:
+            one = next(r for r in report["rows"] if r["strategy"] == "unet")
+            many = add("unet", {"label": f"DDP, {n} GPUs, batch {args.batch} each", "devices": n}, False)
+            many["scaling_efficiency"] = many["ours"]["samples_per_s"] / (n * one["ours"]["samples_per_s"])
+            report["notes"].append(f"DDP scaling: {n} GPUs give {many['ours']['samples_per_s']:.1f} samples/s, "
+                                   f"{many['scaling_efficiency']:.0%} of {n} × one GPU's {one['ours']['samples_per_s']:.1f}")
+        else:
+            report["notes"].append("multi-GPU scaling: not measured (one GPU visible)")
+    if args.memory_profile:
+        report["memory_breakdown"] = {}
+        for variant in ("reference", "ours"):
+            res = run_worker(args, variant, "unet", {"label": "memory profile", "memory_profile": args.memory_profile}, work)
+            parts = res.get("memory_breakdown_mib", {})
+            report["memory_breakdown"][f"{variant} U-Net"] = parts
+            print(f"memory profile, {variant} U-Net peak: " + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()), flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     size = SIZES[args.size]
@@ -730,23 +752,7 @@ def main(argv=None) -> int:
                     print(f"{'unet':<18} {row['label']:<42} not measured: {why}", flush=True)
                 elif not (args.suite and row.get("reference") and "unet" in args.strategies):
                     add("unet", row, bool(row.get("reference")))  # (the suite's strategy rows hold the baseline already)
-        if args.suite:
-            n = torch.cuda.device_count() if device.type == "cuda" else 1
-            if n > 1:
-                one = next(r for r in report["rows"] if r["strategy"] == "unet")
-                many = add("unet", {"label": f"DDP, {n} GPUs, batch {args.batch} each", "devices": n}, False)
-                many["scaling_efficiency"] = many["ours"]["samples_per_s"] / (n * one["ours"]["samples_per_s"])
-                report["notes"].append(f"DDP scaling: {n} GPUs give {many['ours']['samples_per_s']:.1f} samples/s, "
-                                       f"{many['scaling_efficiency']:.0%} of {n} × one GPU's {one['ours']['samples_per_s']:.1f}")
-            else:
-                report["notes"].append("multi-GPU scaling: not measured (one GPU visible)")
-        if args.memory_profile:
-            report["memory_breakdown"] = {}
-            for variant in ("reference", "ours"):
-                res = run_worker(args, variant, "unet", {"label": "memory profile", "memory_profile": args.memory_profile}, work)
-                parts = res.get("memory_breakdown_mib", {})
-                report["memory_breakdown"][f"{variant} U-Net"] = parts
-                print(f"memory profile, {variant} U-Net peak: " + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()), flush=True)
+        extra_measurements(args, report, work, add)
         if peak is None and device.type == "cuda":
             report["notes"].append("MFU: this GPU's bf16 peak is not in the table; pass --peak_tflops")
         for row in report["rows"]:

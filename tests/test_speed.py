@@ -117,7 +117,6 @@ def test_benchmark_rows_flops_ladder_and_memory_profile(tmp_path):
     JSON and markdown (what benchmarks/gpu_suite.sh runs at SD size on a GPU)."""
     import json
 
-    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     from models.stable_diffusion import load_stable_diffusion

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU figure of the speed work in one go, on one machine, from one run:
+#
+#     bash benchmarks/gpu_suite.sh [OUT]        # default OUT: results/gpu_suite
+#
+# At SD v1.4's size (random weights, 512 px, bf16): each strategy against diffusers' per-step reference (samples/s,
+# peak memory, both ratios), the U-Net ladder (channels_last, batch 16/32, gradient checkpointing, adamw8bit when
+# bitsandbytes is installed, torch.compile), FLOPs per sample with TFLOP/s and model FLOP utilisation, DDP scaling
+# when more than one GPU is visible, and a memory profile of both U-Net loops (MemTracker categories and
+# torch.cuda.memory snapshots). Writes OUT/gpu_suite.json, OUT/gpu_suite.md (the README's table), OUT/memory/*.pickle
+# (open at https://pytorch.org/memory_viz) and OUT/log.txt. Budget: under 10 minutes on one H100/H200; it stops at
+# 9.5 minutes whatever happens (the rows finished by then are in the log).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-results/gpu_suite}
+mkdir -p "$OUT"
+export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_suite.sh: error: no CUDA GPU visible (this suite measures GPUs; on CPU run benchmarks/train_throughput.py --size tiny)')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/log.txt"
+start=$(date +%s)
+# The model is written once as a diffusers folder and every worker loads it with from_pretrained (drawing 1 B random
+# weights in each of ~20 workers would take most of the budget).
+timeout 570 python benchmarks/train_throughput.py --size sd14 --device cuda --suite --warmup 3 --steps 10 \
+    --save_model "$OUT/sd14-random" --work "$OUT/work" --memory_profile "$OUT/memory" \
+    --json "$OUT/gpu_suite.json" --markdown "$OUT/gpu_suite.md" 2>&1 | tee -a "$OUT/log.txt"
+echo "gpu_suite.sh: done in $(( $(date +%s) - start )) s; table: $OUT/gpu_suite.md" | tee -a "$OUT/log.txt"
