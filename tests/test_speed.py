@@ -192,3 +192,24 @@ def test_gradient_clipping_works_with_the_fused_optimizer(phantom_root, tmp_path
     assert any(not torch.equal(a, b) for a, b in zip(before, module.sd.unet.parameters()))
     # the gradients are freed right after each optimizer step, not kept through the next forward (peak memory)
     assert freed == [True, True]
+
+
+def test_memory_estimate_counts_the_gradients_lightning_kept_through_the_forward(tmp_path):
+    """benchmarks/memory_estimate.py (fake tensors: SD-size peaks on any machine) on the tiny U-Net: freeing gradients
+    only before the next backward costs exactly one set of fp32 gradients at the peak."""
+    import json
+
+    from models.stable_diffusion import load_stable_diffusion
+
+    out = tmp_path / "estimate.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_estimate.py"), "--size", "tiny", "--batch", "4",
+                           "--variants", "after_step", "before_backward", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    grads = 4 * sum(p.numel() for p in load_stable_diffusion("tiny-random").unet.parameters())
+    after, before = rows["after_step"], rows["before_backward"]
+    assert after["gradients"] == 0 and before["gradients"] == grads
+    assert before["total"] - after["total"] == grads
+    assert after["optimizer state"] == pytest.approx(2 * grads, rel=1e-3)  # AdamW's two moments (+ a step count per tensor)
+    assert after["activations"] > 0 and after["with frozen parts"] > after["total"]
