@@ -20,7 +20,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 start=$(date +%s)
 # The model is written once as a diffusers folder and every worker loads it with from_pretrained (drawing 1 B random
 # weights in each of ~20 workers would take most of the budget).
+# What matters most runs first (U-Net against its reference, the memory profile, the ladder with torch.compile last,
+# then the other strategies); the JSON and markdown are rewritten after every row, so a run stopped by the time limit
+# keeps what it measured. timeout signals its whole process group, workers included.
+status=0
 timeout 570 python benchmarks/train_throughput.py --size sd14 --device cuda --suite --warmup 3 --steps 10 \
     --save_model "$OUT/sd14-random" --work "$OUT/work" --memory_profile "$OUT/memory" \
-    --json "$OUT/gpu_suite.json" --markdown "$OUT/gpu_suite.md" 2>&1 | tee -a "$OUT/log.txt"
+    --json "$OUT/gpu_suite.json" --markdown "$OUT/gpu_suite.md" 2>&1 | tee -a "$OUT/log.txt" || status=$?
+if [ "$status" -eq 124 ]; then
+    echo "gpu_suite.sh: stopped at the 570 s limit; the rows measured by then are in $OUT/gpu_suite.md" | tee -a "$OUT/log.txt"
+elif [ "$status" -ne 0 ]; then
+    echo "gpu_suite.sh: error: the benchmark failed (exit $status); see $OUT/log.txt" | tee -a "$OUT/log.txt"
+    exit "$status"
+fi
 echo "gpu_suite.sh: done in $(( $(date +%s) - start )) s; table: $OUT/gpu_suite.md" | tee -a "$OUT/log.txt"

@@ -669,26 +669,108 @@ def save_model(size: str, folder: Path) -> str:
     return str(folder)
 
 
-def extra_measurements(args, report: dict, work: Path, add) -> None:
-    """The suite's DDP scaling row (or why not) and the memory profile of both U-Net loops, into ``report``."""
-    device = args.device_obj
-    if args.suite:
-        n = torch.cuda.device_count() if device.type == "cuda" else 1
-        if n > 1:
-            one = next(r for r in report["rows"] if r["strategy"] == "unet")
-            many = add("unet", {"label": f"DDP, {n} GPUs, batch {args.batch} each", "devices": n}, False)
-            many["scaling_efficiency"] = many["ours"]["samples_per_s"] / (n * one["ours"]["samples_per_s"])
-            report["notes"].append(f"DDP scaling: {n} GPUs give {many['ours']['samples_per_s']:.1f} samples/s, "
-                                   f"{many['scaling_efficiency']:.0%} of {n} × one GPU's {one['ours']['samples_per_s']:.1f}")
-        else:
-            report["notes"].append("multi-GPU scaling: not measured (one GPU visible)")
-    if args.memory_profile:
-        report["memory_breakdown"] = {}
+class Run:
+    """The rows measured so far, written to ``--json`` / ``--markdown`` after every one (a run cut short by a time limit
+    still leaves what it measured)."""
+
+    def __init__(self, args, work: Path, device: torch.device):
+        self.args, self.work, self.device = args, work, device
+        self.peak = peak_tflops(device, args.peak_tflops)
+        self.flops: dict[str, float] = {}
+        self.report = {"size": args.size, "model": args.pretrained, "resolution": args.resolution,
+                       "precision": _precision(device), "warmup": args.warmup, "steps": args.steps,
+                       "date": datetime.date.today().isoformat(), "machine": machine(device, self.peak), "rows": [], "notes": []}
+        if self.peak is None and device.type == "cuda":
+            self.note("MFU: this GPU's bf16 peak is not in the table; pass --peak_tflops")
+
+    def note(self, text: str) -> None:
+        self.report["notes"].append(text)
+        self.write()
+
+    def write(self) -> None:
+        for path, text in ((self.args.json, lambda: json.dumps(self.report, indent=1)), (self.args.markdown, lambda: markdown(self.report))):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(text())
+
+    def add(self, strategy: str, row: dict, with_reference: bool) -> dict:
+        ref = run_worker(self.args, "reference", strategy, row, self.work) if with_reference else None
+        our = run_worker(self.args, "ours", strategy, row, self.work)
+        if our.get("flops_per_sample"):
+            self.flops.setdefault(strategy, our["flops_per_sample"])  # the same model and step: counted once
+        out = summarise(strategy, row["label"], ref, our, self.peak, self.flops.get(strategy))
+        self.report["rows"].append(out)
+        print_row(out)
+        if strategy == "projection":
+            print(f"{'':<18} 10k document-level steps at our rate: {10_000 * our['batch'] / our['samples_per_s']:.0f} s", flush=True)
+        self.write()
+        return out
+
+    def strategies(self, names) -> None:
+        for strategy in names:
+            self.add(strategy, {"label": "bf16" if self.device.type == "cuda" else "fp32"}, True)
+
+    def ladder(self, with_baseline: bool) -> None:
+        import importlib.util
+
+        for row in ladder_rows():
+            why = None
+            if row.get("needs") and importlib.util.find_spec(row["needs"]) is None:
+                why = f"{row['needs']} is not installed"
+            elif row.get("optimizer") == "adamw8bit" and self.device.type != "cuda":
+                why = "bitsandbytes' 8-bit AdamW needs CUDA"
+            elif row.get("compile_unet") and self.args.no_compile:
+                why = "--no_compile"
+            if why:
+                self.note(f"U-Net {row['label']}: not measured ({why})")
+                print(f"{'unet':<18} {row['label']:<42} not measured: {why}", flush=True)
+            elif with_baseline or not row.get("reference"):
+                self.add("unet", row, bool(row.get("reference")))
+
+    def memory_profile(self) -> None:
+        self.report["memory_breakdown"] = {}
         for variant in ("reference", "ours"):
-            res = run_worker(args, variant, "unet", {"label": "memory profile", "memory_profile": args.memory_profile}, work)
+            res = run_worker(self.args, variant, "unet", {"label": "memory profile", "memory_profile": self.args.memory_profile},
+                             self.work)
             parts = res.get("memory_breakdown_mib", {})
-            report["memory_breakdown"][f"{variant} U-Net"] = parts
+            self.report["memory_breakdown"][f"{variant} U-Net"] = parts
             print(f"memory profile, {variant} U-Net peak: " + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()), flush=True)
+            self.write()
+
+    def scaling(self) -> None:
+        n = torch.cuda.device_count() if self.device.type == "cuda" else 1
+        if n < 2:
+            self.note("multi-GPU scaling: not measured (one GPU visible)")
+            return
+        one = next(r for r in self.report["rows"] if r["strategy"] == "unet")
+        many = self.add("unet", {"label": f"DDP, {n} GPUs, batch {self.args.batch} each", "devices": n}, False)
+        many["scaling_efficiency"] = many["ours"]["samples_per_s"] / (n * one["ours"]["samples_per_s"])
+        self.note(f"DDP scaling: {n} GPUs give {many['ours']['samples_per_s']:.1f} samples/s, "
+                  f"{many['scaling_efficiency']:.0%} of {n} × one GPU's {one['ours']['samples_per_s']:.1f}")
+
+
+def measure(args, work: Path, device: torch.device) -> dict:
+    """The rows the options ask for. The suite runs what matters most first (U-Net against its reference, the memory
+    profile, the ladder with torch.compile last), then the other strategies and the scaling."""
+    run = Run(args, work, device)
+    print(f"{args.size}: {args.pretrained}, {args.resolution} px, batch {args.batch} (captions: {args.caption_batch}), "
+          f"{_precision(device)}, {run.report['machine']['device']}; {args.warmup} warm-up + {args.steps} timed steps"
+          + ("; gradient checkpointing" if args.gradient_checkpointing else ""), flush=True)
+    if args.suite:
+        run.strategies([s for s in args.strategies if s == "unet"])
+        if args.memory_profile:
+            run.memory_profile()
+        run.ladder(with_baseline="unet" not in args.strategies)
+        run.strategies([s for s in args.strategies if s != "unet"])
+        run.scaling()
+        return run.report
+    if args.ladder:
+        run.ladder(with_baseline=True)
+    else:
+        run.strategies(args.strategies)
+    if args.memory_profile:
+        run.memory_profile()
+    return run.report
 
 
 def main(argv=None) -> int:
@@ -706,7 +788,6 @@ def main(argv=None) -> int:
         if result:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -714,57 +795,7 @@ def main(argv=None) -> int:
             args.pretrained = save_model(args.size, Path(args.save_model))
         args.pretrained = args.pretrained or size["pretrained"]
         write_images(work, args.resolution)
-        peak = peak_tflops(device, args.peak_tflops)
-        report = {"size": args.size, "model": args.pretrained, "resolution": args.resolution, "precision": _precision(device),
-                  "warmup": args.warmup, "steps": args.steps, "date": datetime.date.today().isoformat(),
-                  "machine": machine(device, peak), "rows": [], "notes": []}
-        print(f"{args.size}: {args.pretrained}, {args.resolution} px, batch {args.batch} (captions: {args.caption_batch}), "
-              f"{_precision(device)}, {report['machine']['device']}; {args.warmup} warm-up + {args.steps} timed steps"
-              + ("; gradient checkpointing" if args.gradient_checkpointing else ""), flush=True)
-        flops: dict[str, float] = {}
-
-        def add(strategy: str, row: dict, with_reference: bool) -> dict:
-            ref = run_worker(args, "reference", strategy, row, work) if with_reference else None
-            our = run_worker(args, "ours", strategy, row, work)
-            if our.get("flops_per_sample"):
-                flops.setdefault(strategy, our["flops_per_sample"])  # the same model and step: counted once
-            out = summarise(strategy, row["label"], ref, our, peak, flops.get(strategy))
-            report["rows"].append(out)
-            print_row(out)
-            return out
-
-        if not args.ladder or args.suite:
-            for strategy in args.strategies:
-                add(strategy, {"label": "bf16" if device.type == "cuda" else "fp32"}, True)
-        if args.ladder or args.suite:
-            import importlib.util
-
-            for row in ladder_rows():
-                why = None
-                if row.get("needs") and importlib.util.find_spec(row["needs"]) is None:
-                    why = f"{row['needs']} is not installed"
-                elif row.get("optimizer") == "adamw8bit" and device.type != "cuda":
-                    why = "bitsandbytes' 8-bit AdamW needs CUDA"
-                elif row.get("compile_unet") and args.no_compile:
-                    why = "--no_compile"
-                if why:
-                    report["notes"].append(f"U-Net {row['label']}: not measured ({why})")
-                    print(f"{'unet':<18} {row['label']:<42} not measured: {why}", flush=True)
-                elif not (args.suite and row.get("reference") and "unet" in args.strategies):
-                    add("unet", row, bool(row.get("reference")))  # (the suite's strategy rows hold the baseline already)
-        extra_measurements(args, report, work, add)
-        if peak is None and device.type == "cuda":
-            report["notes"].append("MFU: this GPU's bf16 peak is not in the table; pass --peak_tflops")
-        for row in report["rows"]:
-            if row["strategy"] == "projection":
-                print(f"{'':<18} 10k document-level steps at our rate: {10_000 * args.caption_batch / row['ours']['samples_per_s']:.0f} s",
-                      flush=True)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=1))
-        if args.markdown:
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(markdown(report))
+        measure(args, work, device)
     return 0
 
 

@@ -149,6 +149,8 @@ def test_benchmark_rows_flops_ladder_and_memory_profile(tmp_path):
     assert [r["label"] for r in ladder] == ["+ channels_last", "+ channels_last, batch 16", "+ channels_last, batch 32",
                                             "+ channels_last, gradient checkpointing"]
     assert [r["batch"] for r in ladder] == [4, 16, 32, 4] and all(r["reference"] is None for r in ladder)
+    # what matters most runs first (a GPU run cut short by its time limit keeps it): U-Net and its reference, the ladder
+    assert [r["label"] for r in report["rows"][:2]] == ["fp32", "+ channels_last"] and report["rows"][0]["strategy"] == "unet"
     # gradient checkpointing recomputes, but the count is of the useful work: the same FLOPs per sample
     assert ladder[-1]["flops_per_sample"] == rows[("unet", "fp32")]["flops_per_sample"]
     notes = " ".join(report["notes"])
