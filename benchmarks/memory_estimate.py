@@ -97,12 +97,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=("sd14", "tiny"), default="sd14")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 sd14, 64 tiny)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels, a multiple of 64 (default: 512 sd14, 64 tiny)")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     cfg = configs(args.size)
     resolution = args.resolution or (512 if args.size == "sd14" else 64)
+    if args.batch < 1:
+        p.error(f"--batch {args.batch}: expected 1 or more images per step")
+    if resolution < 64 or resolution % 64:
+        p.error(f"--resolution {resolution}: expected a multiple of 64 (the VAE and U-Net halve it several times)")
     down = 8 if args.size == "sd14" else 2  # the VAE's downsampling: 2 ** (len(block_out_channels) - 1)
     frozen = frozen_bytes(cfg)
     print(f"{args.size} U-Net, {resolution} px ({resolution // down}² latents), batch {args.batch}, fp32 weights, fused AdamW, "

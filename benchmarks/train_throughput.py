@@ -32,8 +32,10 @@ the model FLOP utilisation (MFU). The reference rows use the same FLOPs (the use
 
 * ``--ladder``: the U-Net settings ladder (ours; bf16 baseline with the reference, + channels_last, + torch.compile,
   batch 16 and 32, gradient checkpointing, adamw8bit), one row each.
-* ``--suite``: every strategy row, then the ladder, then DDP scaling when more than one GPU is visible; what
-  ``benchmarks/gpu_suite.sh`` runs. ``--json`` / ``--markdown`` write the rows with machine, versions and date.
+* ``--suite``: what ``benchmarks/gpu_suite.sh`` runs, most important first: the U-Net against its reference, the
+  memory profile (with ``--memory_profile``), the ladder (torch.compile last), the other strategies, DDP scaling
+  when more than one GPU is visible. ``--json`` / ``--markdown`` write the rows with machine, versions and date,
+  rewritten after every row.
 * ``--memory_profile DIR``: one extra run of each loop (U-Net, two steps) under
   ``torch.distributed._tools.mem_tracker.MemTracker``: the peak split into parameters, gradients, optimizer
   state, activations and temporaries (any device), and on CUDA a ``torch.cuda.memory`` snapshot per loop
@@ -617,15 +619,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=tuple(SIZES), default="tiny")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 40 tiny, 20 sd14)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5)")
+    p.add_argument("--steps", type=_count(1), default=None, help="timed steps (default: 40 tiny, 20 sd14)")
+    p.add_argument("--warmup", type=_count(0), default=None, help="untimed steps first (default: 5)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None, help="dataloader workers for both loops (default: 0 on CPU, 4 on GPU)")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default: 4 tiny, 8 sd14)")
+    p.add_argument("--workers", type=_count(0), default=None, help="dataloader workers for both loops (default: 0 on CPU, 4 on GPU)")
+    p.add_argument("--batch", type=_count(1), default=None, help="images per step (default: 4 tiny, 8 sd14)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="both loops: recompute U-Net activations (memory for speed)")
     p.add_argument("--channels_last", action="store_true", help="ours: U-Net in channels-last memory format")
     p.add_argument("--compile_unet", action="store_true", help="ours: torch.compile the U-Net")
@@ -774,7 +788,8 @@ def measure(args, work: Path, device: torch.device) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     size = SIZES[args.size]
     args.resolution, args.domain, args.caption_batch = size["resolution"], size["domain"], size["caption_batch"]
     args.batch = args.batch or size["batch"]
@@ -782,6 +797,10 @@ def main(argv=None) -> int:
     args.steps = args.steps or (40 if args.size == "tiny" else 20)
     args.warmup = 5 if args.warmup is None else args.warmup
     args.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    if args.size == "sd14" and device.type != "cuda" and not args.worker:
+        parser.error(f"--size sd14 trains SD v1.4's full U-Net at 512 px: on {device.type} one step takes minutes. Run it "
+                     "on a GPU (--device cuda), use --size tiny here, or estimate its memory without a GPU with "
+                     "python benchmarks/memory_estimate.py")
     if args.worker:
         args.pretrained = args.pretrained or size["pretrained"]
         result = worker(args)
