@@ -754,7 +754,7 @@ class Run:
     def scaling(self) -> None:
         n = torch.cuda.device_count() if self.device.type == "cuda" else 1
         if n < 2:
-            self.note("multi-GPU scaling: not measured (one GPU visible)")
+            self.note("multi-GPU scaling: not measured (" + ("one GPU visible)" if self.device.type == "cuda" else "a CPU run)"))
             return
         one = next(r for r in self.report["rows"] if r["strategy"] == "unet")
         many = self.add("unet", {"label": f"DDP, {n} GPUs, batch {self.args.batch} each", "devices": n}, False)
