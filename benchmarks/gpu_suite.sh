@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the speed work in one go, on one machine, from one run:
 #
-#     bash benchmarks/gpu_suite.sh [OUT]        # default OUT: results/gpu_suite
+#     bash benchmarks/gpu_suite.sh [OUT]        # default OUT: results/gpu_suite (relative to the repository)
 #
 # At SD v1.4's size (random weights, 512 px, bf16): each strategy against diffusers' per-step reference (samples/s,
 # peak memory, both ratios), the U-Net ladder (channels_last, batch 16/32, gradient checkpointing, adamw8bit when
@@ -13,9 +13,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/gpu_suite}
-mkdir -p "$OUT"
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_suite.sh: error: no CUDA GPU visible (this suite measures GPUs; on CPU run benchmarks/train_throughput.py --size tiny)')"
+command -v python > /dev/null || { echo "gpu_suite.sh: error: no python on PATH; activate the project's environment" >&2; exit 1; }
+python - <<'PY'
+import importlib.util, sys
+missing = [m for m in ("torch", "diffusers", "transformers", "lightning", "peft", "datasets") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_suite.sh: error: {', '.join(missing)} not importable by {sys.executable}; install the project first "
+             "(pip install -e '.[dev]', see the README) or activate its environment")
+import torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_suite.sh: error: no CUDA GPU visible (this suite measures GPUs; on CPU run "
+             "benchmarks/train_throughput.py --size tiny, or benchmarks/memory_estimate.py for SD-size memory)")
+PY
+mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/log.txt"
 start=$(date +%s)
 # The model is written once as a diffusers folder and every worker loads it with from_pretrained (drawing 1 B random
