@@ -96,13 +96,22 @@ def step_peak(cfg: dict, batch: int, latent_size: int, variant: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=("sd14", "tiny"), default="sd14")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: 8 sd14, 4 tiny)")
     p.add_argument("--resolution", type=int, default=None, help="pixels, a multiple of 64 (default: 512 sd14, 64 tiny)")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     cfg = configs(args.size)
-    resolution = args.resolution or (512 if args.size == "sd14" else 64)
+    resolution = args.resolution if args.resolution is not None else (512 if args.size == "sd14" else 64)
+    args.batch = args.batch if args.batch is not None else (8 if args.size == "sd14" else 4)
+    if args.json:
+        from pathlib import Path
+
+        from core.errors import UserError, writable_folder
+
+        if Path(args.json).is_dir():
+            raise UserError(f"--json {args.json} is a folder; expected a file name")
+        writable_folder(Path(args.json).parent, "--json: the folder")
     if args.batch < 1:
         p.error(f"--batch {args.batch}: expected 1 or more images per step")
     if resolution < 64 or resolution % 64:
@@ -126,4 +135,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from core.errors import run_main
+
+    raise SystemExit(run_main("memory_estimate.py", main))

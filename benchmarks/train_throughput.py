@@ -81,9 +81,20 @@ TI_TOKEN, TI_INIT = "<lung-xray>", "lung"
 
 
 def _device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device must be there."""
+    from core.errors import UserError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU visible; run on a GPU machine or use --device cpu (with --size tiny)")
+    return device
 
 
 def _precision(device: torch.device) -> str:
@@ -551,8 +562,13 @@ def run_worker(args, variant: str, strategy: str, row: dict, work: Path) -> dict
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
+        from core.errors import UserError
+
         print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-        raise RuntimeError(f"{variant}:{strategy} ({row.get('label', 'default')}) failed (exit {proc.returncode})")
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("train_throughput.py: error:") or "Error: " in ln]
+        why = errors[-1].replace("train_throughput.py: error: ", "").replace("  (--debug shows the traceback)", "") if errors else ""
+        raise UserError(f"{variant}:{strategy} ({row.get('label', 'default')}) failed (exit {proc.returncode})"
+                        + (f": {why}" if why else "; its output is above"))
     return json.loads(line[len("RESULT "):])
 
 
@@ -613,10 +629,25 @@ def markdown(report: dict) -> str:
             _fmt(our.get("tflops"), ".3g"), _fmt(100 * our["mfu"] if our.get("mfu") is not None else None, ".1f", "%"),
         ]) + " |")
     lines.append("")
+    kinds = sorted({row["memory_kind"] for row in report["rows"]})
+    if kinds:
+        lines.append(f"* memory: {', '.join(kinds)}" + (" (the whole process, models and libraries included)" if "max RSS (process)" in kinds else ""))
+    if not m["peak_tflops"]:
+        lines.append("* MFU: — where the device's bf16 dense peak is unknown (a CPU, or a GPU not in the table: --peak_tflops)")
     lines += [f"* {note}" for note in report["notes"]]
     for name, parts in report.get("memory_breakdown", {}).items():
         lines.append(f"* {name}, peak by category (MemTracker): " + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()))
     return "\n".join(lines) + "\n"
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not above 0")
+    return value
 
 
 def _count(minimum: int):
@@ -634,7 +665,7 @@ def _count(minimum: int):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=tuple(SIZES), default="tiny")
-    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), help="default: all six")
     p.add_argument("--steps", type=_count(1), default=None, help="timed steps (default: 40 tiny, 20 sd14)")
     p.add_argument("--warmup", type=_count(0), default=None, help="untimed steps first (default: 5)")
     p.add_argument("--device", default="auto")
@@ -645,12 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile_unet", action="store_true", help="ours: torch.compile the U-Net")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw", help="ours: optimizer (adamw8bit: bitsandbytes)")
     p.add_argument("--ladder", action="store_true", help="the U-Net settings ladder instead of one row per strategy")
-    p.add_argument("--suite", action="store_true", help="every strategy, the ladder and DDP scaling (benchmarks/gpu_suite.sh)")
+    p.add_argument("--suite", action="store_true",
+                   help="every strategy, the ladder (so --ladder is implied) and DDP scaling (benchmarks/gpu_suite.sh)")
     p.add_argument("--no_compile", action="store_true", help="leave the ladder's torch.compile row out (it compiles for minutes)")
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--memory_profile", default=None, metavar="DIR",
                    help="also profile the U-Net loops' memory (MemTracker categories; CUDA snapshots into DIR)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 dense peak, TFLOP/s (default: looked up)")
+    p.add_argument("--peak_tflops", type=_positive, default=None, help="the device's bf16 dense peak, TFLOP/s (default: looked up)")
     p.add_argument("--no_flops", dest="count_flops", action="store_false", help="skip the FLOP count")
     p.add_argument("--pretrained", default=None, help="a diffusers folder to load instead of the size's preset")
     p.add_argument("--save_model", default=None, metavar="FOLDER", help="write the size's preset there (diffusers folder) and load it")
@@ -787,6 +819,27 @@ def measure(args, work: Path, device: torch.device) -> dict:
     return run.report
 
 
+def check_paths(args) -> None:
+    """Every path the run will write or read, checked before any model is built (a late failure would lose the rows)."""
+    from core.errors import UserError, writable_folder
+
+    for flag in ("json", "markdown"):
+        path = getattr(args, flag)
+        if path:
+            if Path(path).is_dir():
+                raise UserError(f"--{flag} {path} is a folder; expected a file name (e.g. {Path(path) / ('suite.' + ('md' if flag == 'markdown' else 'json'))})")
+            writable_folder(Path(path).parent, f"--{flag}: the folder")
+    if args.memory_profile:
+        writable_folder(args.memory_profile, "--memory_profile")
+    if args.save_model:
+        if Path(args.save_model).exists() and not Path(args.save_model).is_dir():
+            raise UserError(f"--save_model {args.save_model} is a file; expected a folder to write the model into")
+        writable_folder(args.save_model, "--save_model")
+    if args.pretrained and not args.save_model and not (Path(args.pretrained) / "model_index.json").is_file():
+        raise UserError(f"--pretrained {args.pretrained}: not a diffusers pipeline folder (no model_index.json in it); "
+                        "write one with --save_model FOLDER, or leave --pretrained out to use the size's preset")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -807,6 +860,10 @@ def main(argv=None) -> int:
         if result:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
+    check_paths(args)
+    if args.steps < 10:
+        print(f"note: {args.steps} timed step(s): the rates are noisy (a smoke test); the defaults are 40 tiny, 20 sd14",
+              flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -819,4 +876,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from core.errors import run_main
+
+    raise SystemExit(run_main("train_throughput.py", main))

@@ -91,6 +91,10 @@ def check_free_space(path: str | Path, needed_bytes: int, what: str = "file") ->
 def writable_folder(path: str | Path, what: str) -> Path:
     """Create ``path`` if needed and check that files can be written in it; a clear error naming ``what`` otherwise."""
     path = Path(path)
+    blocking = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{what} {path} is a file, not a folder" if blocking == path
+                        else f"{what} {path} cannot be made: {blocking} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"

@@ -215,3 +215,22 @@ def test_memory_estimate_counts_the_gradients_lightning_kept_through_the_forward
     assert before["total"] - after["total"] == grads
     assert after["optimizer state"] == pytest.approx(2 * grads, rel=1e-3)  # AdamW's two moments (+ a step count per tensor)
     assert after["activations"] > 0 and after["with frozen parts"] > after["total"]
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train_throughput.py", ["--json", "{tmp}"], "--json {tmp} is a folder; expected a file name"),
+    ("train_throughput.py", ["--markdown", "{tmp}/a_file/table.md"], "--markdown: the folder {tmp}/a_file is a file, not a folder"),
+    ("train_throughput.py", ["--device", "nonsense"], "--device 'nonsense': expected auto, cpu, cuda or cuda:N"),
+    ("train_throughput.py", ["--pretrained", "{tmp}/missing"], "--pretrained {tmp}/missing: not a diffusers pipeline folder"),
+    ("train_throughput.py", ["--peak_tflops", "0"], "argument --peak_tflops: 0.0 is not above 0"),
+    ("train_throughput.py", ["--size", "sd14", "--device", "cpu"], "--size sd14 trains SD v1.4's full U-Net at 512 px"),
+    ("memory_estimate.py", ["--resolution", "0"], "--resolution 0: expected a multiple of 64"),
+    ("memory_estimate.py", ["--json", "{tmp}"], "--json {tmp} is a folder; expected a file name"),
+])
+def test_benchmarks_refuse_bad_input_before_measuring(tmp_path, script, args, message):
+    (tmp_path / "a_file").write_text("")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--size", "tiny",
+                           *[a.format(tmp=tmp_path) for a in args]], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # (argparse adds its usage above)
+    assert lines[-1].startswith(f"{script}: error: ") and message.format(tmp=tmp_path) in lines[-1], lines[-1]
