@@ -81,20 +81,10 @@ TI_TOKEN, TI_INIT = "<lung-xray>", "lung"
 
 
 def _device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device must be there."""
-    from core.errors import UserError
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the studies' resolver: a bad name or a missing GPU is one error)."""
+    from evaluation.sources import study_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU visible; run on a GPU machine or use --device cpu (with --size tiny)")
-    return device
+    return study_device(name)
 
 
 def _precision(device: torch.device) -> str:
