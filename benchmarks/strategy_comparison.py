@@ -2,7 +2,7 @@
 
 For U-Net fine-tuning, U-Net + text encoder and LoRA at two ranks, each without and with an EMA, this trains the demo
 configuration (phantoms, prior preservation, 300 steps at the demo's rates) and prints one table: the
-finding-correctness AUROC with its 95 % bootstrap interval (64 images per prompt, the phantom classifier; the same
+finding-correctness AUROC with its 95 % Newcombe score interval (64 images per prompt, the phantom classifier; the same
 seeds for every model, the base model's row first), the checkpoint's size and the CPU seconds per training step.
 Writes ``comparison.json``, ``comparison.md`` and each run's ``finding_correctness.png`` under ``--out``.
 """

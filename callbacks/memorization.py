@@ -16,9 +16,15 @@ real patient images and are never logged. With ``stop_above`` the run stops once
 stops at the end of that batch, ``last.ckpt`` is saved as at any end of training, and the reason is printed and kept
 in the CSV's ``stopped`` column.
 
-Training features are computed once (at the start of fit, on every rank) and kept in memory. Under DDP the samples
-are sharded over ranks (image ``i`` of a prompt, seed ``seed + i``, goes to rank ``i % world_size``) and the counts
-are summed over ranks, so every rank sees the same copy rate and takes the same decision to stop.
+Prompts are asked as :class:`callbacks.fid.FIDCallback` asks them, through the module's own generator
+(``paper_prompt``): a textual-inversion run is sampled with its token, not as the base model.
+
+Training features are computed once, at the start of fit, and sharded: rank ``r`` of ``world_size`` reads and embeds
+training images ``r, r + world_size, ...`` a chunk at a time (:meth:`metrics.memorization.SimilaritySpace.embed_stream`)
+and keeps only their features. Generation is sharded too (image ``i`` of a prompt, seed ``seed + i``, goes to rank ``i %
+world_size``); at each check the ranks gather the generated images' features, each finds their nearest image in its
+shard, and the maxima are combined over ranks (all-reduce max), so every rank holds the same nearest-training
+similarities, the same copy rate, and takes the same decision to stop.
 """
 from __future__ import annotations
 
@@ -26,13 +32,14 @@ import csv
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from core.errors import UserError
 from datamodules.contract import RealImages, TrainingData, require
-from metrics.memorization import SimilaritySpace, calibrate, min_heldout, nearest
+from metrics.memorization import SimilaritySpace, calibrate, min_heldout
 from metrics.scores import MetricInputError
 
 CSV_NAME = "memorization_monitor.csv"
@@ -110,14 +117,16 @@ class MemorizationMonitor(Callback):
         options = {"pixel": {}, "image_encoder": {"model": self.image_encoder},
                    "classifier": {"classifier": self.classifier, "xrv_cache_dir": self.xrv_cache_dir}}[self.features]
         self._space = SimilaritySpace(self.features, **options)
-        self._train = self._space.embed(real.read_images(train_ids))
+        mine = train_ids[trainer.global_rank::trainer.world_size]  # this rank's shard
+        self._train = self._space.embed_stream(lambda start, stop: real.read_images(mine[start:stop]), len(mine))
         if self.threshold is None:
-            self._calibrate(data, real, set(train_ids))
-        rank_zero_info(f"MemorizationMonitor: {len(train_ids)} training images, {self._space.name}, copy threshold "
+            self._calibrate(trainer, data, real, set(train_ids))
+        shards = f" (a share on each of {trainer.world_size} ranks)" if trainer.world_size > 1 else ""
+        rank_zero_info(f"MemorizationMonitor: {len(train_ids)} training images{shards}, {self._space.name}, copy threshold "
                        f"{self.threshold:.4f} ({self.threshold_source}); {self.n_per_prompt} images × {len(self.prompts)} "
                        f"prompt(s) every {self.every_n_steps} steps")
 
-    def _calibrate(self, data: TrainingData, real: RealImages, train_ids: set) -> None:
+    def _calibrate(self, trainer: Trainer, data: TrainingData, real: RealImages, train_ids: set) -> None:
         heldout = [i for f in data.training_findings() for i in real.validation_images(f, self.max_heldout)]
         shared = sorted(train_ids.intersection(heldout))
         if shared:
@@ -130,9 +139,9 @@ class MemorizationMonitor(Callback):
                              f"calibrating the copy threshold at quantile {self.quantile:g} needs at least {need}. Give "
                              "more validation images (data max_val_images, a larger validation split), a lower quantile, "
                              "or a threshold (python evaluate.py memorization --calibrate_only states one for this run)")
-        similarity = self._space.similarity(self._space.embed(real.read_images(heldout)), self._train)
+        queries = self._space.embed_stream(lambda start, stop: real.read_images(heldout[start:stop]), len(heldout))
         try:
-            calibration = calibrate(nearest(similarity)[1], self.quantile)
+            calibration = calibrate(self._nearest_similarity(trainer, queries), self.quantile)
         except MetricInputError as err:
             raise MemorizationMonitorError(f"MemorizationMonitor: {err}") from None
         self.threshold = calibration.threshold
@@ -155,7 +164,7 @@ class MemorizationMonitor(Callback):
             self.reason = (f"MemorizationMonitor: copy rate {rate:.3f} ({copies}/{count} generated images closer to a "
                            f"training image than {self.threshold:.4f}) passed stop_above={self.stop_above:g} at step "
                            f"{step}: training stops at the end of this batch (train.py then saves last.ckpt)")
-            trainer.should_stop = True  # the same on every rank: the counts are summed over ranks
+            trainer.should_stop = True  # the same on every rank: each holds the same similarities
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
@@ -166,19 +175,28 @@ class MemorizationMonitor(Callback):
             if stop:
                 print(self.reason, flush=True)
 
+    def _nearest_similarity(self, trainer: Trainer, queries: torch.Tensor) -> np.ndarray:
+        """Each query's similarity to its nearest training image over every rank's shard: the nearest in this rank's
+        shard, then the maximum over ranks (every rank must call this with the same queries)."""
+        best = torch.from_numpy(self._space.nearest(queries, self._train)[1])
+        if trainer.world_size > 1:
+            best = trainer.strategy.reduce(best.to(trainer.strategy.root_device), reduce_op="max").cpu()
+        return best.numpy()
+
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> tuple[int, int, float]:
         seeds = [self.seed + i for i in range(trainer.global_rank, self.n_per_prompt, trainer.world_size)]
         was_training = pl_module.training
-        images = torch.cat([pl_module.generate([prompt] * len(seeds), seeds=seeds, steps=self.steps, guidance=self.guidance)
-                            for prompt in self.prompts])
+        generator = pl_module.generator()  # the prompts as the module is asked them (FIDCallback does the same)
+        images = torch.cat([pl_module.generate([generator.paper_prompt(prompt)] * len(seeds), seeds=seeds, steps=self.steps,
+                                               guidance=self.guidance) for prompt in self.prompts])
         pl_module.train(was_training)
         gray = (images.mean(1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-        similarity = nearest(self._space.similarity(self._space.embed(gray), self._train))[1]
-        local = torch.tensor([float((similarity > self.threshold).sum()), float(len(similarity)), float(similarity.sum())],
-                             dtype=torch.float32, device=pl_module.device)
-        summed = trainer.strategy.reduce(local, reduce_op="sum") if trainer.world_size > 1 else local
-        copies, count, total = summed.cpu().tolist()
-        return int(round(copies)), int(round(count)), float(total)
+        queries = self._space.embed(gray)
+        if trainer.world_size > 1:  # every rank's images against every rank's shard (equal shares: n_per_prompt checked)
+            gathered = trainer.strategy.all_gather(queries.to(trainer.strategy.root_device))
+            queries = gathered.reshape(-1, *queries.shape[1:]).cpu()
+        similarity = self._nearest_similarity(trainer, queries)
+        return int((similarity > self.threshold).sum()), len(similarity), float(similarity.sum())
 
     @staticmethod
     def _append_csv(path: Path, row: dict) -> None:

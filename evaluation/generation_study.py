@@ -4,8 +4,8 @@
 For the base Stable Diffusion and each trained run or export (any strategy), the same prompts are sampled with
 the same seeds. Per (strategy, prompt):
 
-* **FID** against real images of the matching finding, with its N and a bootstrap interval over the
-  generated images (:mod:`metrics.scores`). What the paper leaves open, fixed here:
+* **FID** against real images of the matching finding, with its N and a grouped-jackknife interval over the
+  generated images (:func:`metrics.scores.fid_with_ci`, docs/statistics.md). What the paper leaves open, fixed here:
   the reference set is frontal images of the chosen split (``test`` by default); prompts that name a
   pleural effusion are compared with effusion-positive images, every other prompt (the plain and the
   style prompt) with "No Finding" images. KID is added where N is small (``--kid``). Features (``--fid_features``):
@@ -17,7 +17,7 @@ the same seeds. Per (strategy, prompt):
 
 Per strategy, **finding correctness** (:mod:`metrics.finding_correctness`): a classifier (torchxrayvision's DenseNet,
 or the shipped phantom classifier) scores P(effusion) for every image; the AUROC of separating the effusion
-prompt's images from the plain prompt's images, with a bootstrap interval, and the accuracy at the
+prompt's images from the plain prompt's images, with Newcombe's score interval, and the accuracy at the
 classifier's 0.5 operating point. Textual-inversion models use their token in place of "lung xray".
 
 The paper's Table 4 values (0.03–0.27) are not on the scale of standard Inception FID; ours are not
@@ -365,7 +365,11 @@ def results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolutio
     lines = ["# Generation study", "",
              f"{cfg.n_per_prompt} images per prompt and strategy (seeds {cfg.seed}..{cfg.seed + cfg.n_per_prompt - 1}), {cfg.steps} "
              f"{cfg.scheduler} steps, guidance {cfg.guidance}, {resolution} px. References: frontal {cfg.split!r} images, "
-             + ", ".join(f"{k}: N = {v}" for k, v in real_n.items()) + f". Intervals: 95 % bootstrap ({cfg.n_boot} resamples).", "",
+             + ", ".join(f"{k}: N = {v}" for k, v in real_n.items())
+             + (f". Intervals (95 %, docs/statistics.md): FID ± t · jackknife SE over the generated images "
+                f"({min(cfg.n_boot, cfg.n_per_prompt)} groups, the reference set fixed); AUROC: Newcombe's score interval; "
+                f"MS-SSIM: percentile bootstrap over pairs ({cfg.n_boot} resamples)." if cfg.n_boot > 0 else
+                ". No intervals (--n_boot 0)."), "",
              f"## Table 4: FID ({cfg.fid_features} features), N generated per cell = {cfg.n_per_prompt}", "",
              "| Strategy | " + " | ".join(cfg.prompts) + " |", "|---|" + "---:|" * len(cfg.prompts)]
     beyond = {s.name for s in strategies if s.generator.info.get("strategy", "base model") not in PAPER_STRATEGIES}
@@ -424,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default="densenet121-res224-all", help="xrv weights name or tiny-phantom")
     p.add_argument("--xrv_cache_dir", default=None)
     p.add_argument("--kid", action="store_true", help="also KID (subset size capped at N)")
-    p.add_argument("--n_boot", type=int, default=100, help="bootstrap resamples for the intervals (0: none)")
+    p.add_argument("--n_boot", type=int, default=100, help="intervals: jackknife groups for FID (at most N), bootstrap "
+                   "resamples for MS-SSIM; AUROC's is analytic (0: no intervals)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--reader_kit", type=int, default=0, help="generated images per strategy and prompt in a blinded reader kit (0: none)")

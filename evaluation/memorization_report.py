@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -40,14 +41,15 @@ def report_markdown(cfg, space: str, real, calibration, summaries: list[dict]) -
     return "\n".join(lines) + "\n"
 
 
-def pairs_figure(table: pd.DataFrame, pools: dict, real, path: Path, n: int = 8) -> None:
-    """The ``n`` closest generated/training pairs, each row: generated | nearest training image, labelled."""
+def pairs_figure(table: pd.DataFrame, pools: dict, read_train: Callable[[list], np.ndarray], path: Path, n: int = 8) -> None:
+    """The ``n`` closest generated/training pairs, each row: generated | nearest training image, labelled
+    (``read_train(dicom_ids)``: those training images, uint8, read for the figure only)."""
     top = table.assign(row=table.groupby("model").cumcount()).nlargest(n, "train_similarity")
-    train_index = {d: i for i, d in enumerate(real.train["dicom_id"])}
+    train = read_train(top["nearest_train"].tolist())
     images, labels = [], []
-    for r in top.itertuples():
+    for k, r in enumerate(top.itertuples()):
         generated = pools[r.model][r.row]
-        images += [generated, real.train_images[train_index[r.nearest_train]]]
+        images += [generated, train[k]]
         label = (f"{r.model} seed {r.seed} | train {r.nearest_train[:8]}: {r.train_similarity:.3f}"
                  f"{' COPY' if r.copy else ''}")
         labels += [label, label]  # labelled_grid takes one label per image and writes each row's first
@@ -55,7 +57,10 @@ def pairs_figure(table: pd.DataFrame, pools: dict, real, path: Path, n: int = 8)
     labelled_grid(tensor, labels, per_prompt=2, title="closest generated | training pairs").save(path)
 
 
-def similarity_histogram(table: pd.DataFrame, heldout: np.ndarray, train_self: np.ndarray, threshold: float, path: Path) -> None:
+def similarity_histogram(table: pd.DataFrame, heldout: np.ndarray, train_self: np.ndarray, threshold: float, path: Path,
+                         train_of: Optional[int] = None) -> None:
+    """Nearest-training similarity per model, of the held-out images and of training images (self excluded; a sample
+    of ``train_of`` training images when ``len(train_self)`` is fewer: the label says so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +68,9 @@ def similarity_histogram(table: pd.DataFrame, heldout: np.ndarray, train_self: n
 
     fig, ax = plt.subplots(figsize=(7, 4))
     values = [table[table["model"] == m]["train_similarity"].to_numpy() for m in table["model"].unique()]
-    groups = [*zip(table["model"].unique(), values), ("held-out (other patients)", heldout), ("training (self excluded)", train_self)]
+    sampled = f", a random {len(train_self)} of {train_of}" if train_of and train_of > len(train_self) else ""
+    groups = [*zip(table["model"].unique(), values), ("held-out (other patients)", heldout),
+              (f"training (self excluded{sampled})", train_self)]
     lo = min(float(np.min(v)) for _, v in groups)
     bins = np.linspace(lo, 1.0, 40)
     for name, v in groups:

@@ -14,8 +14,12 @@ A generated image is a **copy** when it is closer to a training image than the `
 held-out images come (:mod:`metrics.memorization`); the false-positive rate of that threshold on held-out images is
 measured and reported. Outputs in ``--out``: ``memorization.md`` and ``memorization.csv`` (one row per generated image),
 ``closest_pairs.png`` (the closest generated/training pairs side by side), ``similarities.png`` (histograms of
-nearest-training similarity for generated, held-out and training images, the latter self-excluded) and
-``provenance.json``.
+nearest-training similarity for generated, held-out and training images, the latter self-excluded, of a seeded sample
+of at most 2,000 training images) and ``provenance.json``.
+
+**At full size.** Real images are read, embedded and dropped :data:`metrics.memorization.CHUNK` at a time (only their
+features are kept) and nearest neighbours are found block by block (:func:`metrics.memorization.nearest_blockwise`):
+no pixel array of the training set, no train × train matrix.
 
 **Local only.** Training images are real patient images: the figures stay in ``--out`` and nothing is logged to W&B.
 A feature-space criterion is evidence of copying, not proof of privacy either way.
@@ -41,11 +45,12 @@ from datamodules.mimic_cxr import check_patient_disjoint
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.study_images import load_images, select_folder, select_mimic
 from evaluation.sources import SourceError, Strategy, load_strategies
-from metrics.memorization import SimilaritySpace, audit, calibrate, cosine_similarity, nearest
+from metrics.memorization import SimilaritySpace, audit, calibrate
 from metrics.scores import MetricInputError, frechet_distance
 from models.generator import seed_value
 
 STUDY_PACKAGES = ("torch", "diffusers", "transformers", "torchxrayvision", "numpy")
+TRAIN_SELF_SAMPLE = 2000  # training images whose nearest other training image the histogram shows (seeded sample)
 
 
 class MemorizationAuditError(UserError, ValueError):
@@ -76,12 +81,20 @@ class AuditConfig:
 
 @dataclass
 class RealSets:
+    """The training and held-out records; their pixels are read when needed (:meth:`read`), never all kept."""
+
     train: pd.DataFrame
-    train_images: np.ndarray  # uint8 [N, H, W]
     heldout: pd.DataFrame
-    heldout_images: np.ndarray
     findings: list[str]
     resolution: int
+
+    def read(self, records: pd.DataFrame) -> np.ndarray:
+        """uint8 ``[len(records), H, W]``, decoded and resized as training does (an unreadable image is an error)."""
+        return load_images(records, self.resolution)[1]
+
+    def embed(self, space: SimilaritySpace, records: pd.DataFrame) -> torch.Tensor:
+        """The features of ``records``, read and embedded a chunk at a time."""
+        return space.embed_stream(lambda start, stop: self.read(records.iloc[start:stop]), len(records))
 
 
 def read_training_data(cfg: AuditConfig) -> dict:
@@ -121,9 +134,26 @@ def real_sets(cfg: AuditConfig) -> RealSets:
     check_patient_disjoint(train, heldout, f"the training images of {source} and the held-out images (test split of {heldout_root})")
     if cfg.max_heldout is not None and len(heldout) > cfg.max_heldout:
         heldout = heldout.sample(n=cfg.max_heldout, random_state=cfg.seed).reset_index(drop=True)
-    train, train_images, _ = load_images(train, resolution)
-    heldout, heldout_images, _ = load_images(heldout, resolution)
-    return RealSets(train, train_images, heldout, heldout_images, findings, resolution)
+    return RealSets(train, heldout, findings, resolution)
+
+
+def reference_features(space: SimilaritySpace, real: RealSets, quantile: float, seed: int) -> dict:
+    """Training and held-out features (streamed), the held-out images' nearest training images and the calibration
+    (too few held-out images: refused here, before anything is generated)."""
+    feats = {"train": real.embed(space, real.train), "heldout": real.embed(space, real.heldout)}
+    feats["h2t"] = space.nearest(feats["heldout"], feats["train"])
+    feats["calibration"] = calibrate(feats["h2t"][1], quantile, seed)
+    return feats
+
+
+def train_self_nearest(space: SimilaritySpace, train: torch.Tensor, seed: int) -> tuple[np.ndarray, dict]:
+    """For a seeded sample of at most :data:`TRAIN_SELF_SAMPLE` training images (all when fewer), the similarity of
+    the nearest *other* training image, against every training image: the histogram's training curve without an
+    ``[N, N]`` matrix. Returns the similarities and ``{"images", "of", "seed"}`` (kept in the provenance)."""
+    n = len(train)
+    rows = np.arange(n) if n <= TRAIN_SELF_SAMPLE else np.sort(
+        np.random.default_rng(seed).choice(n, TRAIN_SELF_SAMPLE, replace=False))
+    return space.nearest(train[rows], train, exclude=rows)[1], {"images": int(len(rows)), "of": n, "seed": seed}
 
 
 def similarity_space(cfg: AuditConfig) -> SimilaritySpace:
@@ -179,12 +209,10 @@ def generate_set(cfg: AuditConfig, strategy: Strategy, prompts: Sequence[str], r
 
 def audit_model(cfg: AuditConfig, space: SimilaritySpace, real: RealSets, feats: dict, name: str, rows: pd.DataFrame,
                 images: np.ndarray) -> tuple[pd.DataFrame, dict]:
-    gen_feats = space.embed(images)
-    g2t = space.similarity(gen_feats, feats["train"])
-    g2h = space.similarity(gen_feats, feats["heldout"])
-    result = audit(g2t, feats["h2t"], real.train["subject_id"].tolist(), cfg.quantile, seed=cfg.seed,
-                   calibration=feats["calibration"])
-    held_index, held_sim = nearest(g2h)
+    gen_feats = space.embed_stream(lambda start, stop: images[start:stop], len(images))
+    result = audit(space.nearest(gen_feats, feats["train"]), None, real.train["subject_id"].tolist(), cfg.quantile,
+                   seed=cfg.seed, calibration=feats["calibration"], n_train=len(real.train))
+    held_index, held_sim = space.nearest(gen_feats, feats["heldout"])
     table = rows.reset_index(drop=True).assign(
         model=name, nearest_train=real.train["dicom_id"].to_numpy()[result["nearest_train"]],
         train_similarity=result["similarity"], nearest_heldout=real.heldout["dicom_id"].to_numpy()[held_index],
@@ -193,19 +221,20 @@ def audit_model(cfg: AuditConfig, space: SimilaritySpace, real: RealSets, feats:
                "mean_train_similarity": float(result["similarity"].mean()),
                "train_images_copied": int((result["copies_per_train_image"] > 0).sum()),
                "subjects_copied": result["subjects_copied"]["copied"], "subjects": result["subjects_copied"]["of"]}
-    if space.has_features:
-        summary.update(fid_and_mifid(gen_feats, feats["train"]))
+    if space.has_features:  # feature spaces compare by cosine: the nearest similarities are MiFID's
+        summary.update(fid_and_mifid(gen_feats, feats["train"], result["similarity"]))
     return table, summary
 
 
-def fid_and_mifid(generated: torch.Tensor, train: torch.Tensor, epsilon: float = 0.1) -> dict:
+def fid_and_mifid(generated: torch.Tensor, train: torch.Tensor, nearest_cosine: np.ndarray, epsilon: float = 0.1) -> dict:
     """FID of generated against training features, and MiFID: FID divided by the memorization distance ``d`` (mean over
-    generated images of 1 − the largest cosine similarity to a training image) when ``d < epsilon`` (Bai et al. 2021;
-    torchmetrics' ``MemorizationInformedFrechetInceptionDistance`` does the same on Inception features only)."""
+    generated images of 1 − the largest cosine similarity to a training image, ``nearest_cosine``) when ``d < epsilon``
+    (Bai et al. 2021; torchmetrics' ``MemorizationInformedFrechetInceptionDistance`` does the same on Inception
+    features only)."""
     if len(generated) < 2 or len(train) < 2:
         return {"fid": float("nan"), "mifid": float("nan"), "memorization_distance": float("nan")}
     fid = frechet_distance(train.double(), generated.double())
-    distance = float(1 - nearest(cosine_similarity(generated, train))[1].mean())
+    distance = float(1 - np.asarray(nearest_cosine).mean())
     return {"fid": fid, "mifid": fid / (distance + 1e-15) if distance < epsilon else fid, "memorization_distance": distance}
 
 
@@ -261,10 +290,8 @@ def audit_training_set(cfg: AuditConfig, log=print) -> tuple[Path, list[dict]]:
         raise MemorizationAuditError(f"--out {out}: holds an earlier audit; pass --overwrite or give another folder")
     real = real_sets(cfg)
     space = similarity_space(cfg)
-    feats = {"train": space.embed(real.train_images), "heldout": space.embed(real.heldout_images)}
-    feats["h2t"] = space.similarity(feats["heldout"], feats["train"])
-    calibration = calibrate(nearest(feats["h2t"])[1], cfg.quantile, cfg.seed)  # too few held-out images: refused before generating
-    feats["calibration"] = calibration
+    feats = reference_features(space, real, cfg.quantile, cfg.seed)
+    calibration = feats["calibration"]
     log(f"training images: {len(real.train)}; held-out images (test split, other patients): {len(real.heldout)}; "
         f"features: {space.name}; copy threshold {calibration.threshold:.4f} (false-positive rate on held-out images "
         f"{100 * calibration.false_positive_rate:.1f}%)")
@@ -285,15 +312,16 @@ def audit_training_set(cfg: AuditConfig, log=print) -> tuple[Path, list[dict]]:
     table.to_csv(out / "memorization.csv", index=False)
     from evaluation.memorization_report import pairs_figure, report_markdown, similarity_histogram
 
-    t2t = space.similarity(feats["train"], feats["train"])
-    similarity_histogram(table, nearest(feats["h2t"])[1], nearest(t2t, exclude_self=True)[1], calibration.threshold,
-                         out / "similarities.png")
-    pairs_figure(table, pools, real, out / "closest_pairs.png")
+    train_self, sample = train_self_nearest(space, feats["train"], cfg.seed)
+    similarity_histogram(table, feats["h2t"][1], train_self, calibration.threshold, out / "similarities.png",
+                         train_of=sample["of"])
+    by_id = real.train.set_index("dicom_id")
+    pairs_figure(table, pools, lambda ids: real.read(by_id.loc[list(ids)].reset_index()), out / "closest_pairs.png")
     (out / "memorization.md").write_text(report_markdown(cfg, space.name, real, calibration, summaries))
     summary_csv([{"training set of": Path(cfg.train_data or cfg.runs[0]).name, **s} for s in summaries], out)
     settings = asdict(cfg)
     inputs = {"runs": cfg.runs, "training_images": len(real.train), "heldout_images": len(real.heldout),
-              "calibration": calibration.as_dict(), "seconds": round(time.time() - started, 1)}
+              "calibration": calibration.as_dict(), "train_self_sample": sample, "seconds": round(time.time() - started, 1)}
     provenance.write(out / "provenance.json", provenance.record("study/memorization", settings, inputs, packages=STUDY_PACKAGES))
     log(f"wrote {out / 'memorization.md'}")
     return out, summaries

@@ -9,8 +9,8 @@ Does a model draw every finding a report names, and only those? RoentGen-v2's pr
 2. **Images.** Every strategy draws ``--images_per_report`` images per impression (seeds ``seed + i``).
 3. **Scoring.** The classifier (torchxrayvision's DenseNet, 18 labels; the phantom classifier for the demo) scores
    every image on every finding it knows. Per finding, the AUROC of "classifier score" against "the report's CheXpert
-   label" (positive 1.0 against negative 0.0 or blank; uncertain -1.0 left out), with a bootstrap 95% interval; macro:
-   their mean, with an interval from resampling the images jointly.
+   label" (positive 1.0 against negative 0.0 or blank; uncertain -1.0 left out), with Newcombe's 95% score interval; macro:
+   their mean, with a percentile bootstrap interval from resampling the images jointly.
 4. **Confusion view.** Mean score of each finding among the images drawn for each class: what appears without being
    asked for shows off the diagonal.
 5. **Long prompts.** Impressions longer than a model's text window are handled as the model states
@@ -200,8 +200,8 @@ def write_report_outputs(cfg, out: Path, drawn: pd.DataFrame, table: pd.DataFram
              f"{len(drawn)} test-split impressions ({cfg.n_reports_per_class} per class: {', '.join(classes)}; seed "
              f"{cfg.seed}), {cfg.images_per_report} image(s) each at {resolution} px, {cfg.steps} {cfg.scheduler} steps, "
              f"guidance {cfg.guidance}. Classifier: {cfg.classifier}. Per finding: AUROC of the classifier's score "
-             "against the report's CheXpert label (uncertain labels left out), 95% bootstrap interval "
-             f"({cfg.n_boot} resamples); 0.5 is chance.", "",
+             "against the report's CheXpert label (uncertain labels left out), Newcombe's 95% score interval; macro: "
+             f"95% percentile bootstrap over the images ({cfg.n_boot} resamples); 0.5 is chance.", "",
              "| strategy | " + " | ".join(findings) + " |", "|---|" + "---:|" * len(findings)]
     for name in names:
         cells = []

@@ -28,15 +28,15 @@ TABLES = (
     ("table3", "Table 3: CheXpert@k per class, best extraction of each encoder", "studies/text_encoders/table3.csv", 0, ""),
     ("table4", "Table 4: FID per strategy and prompt", "studies/generation/table4.csv", 0,
      "Standard FID on our feature extractor: not on the paper's scale (its values are 0.03-0.27). Compare rows with each other, "
-     "at equal N; fid.csv has N and bootstrap intervals."),
+     "at equal N; fid.csv has N and grouped-jackknife intervals (docs/statistics.md)."),
     ("finding_correctness", "Finding correctness (ours): does the image show the finding the prompt asks for?",
      "studies/generation/finding_correctness.csv", None,
      "AUROC of the classifier's P(effusion) separating the effusion prompt's images from the plain prompt's; 0.5 = chance."),
     ("memorization", "Memorization audit (beyond the paper): generated images that copy a training image",
      "studies/memorization/summary.csv", None,
      "Per training set (runs trained on the same images share one), the base model as the control: the share of generated "
-     "images closer to a training image than the calibrated quantile of other patients' images, with a 95% bootstrap "
-     "interval. Evidence of copying in one feature space, not proof of privacy; each folder's memorization.md states the "
+     "images closer to a training image than the calibrated quantile of other patients' images, with its exact "
+     "(Clopper-Pearson) 95% interval. Evidence of copying in one feature space, not proof of privacy; each folder's memorization.md states the "
      "threshold and its false-positive rate."),
     ("report_auroc", "Report-conditioned generation (beyond the paper): AUROC per finding",
      "studies/generation_reports/report_auroc.csv", None,

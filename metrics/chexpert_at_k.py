@@ -24,15 +24,18 @@ when it is a neighbour) and ``scored_for [n, C]`` (which classes report ``i`` is
     rate[i, c]  = mean_{j in N_k(i)} member[j, c]
     score[c]    = sum_i scored_for[i, c] * rate[i, c] / sum_i scored_for[i, c]
 
-**Ties.** ``N_k(i)`` takes every report strictly more similar than the k-th largest similarity, then
-fills the remaining places with the reports *equal* to it in increasing index order (the study's report
-order: by class, then study id). The result is deterministic, unlike ``torch.topk``/``argsort``, whose
-order among equal values is unspecified. With identical embeddings every similarity ties, so the
-neighbours are the first reports of the list; the score then measures the list order, not the encoder.
+**Ties.** Every report strictly more similar than the k-th largest similarity is a neighbour; the
+``k - |above|`` places left are *shared* by all ``t`` reports equal to it, each counting
+``(k - |above|) / t`` of a neighbour (:func:`neighbour_weights`). That is the expectation of the score
+under random tie-breaking, computed exactly: deterministic, and independent of the report order.
+(Filling the places in index order, as before issue 29, let the order decide: the sample is sorted by
+class, so with coarse similarities such as the bag-of-words baseline's the first class collected the
+tied neighbours, 0.96 with no class signal at all, chance 0.07.) With identical embeddings every
+similarity ties and every report scores the share of its own class among the others (chance);
 :func:`is_degenerate` flags such embeddings so that they are reported, not scored.
 
 **Scale.** Similarities are computed in row chunks (``max_chunk_elements`` similarities at a time) and
-the k nearest are kept per chunk, so memory is ``O(chunk · n)``: 700 reports take milliseconds and
+only each report's share of neighbours per class is kept, so memory is ``O(chunk · n)``: 700 reports take milliseconds and
 100k reports fit in a few hundred MB.
 """
 from __future__ import annotations
@@ -105,25 +108,45 @@ class TokenIoUSimilarity:
 
 
 # ---------------------------------------------------------------------------------------------- neighbours
-def top_k_neighbours(sim: torch.Tensor, row_offset: int, k: int) -> torch.Tensor:
-    """Indices ``[m, k]`` of the k most similar columns of each row of ``sim [m, n]``, itself excluded.
-
-    Row ``r`` is report ``row_offset + r``; its own column is never chosen. Ties at the k-th place are
-    broken by lower column index (see the module docstring). Columns come out in increasing index order.
-    """
+def _above_and_tied(sim: torch.Tensor, row_offset: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(above [m, n], tied [m, n], share [m, 1])``: the columns above the k-th largest similarity of each row, those
+    equal to it, and the share of a neighbour each tied column counts (see :func:`neighbour_weights`)."""
     m, n = sim.shape
     if not 0 < k < n:
         raise ValueError(f"k={k}: need 1 <= k < {n} (the number of other reports)")
-    sim = sim.clone()
+    sim = torch.nan_to_num(sim, nan=-torch.inf)  # a new tensor: the caller's similarities are not changed
     rows = torch.arange(m, device=sim.device)
-    sim[rows, row_offset + rows] = -torch.inf
-    sim = torch.nan_to_num(sim, nan=-torch.inf)
+    own = row_offset + rows
+    sim[rows, own] = -torch.inf
     kth = sim.topk(k, dim=1).values[:, -1:]
-    greater = sim > kth
-    equal = sim == kth
-    need = k - greater.sum(1, keepdim=True)
-    chosen = greater | (equal & (equal.cumsum(1) <= need))
-    return chosen.nonzero()[:, 1].reshape(m, k)
+    above = sim > kth
+    tied = sim == kth
+    tied[rows, own] = False  # when fewer than k others are finite, the k-th is -inf like the report itself
+    share = (k - above.sum(1, keepdim=True)).double() / tied.sum(1, keepdim=True).double()
+    return above, tied, share
+
+
+def neighbour_weights(sim: torch.Tensor, row_offset: int, k: int) -> torch.Tensor:
+    """How much of a neighbour each column is, ``[m, n]`` float64 (each row sums to k), from ``sim [m, n]``.
+
+    Row ``r`` is report ``row_offset + r``; its own column gets 0. Columns above the k-th largest similarity get 1,
+    the ``t`` columns equal to it ``(k - |above|) / t`` each (the expectation under random tie-breaking; see the module
+    docstring), the rest 0. NaN similarities count as the lowest.
+    """
+    above, tied, share = _above_and_tied(sim, row_offset, k)
+    return above.double() + tied.double() * share
+
+
+def neighbour_rates(sim: torch.Tensor, row_offset: int, k: int, member: torch.Tensor) -> torch.Tensor:
+    """``[m, C]`` float64: ``neighbour_weights(sim, row_offset, k) @ member / k``, without the float64 ``[m, n]``.
+
+    The counts of members above and tied are float32 matrix products of 0/1 values, exact below 2**24 reports (TF32
+    keeps 0 and 1 exact too); only the per-row share is fractional."""
+    above, tied, share = _above_and_tied(sim, row_offset, k)
+    member32 = member.to(sim.device, torch.float32)
+    count_above = (above.float() @ member32).double()
+    count_tied = (tied.float() @ member32).double()
+    return (count_above + share * count_tied).cpu() / k
 
 
 def chunk_rows(n: int, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> int:
@@ -184,11 +207,9 @@ def chexpert_at_k(
         raise ValueError(f"k={k}: expected k >= 1")
     step = chunk_rows(n, max_chunk_elements)
     rates = torch.full((n, len(classes)), torch.nan, dtype=torch.float64)
-    member_f = member.to(torch.float64)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        neighbours = top_k_neighbours(similarity(start, stop), start, k).cpu()
-        rate = member_f[neighbours].mean(1)
+        rate = neighbour_rates(similarity(start, stop), start, k, member)
         rates[start:stop] = torch.where(scored_for[start:stop], rate, torch.nan)
     counts = scored_for.sum(0)
     per_class, count_of = {}, {}

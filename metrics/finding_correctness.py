@@ -2,7 +2,7 @@
 
 A classifier with the torchxrayvision interface (:mod:`metrics.classifiers`) scores each generated image for the
 finding; a strategy is judged by how well the scores separate images made from the finding's prompt from images made
-from the "no finding" prompt (AUROC, threshold-free, with a bootstrap interval), and by the accuracy at the
+from the "no finding" prompt (AUROC, threshold-free, with Newcombe's score interval), and by the accuracy at the
 classifier's operating point (0.5).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The metrics module: FID (closed form, and accumulated as a torchmetrics Metric), KID, MS-SSIM diversity at small sizes,
-bootstrap intervals."""
+intervals (what they mean: tests/test_intervals.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -53,10 +53,10 @@ def test_ms_ssim_uses_fewer_scales_on_small_images_and_records_them():
 
 
 def test_auroc_with_interval():
-    out = auroc_with_ci([0.9, 0.8, 0.95], [0.1, 0.2, 0.3], n_boot=50)
-    assert out["auroc"] == 1.0 and out["ci_low"] == 1.0
+    # the perfect-separation case (no "[1, 1]") is in tests/test_intervals.py
     mixed = auroc_with_ci([0.9, 0.2, 0.6, 0.4], [0.5, 0.3, 0.7, 0.1], n_boot=100)
-    assert 0 <= mixed["ci_low"] <= mixed["auroc"] <= mixed["ci_high"] <= 1
+    assert 0 <= mixed["ci_low"] < mixed["auroc"] < mixed["ci_high"] <= 1 and mixed["auroc"] == 0.625
+    assert np.isnan(auroc_with_ci([0.9, 0.2], [0.5, 0.3], n_boot=0)["ci_low"])  # n_boot 0: no interval, as --n_boot 0 asks
 
 
 def test_fid_accumulated_batch_by_batch_is_the_same_fid_and_keeps_its_real_side():

@@ -69,6 +69,51 @@ def test_too_few_held_out_images_are_refused_naming_the_need():
         calibrate(np.zeros(50), quantile=0.99)
 
 
+def test_blockwise_nearest_neighbours_equal_the_dense_ones(sets):
+    """Nearest neighbours 3 × 3 similarities at a time (running max and argmax over blocks) are the dense matrix's: in
+    pixel space (shift alignment per block), in feature space, and leaving a sampled set's self out. The same
+    neighbours, exactly; the same similarities up to the rounding of a matrix product of another shape (BLAS rounds a
+    3-row product otherwise than a 12-row one: up to 4e-6 seen in float32 pixels, 1e-13 in float64 features)."""
+    from metrics.memorization import SimilaritySpace, nearest_blockwise
+
+    train, heldout, _, _ = sets
+    space = SimilaritySpace("pixel")
+    t, h = (space.embed((x * 255).round().astype(np.uint8)) for x in (train, heldout[:12]))
+    dense = nearest(aligned_pixel_similarity(h, t))
+    for got, want in ((space.nearest(h, t, block=3), dense), (space.nearest(t, t, block=3, exclude=np.arange(10)),
+                                                            nearest(aligned_pixel_similarity(t, t), exclude_self=True))):
+        assert np.array_equal(got[0], want[0]) and np.allclose(got[1], want[1], rtol=0, atol=1e-5)
+    a, b = np.random.default_rng(2).normal(size=(50, 8)), np.random.default_rng(3).normal(size=(37, 8))
+    rows = np.array([3, 10, 36])
+    index, value = nearest_blockwise(cosine_similarity, b[rows], b, exclude=rows, block=4)
+    want = nearest(cosine_similarity(b, b), exclude_self=True)
+    assert np.array_equal(index, want[0][rows]) and np.allclose(value, want[1][rows], rtol=0, atol=1e-12)
+    index, value = nearest_blockwise(cosine_similarity, a, b, block=4)
+    want = nearest(cosine_similarity(a, b))
+    assert np.array_equal(index, want[0]) and np.allclose(value, want[1], rtol=0, atol=1e-12)
+    index, value = nearest_blockwise(cosine_similarity, a, b[:0])  # no keys (a rank without training images)
+    assert (index == -1).all() and np.isneginf(value).all()
+
+
+def test_the_audit_takes_blockwise_neighbours_with_the_training_set_size(sets):
+    """What the study passes (nearest neighbours found blockwise, the number of training images) gives the dense
+    matrix's verdicts; without that number, or without any calibration, the audit says what is missing."""
+    from metrics.memorization import SimilaritySpace
+
+    train, heldout, copies, new = sets
+    generated = np.concatenate([copies["exact"], new[:5]])
+    space = SimilaritySpace("pixel")
+    t, g = (space.embed((x * 255).round().astype(np.uint8)) for x in (train, generated))
+    dense = audit(aligned_pixel_similarity(generated, train), aligned_pixel_similarity(heldout, train), quantile=0.99)
+    blockwise = audit(space.nearest(g, t, block=4), None, calibration=dense["calibration"], n_train=len(train))
+    assert blockwise["is_copy"].tolist() == dense["is_copy"].tolist() == [True] * 3 + [False] * 5
+    assert blockwise["copies_per_train_image"].tolist() == dense["copies_per_train_image"].tolist()
+    with pytest.raises(MetricInputError, match="pass n_train, the number of training images"):
+        audit(space.nearest(g, t), None, calibration=dense["calibration"])
+    with pytest.raises(MetricInputError, match="heldout_to_train is None and no calibration given"):
+        audit(space.nearest(g, t), None, n_train=len(train))
+
+
 def test_feature_space_similarity_and_self_exclusion():
     feats = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     sim = cosine_similarity(feats, feats)
@@ -103,16 +148,27 @@ def audit_args(run, out, *extra):
     return ["--runs", str(run), "--out", str(out), "--features", "pixel", "--quantile", "0.9", *extra]
 
 
-def test_the_audit_flags_copied_training_images_and_writes_its_report(reference_run, heldout_root, tmp_path):
+def test_the_audit_flags_copied_training_images_and_writes_its_report(reference_run, heldout_root, tmp_path, monkeypatch):
     """A folder holding three training images (one shifted, one with its contrast changed) and three images of other
     patients (the held-out root's validation split, not used for calibration):
-    the audit from the run's data.json calls exactly the three copies copies, and writes every output."""
+    the audit from the run's data.json calls exactly the three copies copies, and writes every output. It streams:
+    real images are read 4 at a time and never kept, similarities computed 4 × 4 at a time (no train × train matrix)."""
     import json
 
     from PIL import Image
 
+    import evaluation.memorization_study as study
+    import metrics.memorization as memorization
     from datamodules.study_images import load_images, select_mimic
     from evaluation.memorization_study import main
+
+    monkeypatch.setattr(memorization, "CHUNK", 4)
+    monkeypatch.setattr(memorization, "BLOCK", 4)
+    read, shapes = [], []
+    monkeypatch.setattr(study, "load_images", lambda records, *a, **k: (read.append(records), load_images(records, *a, **k))[1])
+    similarity = memorization.SimilaritySpace.similarity
+    monkeypatch.setattr(memorization.SimilaritySpace, "similarity",
+                        lambda self, a, b: (shapes.append((len(a), len(b))), similarity(self, a, b))[1])
 
     data = json.loads((reference_run / "data.json").read_text())
     records = select_mimic(data["root"], None, 0, "all")
@@ -131,7 +187,13 @@ def test_the_audit_flags_copied_training_images_and_writes_its_report(reference_
     report = (out / "memorization.md").read_text()
     assert "3 | 50.0% [" in report and "the 0.9 quantile of the held-out images' nearest-training similarities" in report
     assert (out / "closest_pairs.png").is_file() and (out / "similarities.png").is_file()
-    assert json.loads((out / "provenance.json").read_text())["records"][0]["what"] == "study/memorization"
+    record = json.loads((out / "provenance.json").read_text())["records"][0]
+    n_train = len(data["train"])
+    *real, figure = [r for r in read if "subject_id" in r.columns]  # training, held-out; the pairs figure's last
+    assert max(map(len, real)) <= 4 and sum(map(len, real)) == n_train + record["inputs"]["heldout_images"] > 8
+    assert len(figure) <= 8 and shapes and max(a for a, _ in shapes) <= 4 and max(b for _, b in shapes) <= 4
+    assert record["what"] == "study/memorization"
+    assert record["inputs"]["train_self_sample"] == {"images": n_train, "of": n_train, "seed": 0}  # all: fewer than 2,000
     assert main(audit_args(reference_run, out, "--generated", str(folder), "--heldout_root", str(heldout_root))) == 2  # kept
 
 
@@ -210,6 +272,118 @@ def test_the_monitor_stops_a_copying_run_with_a_checkpoint_and_says_why(heldout_
     assert pd.read_csv(tmp_path / "memorization_monitor.csv")["stopped"].tolist() == [True]
 
 
+def test_each_rank_of_the_monitor_reads_and_keeps_only_its_share_of_the_training_images(heldout_root, tmp_path, monkeypatch):
+    """Under DDP rank r embeds training images r, r + 2, ..., 2 at a time: no rank holds every training image, or its
+    pixels (the nearest-neighbour maxima are combined over ranks at each check: the two-rank test below checks the
+    counts, tests/test_fid_callback.py runs it in a DDP fit)."""
+    from types import SimpleNamespace
+
+    import metrics.memorization as memorization
+    from callbacks.memorization import MemorizationMonitor
+    from datamodules.mimic_cxr import MIMICCXRDataModule
+
+    monkeypatch.setattr(memorization, "CHUNK", 2)
+    dm = MIMICCXRDataModule(root=str(heldout_root), findings=FINDINGS, resolution=64, batch_size=2, max_train_images=7,
+                            cache_dir=str(tmp_path / "cache"))
+    train = [r["dicom_id"] for r in dm.manifest()["train"]]
+    read_images, reads = dm.read_images, []
+    monkeypatch.setattr(dm, "read_images", lambda ids: (reads.append(list(ids)), read_images(ids))[1])
+    for rank in (0, 1):
+        reads.clear()
+        monitor = MemorizationMonitor(n_per_prompt=2, threshold=0.5)
+        monitor.setup(SimpleNamespace(world_size=2, global_rank=rank, datamodule=dm), None, "fit")
+        assert sum(reads, []) == train[rank::2] and max(map(len, reads)) == 2
+
+
+class CopyingModule:
+    """Stands in for a DiffusionModule at a check: seed ``s`` of prompt ``p`` is an exact copy of training phantom
+    ``COPIED[p][s // 2]`` when ``s`` is even, and noise when odd (so under 2 ranks rank 0 generates every copy)."""
+
+    COPIED = {"a": [0, 1], "b": [3, 4]}  # training phantoms 0 and 4 lie in rank 0's shard, 1 and 3 in rank 1's
+    training = True
+    weights_in_use = "trained"
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+    def generator(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(paper_prompt=lambda prompt: prompt)
+
+    def generate(self, prompts, seeds, **_):
+        train = phantoms(range(6), size=64)
+        images = [torch.from_numpy(train[self.COPIED[p][s // 2]]) if s % 2 == 0 else
+                  torch.from_numpy(np.random.default_rng(100 + s + 10 * len(p)).random((64, 64), dtype=np.float32))
+                  for p, s in zip(prompts, seeds)]
+        return torch.stack(images)[:, None].expand(-1, 3, -1, -1)
+
+
+def monitor_on_shard(rank: int, world: int):
+    """A monitor holding training phantoms ``rank, rank + world, ...`` of 6, and the trainer it sees."""
+    from types import SimpleNamespace
+
+    from callbacks.memorization import MemorizationMonitor
+    from metrics.memorization import SimilaritySpace
+
+    monitor = MemorizationMonitor(n_per_prompt=4, prompts=["a", "b"], threshold=0.9, steps=1)
+    monitor._space = SimilaritySpace("pixel")
+    monitor._train = monitor._space.embed((phantoms(range(6), size=64)[rank::world] * 255).round().astype(np.uint8))
+    strategy = None
+    if world > 1:  # Lightning's own DDP reduce and all_gather, on the gloo group the caller started
+        from lightning.fabric.plugins.environments import LightningEnvironment
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(parallel_devices=[torch.device("cpu")] * world, cluster_environment=LightningEnvironment(),
+                               process_group_backend="gloo")
+    return monitor, SimpleNamespace(world_size=world, global_rank=rank, strategy=strategy)
+
+
+def monitor_rank_main(rank: int, world: int, out) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=(out / "port").read_text(), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        monitor, trainer = monitor_on_shard(rank, world)
+        heldout = monitor._space.embed((phantoms([0, 3, 1000, 1001], size=64) * 255).round().astype(np.uint8))
+        result = {"check": monitor._check(trainer, CopyingModule()),
+                  "nearest": monitor._nearest_similarity(trainer, heldout).tolist()}
+        (out / f"monitor.{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_disjoint_shards_count_the_copies_a_single_process_counts(tmp_path):
+    """Two gloo ranks, each holding half the training phantoms and generating half the images (rank 0 every copy, of
+    training images in either shard): through Lightning's all_gather and all-reduce max both ranks find each image's
+    nearest training image over both shards, so both count the 4 copies of 8 that one process holding every training
+    image counts, with the same similarities (a per-rank count against its own shard would find 2)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        (tmp_path / "port").write_text(str(s.getsockname()[1]))
+    # spawn, not fork: a child forked after this process ran torch's OpenMP pool hangs in its first parallel op
+    mp.start_processes(monitor_rank_main, args=(2, tmp_path), nprocs=2, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"monitor.{r}.json").read_text()) for r in (0, 1)]
+    monitor, trainer = monitor_on_shard(0, 1)
+    copies, count, total = monitor._check(trainer, CopyingModule())
+    heldout = monitor._space.embed((phantoms([0, 3, 1000, 1001], size=64) * 255).round().astype(np.uint8))
+    single = monitor._nearest_similarity(trainer, heldout)
+    assert (copies, count) == (4, 8)
+    for rank in ranks:
+        assert rank["check"][:2] == [copies, count] and rank["check"][2] == pytest.approx(total, abs=1e-9)
+        assert np.allclose(rank["nearest"], single, rtol=0, atol=1e-12) and np.allclose(single[:2], 1.0)
+
+
 def test_the_monitor_refuses_what_it_cannot_calibrate(phantom_root, tmp_path):
     from callbacks.memorization import MemorizationMonitor
 
@@ -251,3 +425,28 @@ def test_an_image_encoder_folder_is_a_feature_space_and_a_missing_one_is_named(t
     with pytest.raises(ImageEncoderError, match=r"image encoder microsoft/rad-dino: 'microsoft/rad-dino' is neither a folder "
                                                 r"nor in the Hugging Face cache.*huggingface-cli download microsoft/rad-dino"):
         feature_extractor("image_encoder", model="microsoft/rad-dino")
+
+
+def test_the_monitor_samples_a_textual_inversion_run_through_its_token(phantom_root, tmp_path):
+    """The monitor asks a textual-inversion model what FIDCallback asks it (the training prompt with the token for "lung
+    xray"). The learning rate is 0, so only the token's row, moved between the two checks, can change what it samples."""
+    from lightning.pytorch import Callback
+
+    from callbacks.memorization import MemorizationMonitor
+    from conftest import phantom_dm, quiet_trainer
+    from lightning_modules.textual_inversion import TextualInversion
+
+    class MoveTheRow(Callback):
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            if trainer.global_step == 1:  # after the monitor's first check
+                with torch.no_grad():
+                    rows = module.token_embedding.new_rows
+                    rows.add_(10 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(0)))
+
+    monitor = MemorizationMonitor(every_n_steps=1, n_per_prompt=1, max_prompts=1, threshold=0.5, steps=2)
+    module = TextualInversion(model={"pretrained": "tiny-random"}, learning_rate=0.0, weight_decay=0.0)
+    quiet_trainer(2, callbacks=[monitor, MoveTheRow()], default_root_dir=str(tmp_path)).fit(
+        module, datamodule=phantom_dm(phantom_root, tmp_path))
+    assert monitor.prompts == ["a photo of a lung xray"]  # the datamodule's words; the module maps them to its token
+    first, second = pd.read_csv(tmp_path / "memorization_monitor.csv")["mean_train_similarity"].tolist()
+    assert first != second

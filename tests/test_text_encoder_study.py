@@ -14,7 +14,7 @@ import torch
 import evaluate
 from datamodules.mimic_cxr import CHEXPERT_CLASSES
 from metrics.chexpert_at_k import (CosineSimilarity, TokenIoUSimilarity, chexpert_at_k, class_matrices, is_degenerate,
-                                      top_k_neighbours)
+                                      neighbour_weights)
 from datamodules.report_corpus import ReportCorpusError
 from evaluation.text_encoder_study import (REGISTRY, TextEncoderStudyError, load_corpus, load_study_encoder,
                                            parse_encoders, sample_per_class)
@@ -44,24 +44,57 @@ def test_hand_computed_scores_exclude_the_report_itself():
     assert torch.equal(r.rates[:, 0].isnan(), torch.tensor([False, False, True, True]))
 
 
-def test_ties_are_broken_by_lower_index():
-    sim = torch.zeros(4, 4)
-    assert top_k_neighbours(sim, 0, 2).tolist() == [[1, 2], [0, 2], [0, 1], [0, 1]]
-    # strictly larger values always win; the tie at the k-th place is filled in index order
+def test_tied_neighbours_share_the_remaining_places():
+    # strictly larger values always count; the one place left at the k-th value is shared by the three tied columns
     sim = torch.tensor([[0.0, 0.5, 0.5, 0.9, 0.5]])
-    assert top_k_neighbours(sim, 0, 2).tolist() == [[1, 3]]
+    assert torch.allclose(neighbour_weights(sim, 0, 2), torch.tensor([[0.0, 1 / 3, 1 / 3, 1.0, 1 / 3]], dtype=torch.float64))
     # rows of a later chunk exclude their own column, not column r
-    assert top_k_neighbours(torch.ones(2, 4), 2, 3).tolist() == [[0, 1, 3], [0, 1, 2]]
+    assert neighbour_weights(torch.ones(2, 4), 2, 3).tolist() == [[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]]
+    # the credit is the expectation under random tie-breaking: 4000 random orders of coarse similarities
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 3, (12, 12)) / 2.0
+    coarse = np.triu(coarse, 1) + np.triu(coarse, 1).T
+    drawn = np.arange(12) % 3
+    member, scored = class_matrices(torch.from_numpy(drawn), None, 3, "paper")
+    got = chexpert_at_k(matrix_source(coarse), 12, member, scored, 3, "abc").rates[torch.arange(12), drawn].numpy()
+    hits = np.zeros(12)
+    for _ in range(4000):
+        key = rng.random(12)
+        for i in range(12):
+            others = [j for j in range(12) if j != i]
+            top = sorted(others, key=lambda j: (-coarse[i, j], key[j]))[:3]
+            hits[i] += np.mean(drawn[top] == drawn[i])
+    np.testing.assert_allclose(got, hits / 4000, atol=0.03)
+
+
+def test_coarse_similarities_without_class_signal_score_chance_in_any_report_order():
+    # issue 29: bag-of-words IoU of impressions drawn regardless of class ties nearly every neighbour. With ties to the
+    # lowest index (the sample is sorted by class) class 0 scored 0.958 and the table followed column order.
+    phrases = ["No acute cardiopulmonary process.", "No acute intrathoracic abnormality.", "Normal chest radiograph.",
+               "Stable appearance of the chest."]
+    rng = np.random.default_rng(0)
+    texts = [phrases[i] for i in rng.integers(0, len(phrases), 700)]
+    drawn = torch.arange(14).repeat_interleave(50)
+    member, scored = class_matrices(drawn, None, 14, "paper")
+    classes = [str(i) for i in range(14)]
+    r = chexpert_at_k(TokenIoUSimilarity(texts), 700, member, scored, 10, classes)
+    chance = 49 / 699
+    assert max(r.per_class.values()) < 0.15 and r.macro == pytest.approx(chance, abs=0.01), r.per_class
+    order = rng.permutation(700)  # the same reports in another order: the same scores
+    m2, s2 = class_matrices(drawn[order], None, 14, "paper")
+    shuffled = chexpert_at_k(TokenIoUSimilarity([texts[i] for i in order]), 700, m2, s2, 10, classes)
+    assert shuffled.per_class == pytest.approx(r.per_class, abs=1e-12)
 
 
 def test_identical_embeddings_are_flagged_and_explain_the_papers_clip_cls_score():
-    # 14 classes x 50 reports, every embedding the same: the tie rule picks the first 10 reports (class 0),
-    # so class 0 scores 1 and every other class 0: macro 1/14 = 7.1 %, the paper's 7.0 for CLIP "CLS".
+    # 14 classes x 50 reports, every embedding the same: every other report ties, so each gets credit 10 / 699 and a
+    # report's score is the share of its own class among the others, 49 / 699 = 7.0 % (chance): the paper's 7.0 for
+    # CLIP "CLS" is this, no measurement. (Ties to the lowest index gave class 0 100 %, the others 0, macro 1/14.)
     emb = torch.ones(700, 8)
     drawn = torch.arange(14).repeat_interleave(50)
     member, scored = class_matrices(drawn, None, 14, "paper")
     r = chexpert_at_k(CosineSimilarity(emb), 700, member, scored, 10, [str(i) for i in range(14)])
-    assert r.macro == pytest.approx(1 / 14)
+    assert r.macro == pytest.approx(49 / 699) and max(r.per_class.values()) == pytest.approx(49 / 699)
     assert is_degenerate(emb) and is_degenerate(emb + 1e-9 * torch.randn(700, 8))
     assert not is_degenerate(torch.randn(700, 8))
 
@@ -94,9 +127,13 @@ def test_chunked_scores_match_a_brute_force_reference():
     x = torch.nn.functional.normalize(emb.double(), dim=1).numpy()
     sims = x @ x.T
     ref = np.zeros(97)
-    for i in range(97):
-        order = sorted((j for j in range(97) if j != i), key=lambda j: (-round(sims[i, j], 12), j))[:k]
-        ref[i] = np.mean([drawn[j] == drawn[i] for j in order])
+    for i in range(97):  # the k-th largest value; the places left at it are shared by every report tied there
+        others = np.array([j for j in range(97) if j != i])
+        s_i = np.round(sims[i, others], 12)
+        kth = np.sort(s_i)[::-1][k - 1]
+        same = (drawn[others] == drawn[i]).numpy()
+        above, tied = s_i > kth, s_i == kth
+        ref[i] = (same[above].sum() + (k - above.sum()) * same[tied].mean()) / k
     small = chexpert_at_k(CosineSimilarity(emb), 97, member, scored, k, list("abcde"), max_chunk_elements=97)  # 1 row per chunk
     whole = chexpert_at_k(CosineSimilarity(emb), 97, member, scored, k, list("abcde"))
     got = small.rates[torch.arange(97), drawn].numpy()
