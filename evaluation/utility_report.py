@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
-from evaluation.utility_study import ARMS, intervals, score
+from evaluation.utility_study import ARMS, init_saw_test, intervals, score
 
 
 def differences(cfg, probabilities: dict, labels: np.ndarray) -> pd.DataFrame:
@@ -28,29 +29,36 @@ def differences(cfg, probabilities: dict, labels: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_outputs(cfg, out: Path, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: int) -> None:
+def write_outputs(cfg, out: Path, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: int,
+                  native: Optional[dict] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "utility.csv", index=False)
     diffs.to_csv(out / "differences.csv", index=False)
     plot(table, out / "utility.png")
-    (out / "utility.md").write_text(markdown(cfg, table, diffs, real, resolution))
+    (out / "utility.md").write_text(markdown(cfg, table, diffs, real, resolution, native))
 
 
-def markdown(cfg, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: int) -> str:
+def markdown(cfg, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: int, native: Optional[dict] = None) -> str:
+    """``native``: each source's generation size in px (its synthetic images are resized from it to ``resolution``)."""
     counts = ", ".join(f"{f}: {int(n)}" for f, n in zip(cfg.findings, real.train_labels.sum(0)))
     test_counts = ", ".join(f"{f}: {int(n)}" for f, n in zip(cfg.findings, real.test_labels.sum(0)))
+    sizes = ", ".join(f"{n} px" for n in sorted(set((native or {}).values())))
+    generated = f" (synthetic images generated at the models' native {sizes}, resized as the real ones)" if sizes else ""
     lines = ["# Utility of synthetic images", "",
              f"Real training set: {len(real.train_images)} frontal train-split images ({counts} positive; the rest No "
              f"Finding), mirrored one-to-one by each source's synthetic set ({cfg.prompt_source} prompts, "
              f"{cfg.gen_steps} {cfg.scheduler} steps, guidance {cfg.guidance}). Test: {len(real.test_images)} real "
              f"test-split images ({test_counts} positive). Classifier: {cfg.classifier} architecture, {cfg.init}, "
-             f"{resolution} px.", "",
-             f"**Budget**: arms a, b and c train {cfg.steps} steps of {cfg.batch_size} images at learning rate "
-             f"{cfg.learning_rate} (the same number of images seen); arm d trains {cfg.steps} steps on synthetic images "
-             f"then {cfg.steps} on real ones. Seeds: {cfg.seeds}. Intervals: 95% bootstrap over the test images "
-             f"({cfg.n_boot} resamples).", "",
-             "## Macro AUROC per arm (mean over seeds; per seed in utility.csv)", "",
-             "| source | " + " | ".join(f"({a}) {n}" for a, n in ARMS.items()) + " |", "|---|" + "---:|" * len(ARMS)]
+             f"{resolution} px{generated}.", ""]
+    leak = init_saw_test(cfg)
+    if leak:
+        lines += [f"**Caution**: {leak} (run with --i_know_init_saw_mimic_test).", ""]
+    lines += [f"**Budget**: arms a, b and c train {cfg.steps} steps of {cfg.batch_size} images at learning rate "
+              f"{cfg.learning_rate} (the same number of images seen); arm d trains {cfg.steps} steps on synthetic images "
+              f"then {cfg.steps} on real ones. Seeds: {cfg.seeds}. Intervals: 95% bootstrap over the test images "
+              f"({cfg.n_boot} resamples).", "",
+              "## Macro AUROC per arm (mean over seeds; per seed in utility.csv)", "",
+              "| source | " + " | ".join(f"({a}) {n}" for a, n in ARMS.items()) + " |", "|---|" + "---:|" * len(ARMS)]
     macro = table[table.finding == "macro"]
     for source in dict.fromkeys(macro["source"]):
         cells = []

@@ -4,7 +4,9 @@ For each source (the base model with ``--base``, then every run or export) a **s
 training set: one image per real training image (frontal ``train``-split images of ``--findings``, and "No Finding"
 images as negatives), prompted from that image's labels (``--prompt_source template``: the prompt of its first
 positive finding) or its report's impression (``impression``), carrying the same labels; seed ``seed + i`` for image
-``i``. Images already written to ``--out/synthetic/<source>/`` are kept, so an interrupted generation resumes.
+``i``. Each image is generated at the model's native size (SD v1.4: 512 px), kept at it, and resized to the
+classifier's resolution by the real images' own loader. Images already written to ``--out/synthetic/<source>/`` are
+kept, so an interrupted generation resumes.
 
 Four arms, each trained ``--seeds`` times (Lightning, :class:`lightning_modules.classifier_training.ClassifierTraining`)
 and scored on the **real test split**:
@@ -18,6 +20,10 @@ Per arm and seed: per-finding and macro AUROC with bootstrap 95% intervals over 
 difference to (a) averaged over seeds with a paired bootstrap interval (the same resampled test images for both arms).
 Outputs: ``utility.md``, ``utility.csv`` (arm × seed × finding), ``differences.csv``, ``utility.png``,
 ``provenance.json``. A finished arm (``arms/<source>/<arm>-seed<k>.npz``: its test probabilities) is not trained again.
+
+``--init pretrained`` from torchxrayvision weights trained on MIMIC-CXR ("all", "mimic_ch", "mimic_nb") is refused when
+the test split scored is MIMIC-CXR's, unless ``--i_know_init_saw_mimic_test``: xrv split MIMIC-CXR at random, not by
+its official split, so those weights very likely saw test-split patients.
 """
 from __future__ import annotations
 
@@ -32,16 +38,20 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from core import provenance
+from core import plugins, provenance
 from core.errors import UserError
 from datamodules.mimic_cxr import CHEXPERT_CLASSES, MIMICDataError
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.study_images import ImageSelectionError, load_images, select_mimic
 from evaluation.sources import SourceError, Strategy, load_strategies, study_device
+from metrics.classifiers import classifier_weights_file
 from metrics.scores import auroc
 
 ARMS = {"a": "real only", "b": "synthetic only", "c": "real + synthetic (mixed)", "d": "synthetic, then real"}
 PACKAGES = ("torch", "lightning", "diffusers", "torchxrayvision", "numpy")
+# The marker synthetic.phantoms.write_phantom_mimic writes into a phantom root (named, not imported: production code
+# does not import the demo package). Every other --mimic_root is taken to be MIMIC-CXR-JPG.
+PHANTOM_MARKER = "PHANTOMS.json"
 
 
 class UtilityStudyError(UserError, ValueError):
@@ -72,6 +82,7 @@ class UtilityConfig:
     n_boot: int = 200
     seed: int = 0
     device: str = "auto"
+    i_know_init_saw_mimic_test: bool = False
 
     def validate(self) -> None:
         unknown = [f for f in self.findings if f not in CHEXPERT_CLASSES or f == "No Finding"]
@@ -84,6 +95,27 @@ class UtilityConfig:
             raise UtilityStudyError("nothing to make synthetic images with: give --runs and/or --base")
         if self.prompt_source not in ("template", "impression"):
             raise UtilityStudyError(f"--prompt_source {self.prompt_source!r}: expected template or impression")
+        leak = init_saw_test(self)
+        if leak and not self.i_know_init_saw_mimic_test:
+            raise UtilityStudyError(f"{leak}; use --init scratch, or pass --i_know_init_saw_mimic_test to run anyway")
+
+
+def init_saw_test(cfg: UtilityConfig) -> Optional[str]:
+    """Why ``--init pretrained`` very likely starts from weights that saw the test patients, or None.
+
+    torchxrayvision's weights file names list their training sets (``nih-pc-chex-mimic_ch-...-densenet121-...pt``);
+    those with MIMIC-CXR trained on a random 80% of its images (xrv's ``scripts/train_utils.py``: ``random_split``),
+    not on its official train split. Only xrv weights are judged (a registered classifier, such as the phantom one, is
+    not), and only when the test split scored is MIMIC-CXR's (any root but the phantoms').
+    """
+    if cfg.init != "pretrained" or cfg.classifier in plugins.names(plugins.CLASSIFIERS):
+        return None
+    weights = classifier_weights_file(cfg.classifier, cfg.xrv_cache_dir)
+    if weights is None or "mimic" not in Path(weights).name or (Path(cfg.mimic_root) / PHANTOM_MARKER).is_file():
+        return None
+    return (f"--init pretrained: torchxrayvision's weights {Path(weights).name} (--classifier {cfg.classifier}) were "
+            f"trained on MIMIC-CXR split at random, not by its official split, so very likely on patients of the "
+            f"MIMIC-CXR test split scored here ({cfg.mimic_root}): the AUROCs would be optimistic")
 
 
 @dataclass
@@ -137,10 +169,16 @@ def prompts_for(cfg: UtilityConfig, real: RealData) -> list[str]:
 
 
 def synthetic_set(cfg: UtilityConfig, strategy: Strategy, prompts: Sequence[str], resolution: int, log) -> np.ndarray:
-    """The source's mirror of the real training set, generated where missing (``--out/synthetic/<source>/NNNNNN.png``)."""
+    """The source's mirror of the real training set, generated where missing (``--out/synthetic/<source>/NNNNNN.png``).
+
+    Generated and kept at the model's native size (the U-Net's sample_size x the VAE factor: at the classifier's 224 px
+    SD v1.4 would sample 28-px latents it never saw), then decoded and resized to ``resolution`` by ``load_images``,
+    the very loader of the real images (shorter side, Lanczos, centre crop).
+    """
     from PIL import Image
     from tqdm.auto import tqdm
 
+    native = strategy.generator.native_size
     folder = Path(cfg.out) / "synthetic" / strategy.name.replace("/", "_").replace(" ", "_")
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:06d}.png" for i in range(len(prompts))]
@@ -151,14 +189,23 @@ def synthetic_set(cfg: UtilityConfig, strategy: Strategy, prompts: Sequence[str]
         chunk = missing[s:s + cfg.batch_size]
         images = strategy.generator.generate([asked[i] for i in chunk], seeds=[cfg.seed + i for i in chunk],
                                              steps=cfg.gen_steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
-                                             height=resolution, width=resolution)
+                                             height=native, width=native)
         for i, image in zip(chunk, images.mean(1)):
             Image.fromarray((image.numpy() * 255).round().clip(0, 255).astype(np.uint8)).save(paths[i])
-    images = [np.asarray(Image.open(p).convert("L")) for p in paths]
-    if any(im.shape != (resolution, resolution) for im in images):
-        raise UtilityStudyError(f"{folder}: images of another size than {resolution} px (from an earlier run at another "
-                                "--resolution?); remove the folder to regenerate")
-    return np.stack(images)
+    sizes = {}
+    for p in paths:
+        with Image.open(p) as im:
+            sizes.setdefault(im.size, p)
+    if set(sizes) != {(native, native)}:
+        other = next(p for s, p in sizes.items() if s != (native, native))
+        raise UtilityStudyError(f"{other}: not the model's native {native} px (written by an earlier version of the study, "
+                                "at the classifier's size?); remove the folder to regenerate")
+    try:
+        _, images, _ = load_images(pd.DataFrame({"image_id": [p.name for p in paths], "path": [str(p) for p in paths]}),
+                                   resolution)
+    except ImageSelectionError as err:
+        raise UtilityStudyError(f"{folder}: {err}") from None
+    return images
 
 
 def train_arm(cfg: UtilityConfig, arm: str, seed: int, real: RealData, synthetic: np.ndarray, device) -> np.ndarray:
@@ -201,6 +248,11 @@ def intervals(stat: Callable[[np.ndarray], list[float]], n: int, n_boot: int, se
 
 def run_utility(cfg: UtilityConfig, log=print) -> Path:
     cfg.validate()
+    leak = init_saw_test(cfg)
+    if leak:  # the user said they know (--i_know_init_saw_mimic_test); utility.md and provenance.json say it too
+        import warnings
+
+        warnings.warn(leak, UserWarning, stacklevel=2)
     started, out = time.time(), Path(cfg.out)
     device = study_device(cfg.device)
     from lightning_modules.classifier_training import ClassifierTraining
@@ -214,8 +266,9 @@ def run_utility(cfg: UtilityConfig, log=print) -> Path:
     log(f"real: {len(real.train_images)} training images {dict(zip(cfg.findings, real.train_labels.sum(0).astype(int)))}, "
         f"{len(real.test_images)} test images; {resolution} px")
     prompts = prompts_for(cfg, real)
-    rows, probabilities = [], {}
+    rows, probabilities, native = [], {}, {}
     for strategy in load_strategies(cfg.base, cfg.runs, []):
+        native[strategy.name] = strategy.generator.native_size
         strategy.generator.to(device)
         synthetic = synthetic_set(cfg, strategy, prompts, resolution, log)
         strategy.generator.to("cpu")
@@ -235,9 +288,10 @@ def run_utility(cfg: UtilityConfig, log=print) -> Path:
     from evaluation.utility_report import differences, write_outputs
 
     table, diffs = pd.DataFrame(rows), differences(cfg, probabilities, real.test_labels)
-    write_outputs(cfg, out, table, diffs, real, resolution)
+    write_outputs(cfg, out, table, diffs, real, resolution, native)
     provenance.write(out / "provenance.json", provenance.record(
         "study/utility", asdict(cfg), {"training_images": real.train["dicom_id"].tolist(), "test_images": len(real.test_images),
+                                       "generated_px": native, "init_saw_test": leak,
                                        "seconds": round(time.time() - started, 1)}, packages=PACKAGES))
     log(f"wrote {out / 'utility.md'}")
     return out
@@ -261,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default="densenet121-res224-all", help="the architecture: an xrv weights name "
                    "(DenseNet-121) or tiny-phantom (demo)")
     p.add_argument("--init", default="scratch", choices=("scratch", "pretrained"), help="re-initialised (seeded) or from its weights")
+    p.add_argument("--i_know_init_saw_mimic_test", action="store_true", help="run --init pretrained from xrv weights "
+                   "trained on MIMIC-CXR (all, mimic_ch, mimic_nb) although the test split scored is MIMIC-CXR's")
     p.add_argument("--xrv_cache_dir", default=None)
     p.add_argument("--steps", type=int, default=500, help="optimizer steps per arm (arm d: this many twice)")
     p.add_argument("--batch_size", type=int, default=16)
@@ -268,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--prompt_source", default="template", choices=("template", "impression"))
     p.add_argument("--reports_root", default=None, help="with --prompt_source impression (default: --mimic_root)")
-    p.add_argument("--resolution", type=int, default=None, help="default: the classifier's (224; tiny-phantom 64)")
+    p.add_argument("--resolution", type=int, default=None, help="the classifier's input, default its own (224; "
+                   "tiny-phantom 64); synthetic images are generated at the model's native size and resized to it as "
+                   "the real ones are")
     p.add_argument("--gen_steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=("pndm", "ddim", "euler", "dpm"))

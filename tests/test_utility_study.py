@@ -69,3 +69,73 @@ def test_the_synthetic_set_is_generated_with_the_real_labels_prompts(utility_roo
 def test_bad_input_is_one_clear_error(utility_root, tmp_path, capsys, extra, message):
     assert evaluate.main(args(utility_root, tmp_path / "o", *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_synthetic_set_is_generated_at_native_size_and_resized_as_the_real_images(utility_root, tmp_path, monkeypatch):
+    """SD samples at its native size (the U-Net's sample_size x the VAE factor), not at the classifier's: at 32 px a
+    tiny-phantom U-Net would run on 16-px latents it never saw. The kept image is then resized by the real images'
+    loader: a synthetic set of the real training images at native size comes out pixel for pixel as the real set."""
+    from evaluation.sources import load_strategies
+    from evaluation.utility_study import UtilityConfig, UtilityStudyError, real_data, synthetic_set
+
+    (strategy,) = load_strategies("tiny-phantom", [], [])
+    native = strategy.generator.native_size
+    assert native == 64  # tiny-phantom: 32-px latents x VAE factor 2 (= the phantom classifier's 64 px)
+    asked, generate = [], strategy.generator.generate
+    monkeypatch.setattr(strategy.generator, "generate", lambda *a, **k: asked.append((k["height"], k["width"])) or generate(*a, **k))
+    cfg = UtilityConfig(mimic_root=str(utility_root), out=str(tmp_path / "gen"), base="tiny-phantom", gen_steps=1, batch_size=2)
+    images = synthetic_set(cfg, strategy, ["lung xray", "lung xray with pleural effusion"], 32, lambda m: None)
+    assert asked == [(native, native)] and images.shape == (2, 32, 32)
+    assert {Image.open(p).size for p in (tmp_path / "gen" / "synthetic").rglob("*.png")} == {(native, native)}  # kept at native
+
+    cfg.out = str(tmp_path / "copies")
+    folder = tmp_path / "copies" / "synthetic" / "Stable_Diffusion_(base)"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(real_data(cfg, native).train_images):  # the real training images' pixels at native size
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+    real = real_data(cfg, 32)
+    assert np.array_equal(synthetic_set(cfg, strategy, ["lung xray"] * len(real.train_images), 32, lambda m: None),
+                          real.train_images)
+    Image.fromarray(real.train_images[0]).save(folder / "000000.png")  # at 32 px, as the study used to keep them
+    with pytest.raises(UtilityStudyError, match="000000.png: not the model's native 64 px"):
+        synthetic_set(cfg, strategy, ["lung xray"] * len(real.train_images), 32, lambda m: None)
+
+
+def test_pretrained_xrv_weights_that_saw_mimic_are_refused_on_mimic_test_scoring(utility_root, tmp_path, capsys):
+    """xrv's DenseNet weights "all", "mimic_ch", "mimic_nb" were trained on MIMIC-CXR (not by its official split):
+    --init pretrained scored on a MIMIC test split is refused, before any weights or images are read, unless
+    --i_know_init_saw_mimic_test; then it warns. Phantom roots (PHANTOMS.json) and weights without MIMIC are not."""
+    import shutil
+
+    mimic = tmp_path / "mimic"  # a MIMIC-CXR-JPG root: the phantoms without their marker
+    shutil.copytree(utility_root, mimic, ignore=shutil.ignore_patterns("PHANTOMS.json"))
+    xrv = ["--xrv_cache_dir", str(tmp_path / "no_weights"), "--init", "pretrained", "--classifier"]
+    assert evaluate.main(args(mimic, tmp_path / "o", *xrv, "densenet121-res224-all")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init pretrained" in err and "nih-pc-chex-mimic_ch-google-openi-kaggle" in err
+    assert "MIMIC-CXR" in err and "--i_know_init_saw_mimic_test" in err and "not found" not in err
+    assert evaluate.main(args(mimic, tmp_path / "o", *xrv, "mimic_nb")) == 2
+    assert "--i_know_init_saw_mimic_test" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="MIMIC-CXR"):  # past the refusal: on to the (missing) weights
+        assert evaluate.main(args(mimic, tmp_path / "o", *xrv, "mimic_ch", "--i_know_init_saw_mimic_test")) == 2
+    assert "torchxrayvision weights 'mimic_ch' not found" in capsys.readouterr().err
+    for root, classifier in ((utility_root, "densenet121-res224-all"), (mimic, "densenet121-res224-nih")):
+        assert evaluate.main(args(root, tmp_path / "o", *xrv, classifier)) == 2
+        assert "not found" in (err := capsys.readouterr().err) and "--i_know_init_saw_mimic_test" not in err
+
+
+def test_utility_md_records_pretrained_weights_that_saw_mimic(utility_root, tmp_path):
+    from evaluation.utility_report import differences, markdown
+    from evaluation.utility_study import ARMS, RealData, UtilityConfig, score_rows
+
+    cfg = UtilityConfig(mimic_root=str(tmp_path), out=str(tmp_path / "o"), base="tiny-phantom", init="pretrained",
+                        seeds=[0], n_boot=2, i_know_init_saw_mimic_test=True)
+    rng = np.random.default_rng(0)
+    labels = np.array([[0], [1], [0], [1]], dtype=np.float32)
+    real = RealData(pd.DataFrame(), np.zeros((4, 8, 8), np.uint8), labels, np.zeros((4, 8, 8), np.uint8), labels)
+    probabilities = {("base", arm, 0): rng.random((4, 1)) for arm in ARMS}
+    table = pd.DataFrame([r for (s, arm, seed), p in probabilities.items() for r in score_rows(cfg, s, arm, seed, p, labels)])
+    md = markdown(cfg, table, differences(cfg, probabilities, labels), real, 224)
+    assert "nih-pc-chex-mimic_ch-google-openi-kaggle" in md and "--i_know_init_saw_mimic_test" in md
+    cfg.init = "scratch"
+    assert "--i_know_init_saw_mimic_test" not in markdown(cfg, table, differences(cfg, probabilities, labels), real, 224)
