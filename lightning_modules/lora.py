@@ -8,7 +8,7 @@ generator seeded by ``seed`` (lora_A Gaussian, lora_B zero: the model starts as 
 adapters and their optimizer state only: megabytes, not gigabytes.
 
 The export is diffusers' LoRA format, which ``StableDiffusionPipeline.load_lora_weights(folder)`` loads in plain
-diffusers on the base model, plus ``export.json`` (kind ``lora``); :func:`load_export` reads it back as a
+diffusers on the base model (the scale ``alpha / rank`` folded into the up matrices, so any loader applies it), plus ``export.json`` (kind ``lora``); :func:`load_export` reads it back as a
 :class:`~models.generator.Generator`, and ``export.py --merge`` writes a full pipeline with the adapters merged.
 """
 from __future__ import annotations
@@ -55,6 +55,17 @@ def check_targets(model: torch.nn.Module, targets: list[str], where: str) -> Non
     if missing:
         known = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in names})
         raise LoRAConfigError(f"{where}: {missing} match no Linear or Conv2d module; the names there are {known}")
+
+
+def fold_scale(weights: dict, scale: float) -> dict:
+    """Adapters in diffusers' naming with ``scale`` multiplied into each up (lora_B) matrix: U-Net keys end in
+    ``lora.up.weight``, CLIP's in ``lora_linear_layer.up.weight``; the down matrices are kept as they are."""
+    kinds = {k: k.rsplit(".", 2)[-2] for k in weights}  # "up" / "down" (the part before ".weight" or ".bias")
+    unknown = sorted(k for k, kind in kinds.items() if kind not in ("up", "down"))
+    if unknown or "up" not in kinds.values():  # a naming this does not know: refuse rather than export a wrong scale
+        raise RuntimeError(f"LoRA export: adapter keys {unknown[:3] or sorted(weights)[:3]} are neither lora up nor down "
+                           "matrices in diffusers' naming; the installed diffusers names them otherwise")
+    return {k: v * scale if kinds[k] == "up" else v for k, v in weights.items()}
 
 
 class LoRAFineTuning(UNetFineTuning):
@@ -143,11 +154,18 @@ class LoRAFineTuning(UNetFineTuning):
         from diffusers import StableDiffusionPipeline
 
         state = self.adapter_state()
+        hp = self.hparams
+        scale = float(hp.alpha or hp.rank) / int(hp.rank)
+        # The scale alpha / rank is folded into lora_B ("lora.up"): diffusers' save_lora_weights writes no alpha (without
+        # its *_lora_adapter_metadata), and load_lora_weights then builds adapters with alpha = rank. Folded, every
+        # loader gives the trained update ``alpha / rank * B A`` (diffusers' train_dreambooth_lora.py passes the metadata
+        # instead, which only loaders reading it honour).
+        state = {part: fold_scale(weights, scale) for part, weights in state.items()}
         StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=state["unet"],
                                                   text_encoder_lora_layers=state.get("text_encoder"), safe_serialization=True)
-        hp = self.hparams
         write_manifest(out_dir, "lora", type(self).__name__, dict(vars(self.spec)), trained=sorted(state),
-                       lora={"rank": hp.rank, "alpha": hp.alpha or hp.rank, "dropout": hp.dropout,
+                       lora={"rank": hp.rank, "alpha": hp.alpha or hp.rank, "scale_folded_into_lora_up": scale,
+                             "dropout": hp.dropout,
                              "target_modules": list(hp.target_modules),
                              "text_encoder_target_modules": list(hp.text_encoder_target_modules) if hp.text_encoder_lora else []})
         return out_dir

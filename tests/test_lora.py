@@ -48,7 +48,8 @@ def test_the_checkpoint_holds_only_the_adapters(trained):
 
 
 def test_resume_is_bit_identical(phantom_root, tmp_path):
-    straight, resumed, _ = straight_and_resumed(lambda: LoRAFineTuning(model=PHANTOM, rank=4, learning_rate=1e-2),
+    """With adapter dropout: its masks are seeded per step, so the resumed steps draw the straight run's masks."""
+    straight, resumed, _ = straight_and_resumed(lambda: LoRAFineTuning(model=PHANTOM, rank=4, learning_rate=1e-2, dropout=0.1),
                                                 phantom_root, tmp_path)
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -82,6 +83,36 @@ def test_export_loads_in_plain_diffusers_and_merged(trained, tmp_path):
     plain = StableDiffusionPipeline.from_pretrained(merged, local_files_only=True)
     assert torch.allclose(image(plain), with_lora, atol=1e-4)
     assert not any("lora" in k for k in plain.unet.state_dict())
+
+
+def test_an_export_with_alpha_unlike_rank_reloads_with_the_trained_scale(tmp_path):
+    """Rank 4, alpha 16: the update is 4 × B A. diffusers' save_lora_weights writes no alpha and load_lora_weights
+    then takes alpha = rank, so the export folds the scale into the up matrices: reloaded in diffusers, the U-Net gives
+    the module's output (before: the adapters' effect was a fraction of it)."""
+    from models.exports import load_export
+    from models.stable_diffusion import load_stable_diffusion
+
+    module = LoRAFineTuning(model={"pretrained": "tiny-random"}, rank=4, alpha=16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero: give the adapters an effect
+        for name, p in module.sd.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    module.eval()
+    out = module.export(tmp_path / "lora")
+    assert json.loads((out / "export.json").read_text())["lora"]["scale_folded_into_lora_up"] == 4.0
+    config = module.sd.unet.config
+    latents = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=gen)
+    context = torch.randn(1, 8, config.cross_attention_dim, generator=gen)
+
+    def unet_output(unet):
+        with torch.no_grad():
+            return unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample
+
+    base, trained, reloaded = (unet_output(u) for u in (load_stable_diffusion({"pretrained": "tiny-random"}).unet,
+                                                         module.sd.unet, load_export(out).sd.unet))
+    assert (trained - base).abs().max() > 1e-2  # the adapters matter
+    torch.testing.assert_close(reloaded - base, trained - base, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_settings_are_named():
