@@ -287,12 +287,14 @@ def make_cli_or_explain(argv: list[str], start: Start):
 
 def check_resume(cli) -> None:
     """Before anything of this start is written: the checkpoint is readable and holds what this configuration trains,
-    on the same base model, data and batch size (:mod:`lightning_modules.resume`)."""
+    on the same base model, data, batch size and number of processes (:mod:`lightning_modules.resume`)."""
     if cli.ckpt_path is None:
         return
     from lightning_modules.resume import read_checkpoint
 
-    cli.model.check_resumable(read_checkpoint(cli.ckpt_path), cli.datamodule)
+    # the processes this start will run (the strategy's own world size is only set once they are launched)
+    processes = int(cli.trainer.num_nodes) * int(cli.trainer.num_devices)
+    cli.model.check_resumable(read_checkpoint(cli.ckpt_path), cli.datamodule, processes)
 
 
 def record_start(cli, argv: list[str]) -> None:

@@ -19,7 +19,7 @@ result is exported (:meth:`export`, through the plain model layer). Everything e
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -33,7 +33,7 @@ from core.errors import UserError
 from datamodules.contract import Prepared, TrainingData, require
 from lightning_modules.ema import EMASettings, ParameterEMA
 from lightning_modules.preparation import FitPreparation, Needs, PriorPreservation
-from lightning_modules.resume import base_model_mismatch, data_identity, data_mismatch
+from lightning_modules.resume import base_model_mismatch, data_identity, data_mismatch, world_size_mismatch
 from models.exports import update_manifest
 from models.generator import Conditioning, Generator
 from models.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype, weights_fingerprint
@@ -84,7 +84,8 @@ class DiffusionModule(LightningModule):
             magnitude once weights or gradients get tiny; GPUs under TF32/bf16 do this anyway).
         on_nonfinite_loss: a NaN/inf training loss ``stop``s the run with an error naming the step (the
             weights are not updated with it, and the last checkpoint stays as it was), or the batch is
-            ``skip``ped with a warning (no optimizer step; every rank skips together).
+            ``skip``ped with a warning (no optimizer step; with gradient accumulation the whole window's step is
+            skipped; every rank skips together).
     """
 
     def __init__(
@@ -136,7 +137,7 @@ class DiffusionModule(LightningModule):
         self._compiled = False
         self.prepared = Prepared()
         self.skipped_nonfinite: list[int] = []  # global steps whose batch was skipped
-        self._step_usable = True  # the last training loss could be used (the optimizer stepped on it)
+        self._window_bad = False  # a micro-batch of the current accumulation window had a non-finite loss (skipped)
         if gradient_checkpointing:
             self.sd.unet.enable_gradient_checkpointing()
 
@@ -178,13 +179,26 @@ class DiffusionModule(LightningModule):
         return self.ema.swapped_in() if self.weights_in_use == "EMA" else nullcontext()
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        def closure():
+            # The closure runs the window's last micro-batch (training step and backward). If any micro-batch of the
+            # window was skipped (on_nonfinite_loss: skip), the whole optimizer step is: the earlier micro-batches'
+            # gradients are dropped, so AdamW updates nothing (it skips parameters without a gradient), and None tells
+            # Lightning's fp16 plugin not to step its GradScaler. Without this, bf16/fp32 AdamW stepped on the rest of
+            # the window's gradients.
+            result = optimizer_closure() if optimizer_closure is not None else None
+            if self._window_bad:
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            return result
+
+        super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        usable, self._window_bad = not self._window_bad, False
         # Free the gradients as soon as they are used. Lightning sets them to None only before the next backward,
         # i.e. after the next forward, so without this the forward's activations (the step's peak) sit on top of a
         # full set of fp32 gradients: for SD v1.4's U-Net 3.2 GiB of the 3.4 GiB we used to take over diffusers'
         # loop. Optimizer steps only happen at accumulation boundaries, so accumulation is unaffected.
         optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and self._step_usable:  # before any callback saves this step's checkpoint
+        if self.ema is not None and usable:  # before any callback saves this step's checkpoint
             self.ema.update()
 
     # ------------------------------------------------------------------ generation and export
@@ -231,6 +245,8 @@ class DiffusionModule(LightningModule):
         checkpoint["trained_keys"] = sorted(keep)
         checkpoint["stable_diffusion_spec"] = dict(vars(self.spec))
         checkpoint["base_model"] = dict(self.base_model)
+        if self._trainer is not None:
+            checkpoint["world_size"] = int(self.trainer.world_size)
         data = self.data_identity()
         if data is not None:
             checkpoint["data"] = data
@@ -243,10 +259,11 @@ class DiffusionModule(LightningModule):
             self._data_identity = data_identity(self.trainer.datamodule)
         return self._data_identity
 
-    def check_resumable(self, checkpoint: dict, datamodule=None) -> None:
+    def check_resumable(self, checkpoint: dict, datamodule=None, world_size: Optional[int] = None) -> None:
         """Refuse a checkpoint this configuration cannot continue: other trained tensors, EMA or not, another base model,
-        other data or batch size (:mod:`lightning_modules.resume`; the data of ``datamodule``, else of the attached one).
-        Raises :class:`TrainedStateMismatch`."""
+        other data or batch size, another number of processes (:mod:`lightning_modules.resume`; the data of
+        ``datamodule``, else of the attached one; ``world_size``, else the attached trainer's). Raises
+        :class:`TrainedStateMismatch`."""
         if (self.ema is not None) != ("ema" in checkpoint):
             has = "holds an EMA" if "ema" in checkpoint else "holds no EMA (the run was started without ema)"
             raise TrainedStateMismatch(f"the checkpoint {has}, but this configuration {'keeps' if self.ema else 'has no'} one; "
@@ -264,6 +281,10 @@ class DiffusionModule(LightningModule):
         if why is None:
             data = data_identity(datamodule) if datamodule is not None else self.data_identity()
             why = data_mismatch(checkpoint.get("data"), data)
+        if why is None:
+            if world_size is None and self._trainer is not None:
+                world_size = self.trainer.world_size
+            why = world_size_mismatch(checkpoint.get("world_size"), world_size)
         if why:
             raise TrainedStateMismatch(why)
 
@@ -377,15 +398,18 @@ class DiffusionModule(LightningModule):
         bad = not bool(torch.isfinite(loss.detach()).all())
         if self._trainer is not None and self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        self._step_usable = not bad
         if not bad:
             return True
+        self._window_bad = True  # the optimizer step of this accumulation window is skipped (optimizer_step)
         step, batch = self.trainer.global_step, self.trainer.fit_loop.total_batch_idx
         value = float(loss.detach().float().mean()) if loss.numel() else float("nan")
         if self.hparams.get("on_nonfinite_loss", "stop") == "skip":
             self.skipped_nonfinite.append(step)
-            rank_zero_warn(f"non-finite training loss ({value}) at step {step} (batch {batch}): batch skipped, weights not "
-                           f"updated (on_nonfinite_loss: skip; {len(self.skipped_nonfinite)} skipped so far)")
+            window = self.trainer.accumulate_grad_batches
+            what = (f"batch skipped, and the optimizer step of its accumulation window ({window} batches) too: weights not "
+                    "updated at this step" if window > 1 else "batch skipped, weights not updated")
+            rank_zero_warn(f"non-finite training loss ({value}) at step {step} (batch {batch}): {what} "
+                           f"(on_nonfinite_loss: skip; {len(self.skipped_nonfinite)} skipped so far)")
             return False
         raise NonFiniteLossError(
             f"the training loss is {value} at step {step} (batch {batch}); the run stops before updating the weights with it, "
@@ -393,9 +417,25 @@ class DiffusionModule(LightningModule):
             "model.init_args.on_nonfinite_loss: skip to skip such batches."
         )
 
+    @contextmanager
+    def step_rng(self, batch: int):
+        """A context in which the global RNG (what dropout draws from, e.g. peft's ``lora_dropout``) is seeded from
+        (seed, rank, batch): other masks on every rank, the same masks after a resume, and the stream outside it
+        (data order, worker seeds) untouched. diffusers' scripts leave dropout on the global RNG that
+        ``accelerate.set_seed`` gives every rank alike; we differ on purpose (the ranks' samples are different
+        samples, their dropout should be too). The noise and timesteps have their own generator (:func:`step_generator`).
+        """
+        seed = int(step_generator(self.hparams.seed, self.global_rank, batch, 0xD0).initial_seed())
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.manual_seed(seed)
+            yield
+
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
-        g = step_generator(self.hparams.seed, self.global_rank, self.trainer.fit_loop.total_batch_idx)
-        losses = self.diffusion_loss(batch, g)
+        step = self.trainer.fit_loop.total_batch_idx
+        g = step_generator(self.hparams.seed, self.global_rank, step)
+        with self.step_rng(step):  # backward replays no RNG (recomputed checkpoints restore the forward's states)
+            losses = self.diffusion_loss(batch, g)
         if not self.loss_is_usable(losses["loss"]):
             return None
         bs = losses["n_instance"]

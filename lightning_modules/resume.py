@@ -11,7 +11,11 @@ Every checkpoint records, beside the trained tensors:
 
 ``train.py`` reads the checkpoint with :func:`read_checkpoint` and calls :meth:`DiffusionModule.check_resumable` before it
 writes the start's config, provenance or W&B files; ``on_load_checkpoint`` runs the same checks for any other caller.
-Checkpoints written before these records existed are resumed without the two checks.
+* ``world_size``: the number of processes (devices × nodes) that trained. The position within the epoch is counted
+  per process, and the batch size is per process: another number of processes would replay or skip part of the
+  epoch and change the effective batch, so it is refused, naming both.
+
+Checkpoints written before these records existed are resumed without these checks.
 """
 from __future__ import annotations
 
@@ -93,3 +97,14 @@ def base_model_mismatch(saved: Optional[dict], current: dict) -> Optional[str]:
     return (f"the checkpoint was trained on base model {saved.get('name')!r} (frozen weights {saved.get('frozen_fingerprint')}), "
             f"but this configuration loads {current.get('name')!r} (frozen weights {current.get('frozen_fingerprint')}). "
             f"Resume with --model.init_args.model.pretrained {saved.get('pretrained')}, or start a new run")
+
+
+def world_size_mismatch(saved: Optional[int], current: Optional[int]) -> Optional[str]:
+    """Why a checkpoint saved by ``saved`` processes cannot continue on ``current`` (None when they agree or one is
+    unknown)."""
+    if saved is None or current is None or int(saved) == int(current):
+        return None
+    return (f"the checkpoint was saved by a run on {saved} process(es) (devices × nodes) and this start runs on {current}. "
+            "The position within the epoch is counted per process and the batch size is per process, so part of the "
+            f"epoch would be replayed or skipped and the effective batch would change; resume on {saved} process(es) "
+            "(trainer.devices × trainer.num_nodes), or start a new run")

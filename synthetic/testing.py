@@ -30,6 +30,30 @@ class EMAChecksum(Callback):
         (Path(trainer.default_root_dir) / f"ema_rank{trainer.global_rank}.txt").write_text(repr(total))
 
 
+class DropoutDraws(Callback):
+    """Record, at every U-Net forward in training, four numbers drawn from the global RNG there (where dropout draws
+    its masks), and write them per rank to ``<run>/dropout_draws_rank<r>.json`` at the end of training."""
+
+    def __init__(self):
+        self.draws: list[list[float]] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        import torch
+
+        def record(module, args) -> None:
+            if module.training:
+                self.draws.append(torch.rand(4).tolist())
+
+        self._hook = pl_module.sd.unet.register_forward_pre_hook(record)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        from pathlib import Path
+
+        self._hook.remove()
+        (Path(trainer.default_root_dir) / f"dropout_draws_rank{trainer.global_rank}.json").write_text(json.dumps(self.draws))
+
+
 class StepTimer(Callback):
     """Write the mean wall seconds per training step (after ``warmup`` steps) to ``<run>/step_time.json``."""
 

@@ -50,7 +50,7 @@ def test_bad_settings_are_refused():
 
 def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
     """The U-Net demo under DDP with two CPU processes, keeping an EMA: FID and the memorization monitor sharded over the
-    ranks, one checkpoint at the last step, and every rank holding the same EMA."""
+    ranks, one checkpoint at the last step, every rank holding the same EMA, and each rank its own dropout draws."""
     callback = {"class_path": "callbacks.fid.FIDCallback",
                 "init_args": {"prompts": PROMPTS, "n_per_prompt": 2, "n_real": 8, "features": "classifier",
                               "classifier": "tiny-phantom", "steps": 2}}
@@ -61,6 +61,7 @@ def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
                          "--data.init_args.n_per_finding", "12", "--model.init_args.ema", '{"decay": 0.9}',
                          f"--trainer.callbacks+={json.dumps(callback)}", f"--trainer.callbacks+={json.dumps(monitor)}",
                          "--trainer.callbacks+=synthetic.testing.EMAChecksum",
+                         "--trainer.callbacks+=synthetic.testing.DropoutDraws",
                          "--wandb_mode", "disabled"))
     run = tmp_path / "runs" / "ddp_fid"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -68,7 +69,10 @@ def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
     table = pd.read_csv(run / "fid.csv")
     assert len(table) == 2 and (table["fid"] >= 0).all() and set(table["n_generated"]) == {2}
     assert set(table["weights"]) == {"EMA"}
-    copies = pd.read_csv(run / "memorization_monitor.csv")  # each rank generated 1 image per prompt; the counts summed
+    copies = pd.read_csv(run / "memorization_monitor.csv")  # each rank generated 1 image per prompt; all 4 judged
     assert copies["step"].tolist() == [2, 4] and set(copies["n"]) == {4} and set(copies["weights"]) == {"EMA"}
     sums = [(run / f"ema_rank{r}.txt").read_text() for r in (0, 1)]
     assert sums[0] == sums[1]
+    # dropout (peft's lora_dropout, any nn.Dropout) draws from the global RNG: other draws on each rank and step
+    draws = [json.loads((run / f"dropout_draws_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(draws[0]) == len(draws[1]) == 4 and all(a != b for a, b in zip(*draws)) and len({str(d) for d in draws[0]}) == 4

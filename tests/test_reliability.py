@@ -69,13 +69,13 @@ def nan_at(module, bad_batches):
     return module
 
 
-def fit(phantom_root, tmp_path, module, steps=6):
+def fit(phantom_root, tmp_path, module, steps=6, callbacks=(), **trainer_options):
     dm = MIMICCXRDataModule(root=str(phantom_root), findings=["No Finding"], resolution=64, batch_size=2, max_val_images=0,
                             cache_dir=str(tmp_path / "cache"))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=0, save_last=True, every_n_train_steps=2)
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[ckpt],
-                      plugins=[AtomicCheckpointIO()])
+                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[ckpt, *callbacks],
+                      plugins=[AtomicCheckpointIO()], **trainer_options)
     trainer.fit(module, dm)
     return trainer
 
@@ -97,6 +97,30 @@ def test_nonfinite_loss_can_skip_the_batch(phantom_root, tmp_path):
     assert all(torch.isfinite(p).all() for p in module.parameters())
     with pytest.raises(ValueError, match="on_nonfinite_loss: unknown value 'ignore'"):
         UNetFineTuning(model={"pretrained": "tiny-random"}, on_nonfinite_loss="ignore")
+
+
+def test_a_skipped_batch_skips_the_optimizer_step_of_its_whole_accumulation_window(phantom_root, tmp_path):
+    """accumulate_grad_batches 2, NaN at batch 2 (the first of the second window): the weights after that window are
+    the weights before it (before: AdamW stepped on batch 3's gradients while the warning said "not updated"); the
+    windows around it train."""
+    from lightning.pytorch import Callback
+
+    class Weights(Callback):
+        after: dict = {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.after[trainer.fit_loop.total_batch_idx] = torch.cat([p.detach().flatten() for p in module.trainable_parameters()])
+
+    module = nan_at(UNetFineTuning(model={"pretrained": "tiny-random"}, on_nonfinite_loss="skip", learning_rate=1e-3), {2})
+    weights = Weights()
+    with pytest.warns(UserWarning, match=r"at step 1 \(batch 2\): batch skipped, and the optimizer step of its accumulation "
+                                         r"window \(2 batches\) too: weights not updated"):
+        trainer = fit(phantom_root, tmp_path, module, steps=3, callbacks=[weights], accumulate_grad_batches=2)
+    after = weights.after
+    assert trainer.global_step == 3 and module.skipped_nonfinite == [1]
+    assert not torch.equal(after[1], after[0]) and not torch.equal(after[5], after[3])  # windows 1 and 3 stepped
+    assert torch.equal(after[3], after[1])  # window 2 (batches 2, 3) did not
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- image files

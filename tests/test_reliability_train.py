@@ -113,6 +113,15 @@ def test_resume_with_another_batch_size_findings_or_data_seed_is_refused(ref_cop
     assert snapshot(run) == before
 
 
+def test_resume_on_another_number_of_processes_is_refused_naming_both(ref_copy):
+    """The epoch position is counted per process: a 1-process checkpoint resumed on 2 would replay or skip batches."""
+    run, args = ref_copy
+    before = snapshot(run)
+    code, _, err = train_in_process(*args, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert code == 1 and "saved by a run on 1 process(es) (devices × nodes) and this start runs on 2" in err
+    assert "resume on 1 process(es)" in err and snapshot(run) == before
+
+
 def test_every_start_keeps_its_own_config_and_config_yaml_is_never_overwritten(ref_copy):
     from core.run_folder import RunFolder
 
