@@ -29,7 +29,6 @@ RESOLUTION, HELDOUT, GENERATED = 512, 200, 64
 
 def stage(n: int, old: bool) -> dict:
     """One measurement, in this process: ``{"n", "old", "peak_mb", "seconds"}``."""
-    sys.path.insert(0, str(REPO))
     import numpy as np
     import pandas as pd
     import torch
