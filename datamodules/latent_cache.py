@@ -6,15 +6,21 @@ diagonal Gaussian. Training then draws ``mean + exp(logvar / 2) · ε`` with the
 ``latent_dist.sample`` would (:func:`sample_latents`), so sampling stays stochastic and a cached run follows the same
 trajectory as an uncached one.
 
-A cache is a :mod:`core.cache` entry of kind ``latents``: ``mean.npy`` and ``logvar.npy`` (float32, memory-mapped),
-``ids.json`` (row order) and ``ENTRY.json``. Its key covers the VAE (its spec's cache key), the preprocessing, the
-resolution and the image list, so changing any of them builds a new cache instead of reusing a stale one; an
-interrupted build is never read.
+A cache is a :mod:`core.cache` entry of kind ``latents``: ``mean.<first row>.npy`` and ``logvar.<first row>.npy``
+(float32 row blocks, memory-mapped, one block per process that encoded it: :class:`core.cache.RowBlocks`),
+``ids.json`` (row order) and ``ENTRY.json``. Its key covers the VAE (its spec's cache key and the dtype it encoded in),
+the preprocessing, the resolution and the image list, so changing any of them builds a new cache instead of reusing a
+stale one; an interrupted build is never read, and two runs building one entry at once take turns (the entry's lock).
+
+Building (:func:`build_latent_cache` in one process; :func:`encode_rows` per DDP rank, each its contiguous block of rows,
+as ``lightning_modules.preparation`` does): images are decoded in a ``DataLoader`` (``num_workers`` processes), so PNG
+decoding overlaps the VAE.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,10 +28,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from core.cache import ENTRY_FILE, CacheEntry
+from core.cache import ENTRY_FILE, CacheEntry, RowBlocks, create_row_block
 
 KIND = "latents"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: row blocks (one per encoding rank) and the VAE's dtype in the key; version 2 entries are rebuilt
 
 
 @dataclass
@@ -35,7 +41,7 @@ class LatentCachePlan:
     root: Path  # the cache root; the cache goes to root / "latents" / key
     ids: list[str]
     load: Callable[[str], torch.Tensor]
-    key_parts: dict  # model, preprocessing, resolution, ... (JSON-serialisable)
+    key_parts: dict  # model, VAE dtype, preprocessing, resolution, ... (JSON-serialisable)
 
     @property
     def entry(self) -> CacheEntry:
@@ -58,8 +64,11 @@ class LatentCache:
         self.info = {**entry["parts"], "n_images": entry.get("n_images")}
         self.ids = json.loads((self.directory / "ids.json").read_text())
         self.row = {i: r for r, i in enumerate(self.ids)}
-        self.mean = np.load(self.directory / "mean.npy", mmap_mode="r")
-        self.logvar = np.load(self.directory / "logvar.npy", mmap_mode="r")
+        self.mean = RowBlocks(self.directory, "mean")
+        self.logvar = RowBlocks(self.directory, "logvar")
+        if len(self.mean) != len(self.ids) or len(self.logvar) != len(self.ids):
+            raise FileNotFoundError(f"{self.directory}: the latent cache holds {len(self.mean)} posteriors for "
+                                    f"{len(self.ids)} images; delete it to build it again")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -77,34 +86,81 @@ class LatentCache:
         return (Path(directory) / ENTRY_FILE).is_file()
 
 
-def build_latent_cache(plan: LatentCachePlan, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                       batch_size: int = 16, progress: bool = True) -> LatentCache:
-    """Encode every image of ``plan`` with ``encode(pixels) -> (mean, logvar)`` and return the cache (or the complete
-    cache already there)."""
+class _Images(torch.utils.data.Dataset):
+    """Rows ``start .. stop - 1`` of a plan, as ``(row, pixels)``, for the decoding DataLoader."""
+
+    def __init__(self, plan: LatentCachePlan, start: int, stop: int):
+        self.plan, self.start, self.stop = plan, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        row = self.start + i
+        return row, self.plan.load(self.plan.ids[row])
+
+
+def encode_rows(plan: LatentCachePlan, folder: Path, start: int, stop: int,
+                encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], batch_size: int = 16,
+                num_workers: int = 0, progress: bool = True) -> None:
+    """Encode rows ``start .. stop - 1`` of ``plan`` into their own row blocks ``mean/logvar.<start>.npy`` in ``folder``
+    (what one process writes of a shared build). Images are decoded by ``num_workers`` DataLoader processes (0: here),
+    forked, so the plan's loader need not be picklable."""
     from tqdm.auto import tqdm
 
+    if stop <= start:
+        return
+    workers = int(num_workers)
+    if workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    loader = torch.utils.data.DataLoader(_Images(plan, start, stop), batch_size=int(batch_size), num_workers=workers,
+                                         multiprocessing_context="fork" if workers and fork else None)
+    mean_mm = logvar_mm = None
+    for rows, pixels in tqdm(loader, desc="caching VAE latents", unit="batch", disable=not progress):
+        with torch.no_grad():
+            mean, logvar = encode(pixels)
+        mean, logvar = mean.float().cpu().numpy(), logvar.float().cpu().numpy()
+        if mean_mm is None:
+            shape = (stop - start, *mean.shape[1:])
+            mean_mm = create_row_block(folder, "mean", start, shape)
+            logvar_mm = create_row_block(folder, "logvar", start, shape)
+        first, last = int(rows[0]) - start, int(rows[-1]) - start + 1
+        mean_mm[first:last] = mean
+        logvar_mm[first:last] = logvar
+    mean_mm.flush()
+    logvar_mm.flush()
+
+
+def finish_latent_cache(plan: LatentCachePlan, folder: Path) -> dict:
+    """Write ``ids.json`` into a built partial folder, after checking that its row blocks hold every image; returns
+    what goes into ``ENTRY.json`` besides the parts."""
+    rows = len(RowBlocks(folder, "mean"))
+    if rows != len(plan.ids) or len(RowBlocks(folder, "logvar")) != rows:
+        raise RuntimeError(f"{folder}: the encoded row blocks hold {rows} posteriors, not {len(plan.ids)}")
+    (Path(folder) / "ids.json").write_text(json.dumps(plan.ids))
+    return {"n_images": len(plan.ids)}
+
+
+def build_latent_cache(plan: LatentCachePlan, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                       batch_size: int = 16, num_workers: int = 0, progress: bool = True) -> LatentCache:
+    """Encode every image of ``plan`` with ``encode(pixels) -> (mean, logvar)`` and return the cache (or the complete
+    cache already there, or the one another process built while this one waited for the entry's lock)."""
     entry = plan.entry
     if entry.is_complete():
         return LatentCache(entry.path)
     if not plan.ids:
         raise ValueError("the latent cache plan has no images")
-    with entry.build(n_images=len(plan.ids)) as folder:
-        mean_mm = logvar_mm = None
-        for start in tqdm(range(0, len(plan.ids), batch_size), desc="caching VAE latents", unit="batch", disable=not progress):
-            ids = plan.ids[start:start + batch_size]
-            with torch.no_grad():
-                mean, logvar = encode(torch.stack([plan.load(i) for i in ids]))
-            mean, logvar = mean.float().cpu().numpy(), logvar.float().cpu().numpy()
-            if mean_mm is None:
-                shape = (len(plan.ids), *mean.shape[1:])
-                mean_mm = np.lib.format.open_memmap(folder / "mean.npy", mode="w+", dtype=np.float32, shape=shape)
-                logvar_mm = np.lib.format.open_memmap(folder / "logvar.npy", mode="w+", dtype=np.float32, shape=shape)
-            mean_mm[start:start + len(ids)] = mean
-            logvar_mm[start:start + len(ids)] = logvar
-        mean_mm.flush()
-        logvar_mm.flush()
-        del mean_mm, logvar_mm
-        (folder / "ids.json").write_text(json.dumps(plan.ids))
+    with entry.lock():
+        if not entry.is_complete():  # else another process built it while we waited
+            folder = entry.begin()
+            try:
+                encode_rows(plan, folder, 0, len(plan.ids), encode, batch_size, num_workers, progress)
+                extra = finish_latent_cache(plan, folder)
+            except BaseException:
+                entry.abort()
+                raise
+            entry.commit(**extra)
     return LatentCache(entry.path)
 
 
