@@ -76,6 +76,17 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def lock_holder(path: Path) -> str:
+    """Who holds a lock file, as its holder recorded itself (PID, host, since when), for the message of one who waits."""
+    try:
+        info = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "a process that has not recorded itself yet"
+    return f"PID {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
+
+
 class EntryLock:
     """The cross-process lock of one cache entry: ``fcntl.flock`` on ``<parent>/.<name>.lock``, which also records its
     holder (PID, host, since when) for the message of a process that waits.
@@ -99,13 +110,7 @@ class EntryLock:
         self.what = what or str(self.path)
 
     def holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        if not info:
-            return "a process that has not recorded itself yet"
-        return f"PID {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
+        return lock_holder(self.path)
 
     @property
     def held(self) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from core import provenance
-from core.cache import atomic_write
+from core.cache import atomic_write, lock_holder
 from core.errors import UserError
 
 DATA_SCHEMA = "cxr-diffusion/data/1"
@@ -62,13 +62,7 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        if not info:
-            return "a process that has not recorded itself yet"
-        return f"PID {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
+        return lock_holder(self.path)
 
     def acquire(self) -> "RunLock":
         import fcntl
