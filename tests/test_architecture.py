@@ -55,9 +55,8 @@ def test_nothing_edits_sys_path_and_nothing_cites_files_outside_the_repository()
     assert not [p for p, t in texts.items() if ("REFERENCE §" in t or "../shared" in t) and p != this]
 
 
-def test_the_readme_layout_names_every_top_level_folder_and_script():
-    readme = (REPO / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):readme.index("## Tests")]
+def test_the_docs_layout_names_every_top_level_folder_and_script():
+    layout = (REPO / "docs" / "layout.md").read_text()  # the README's former "## Layout" section, linked from it
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     tops = {p.split("/")[0] for p in tracked if "/" in p and not p.startswith(".")} | {p for p in tracked if p.endswith(".py") and "/" not in p}
     missing = sorted(t for t in tops if (t + "/" if (REPO / t).is_dir() else t) not in layout)
