@@ -5,7 +5,7 @@
 
 Prints, per size, the seconds of one CheXpert@10 over 768-d embeddings (paper mode, 14 classes) and the
 peak memory the similarity chunks need (CUDA: ``max_memory_allocated``; CPU: the chunk size), so the
-README's "700 reports in milliseconds, 100k feasible in bounded memory" is a measured statement.
+docs/text-encoder-study.md's "700 reports in milliseconds, 100k feasible in bounded memory" is a measured statement.
 """
 from __future__ import annotations
 

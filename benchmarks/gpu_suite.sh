@@ -7,7 +7,7 @@
 # peak memory, both ratios), the U-Net ladder (channels_last, batch 16/32, gradient checkpointing, adamw8bit when
 # bitsandbytes is installed, torch.compile), FLOPs per sample with TFLOP/s and model FLOP utilisation, DDP scaling
 # when more than one GPU is visible, and a memory profile of both U-Net loops (MemTracker categories and
-# torch.cuda.memory snapshots). Writes OUT/gpu_suite.json, OUT/gpu_suite.md (the README's table), OUT/memory/*.pickle
+# torch.cuda.memory snapshots). Writes OUT/gpu_suite.json, OUT/gpu_suite.md (the table of docs/speed.md), OUT/memory/*.pickle
 # (open at https://pytorch.org/memory_viz) and OUT/log.txt. Budget: under 10 minutes on one H100/H200; it stops at
 # 9.5 minutes whatever happens (the rows finished by then are in the log).
 set -euo pipefail
@@ -20,7 +20,7 @@ import importlib.util, sys
 missing = [m for m in ("torch", "diffusers", "transformers", "lightning", "peft", "datasets") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_suite.sh: error: {', '.join(missing)} not importable by {sys.executable}; install the project first "
-             "(pip install -e '.[dev]', see the README) or activate its environment")
+             "(pip install -e '.[dev]', see docs/install.md) or activate its environment")
 import torch
 if not torch.cuda.is_available():
     sys.exit("gpu_suite.sh: error: no CUDA GPU visible (this suite measures GPUs; on CPU run "

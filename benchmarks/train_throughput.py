@@ -600,7 +600,7 @@ def print_row(row: dict) -> None:
 
 
 def markdown(report: dict) -> str:
-    """The rows as the README's benchmark table, headed by machine, versions and date."""
+    """The rows as the benchmark table of docs/speed.md, headed by machine, versions and date."""
     m = report["machine"]
     head = (f"**{m['device']}**, {report['date']}: {report['size']} ({report['model']}, {report['resolution']} px, "
             f"{report['precision']}); torch {m['torch']}, diffusers {m['diffusers']}; {report['warmup']} warm-up + "
