@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from core.errors import UserError, run_main, writable_folder
-from core.run_folder import RunFolder, RunFolderError, RunLock
+from core.run_folder import RunFolder, RunLock
 
 REPO = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs"
@@ -155,16 +155,20 @@ def check_wandb_reachable(timeout: float = 5.0) -> None:
                         "use --wandb_mode offline and upload later with `wandb sync`") from None
 
 
-def run_callbacks(run: RunFolder, every_n_steps: int, user_callbacks: list, progress_bar: bool, logger: bool) -> list:
-    """The callbacks every run has, after the config's own."""
+def run_callbacks(run: RunFolder, every_n_steps: int, user_callbacks: list, progress_bar: bool, logger: bool,
+                  model_summary: bool = False) -> list:
+    """The callbacks every run has, after the config's own (``model_summary``: the one-line parameter summary)."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     from callbacks.checkpointing import RunCheckpoint
     from callbacks.loss_log import LossLog
     from callbacks.manifest import DataManifest
     from callbacks.progress import step_progress_bar
+    from callbacks.run_summary import ParameterSummary
 
     extra = [RunCheckpoint(run.last_checkpoint, every_n_steps), LossLog(run.losses_file), DataManifest(run)]
+    if model_summary:
+        extra.append(ParameterSummary())
     if progress_bar and not any(isinstance(c, ProgressBar) for c in user_callbacks):
         extra.append(step_progress_bar())
     if logger:
@@ -176,10 +180,36 @@ def wandb_logger(run: RunFolder, mode: str, project: str, entity: Optional[str])
     """Lightning's WandbLogger on the run's own W&B id (online only with a key; ``wandb sync`` uploads later)."""
     if mode == "disabled":
         return False
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    return WandbLogger(project=project, entity=entity, name=run.name, id=run.wandb_id(), save_dir=str(run.path),
-                       offline=not wandb_is_online(mode), resume="allow", log_model=False)
+    # quiet: when the run ends (finish_wandb), W&B's sparklines, summary table and `wandb sync` hint are left out: the
+    # run's own summary (finished_summary) names the W&B run and the sync command. Its start lines and warnings stay.
+    logger = WandbLogger(project=project, entity=entity, name=run.name, id=run.wandb_id(), save_dir=str(run.path),
+                         offline=not wandb_is_online(mode), resume="allow", log_model=False,
+                         settings=wandb.Settings(quiet=True))
+    # Lightning 2.6 always passes anonymous=None to wandb.init, and wandb (0.19 on) warns "The anonymous setting has no
+    # effect and will be removed" for any value passed, None included. We never log anonymously: leave the argument out.
+    init_args = getattr(logger, "_wandb_init", {})
+    if "anonymous" in init_args and init_args["anonymous"] is None:
+        del init_args["anonymous"]
+    return logger
+
+
+def finish_wandb(mode: str) -> tuple[str, Optional[str]]:
+    """End this process's W&B run now (quietly: see :func:`wandb_logger`), so that the run's summary is the last thing
+    printed rather than W&B's exit-time footer; returns its mode (``disabled``, ``offline``, ``online``) and, online,
+    its page."""
+    if mode == "disabled":
+        return "disabled", None
+    online = wandb_is_online(mode)
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return ("online" if online else "offline"), None
+    url = getattr(run, "url", None) if online else None
+    run.finish()
+    return ("online" if online else "offline"), url
 
 
 class Start:
@@ -251,8 +281,16 @@ def make_cli(argv: list[str], start: Start):
             plugins = trainer_cfg.plugins or []
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             logger = wandb_logger(self.run, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_entity)
+            # Lightning's model-summary table has a FLOPs column that reads 0 without an example input (a diffusion step
+            # has none): one line of parameter counts instead (callbacks/run_summary.py), unless the config adds its own
+            # ModelSummary or turns the summary off
+            from lightning.pytorch.callbacks import ModelSummary
+
+            summary = trainer_cfg.enable_model_summary is not False and not any(isinstance(c, ModelSummary) for c in user)
+            if summary:
+                kwargs["enable_model_summary"] = False  # no default table beside ours
             extra = run_callbacks(self.run, cfg.checkpoint_every_n_steps, user, trainer_cfg.enable_progress_bar is not False,
-                                  bool(logger))
+                                  bool(logger), model_summary=summary)
             # a kill during a save never corrupts last.ckpt
             return super().instantiate_trainer(callbacks=user + extra, logger=logger, plugins=plugins + [AtomicCheckpointIO()],
                                                **kwargs)
@@ -331,8 +369,26 @@ def fit(cli) -> int:
             print(preempted_message(cli.run, checkpoint.preempted_step, checkpoint.stopped_by), file=sys.stderr, flush=True)
         return 130 if checkpoint.stopped_by == "SIGINT" else 143
     if zero:
-        print(f"run folder: {cli.run.path}", flush=True)
+        print(finished_summary(cli), flush=True)
     return 0
+
+
+def finished_summary(cli) -> str:
+    """The end of a finished run: where its checkpoint, grids, fid.csv, losses and W&B run are, the last FID per prompt
+    and the commands that come next (:func:`callbacks.run_summary.end_of_run_summary`). It never fails the run: what
+    cannot be read is "n/a"."""
+    from callbacks.run_summary import end_of_run_summary
+
+    try:
+        mode, url = finish_wandb(cli.config.wandb_mode)
+    except Exception as err:  # the run itself is done and saved
+        print(f"train.py: warning: W&B did not end its run cleanly ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+        mode, url = ("online" if wandb_is_online(cli.config.wandb_mode) else "offline"), None
+    try:
+        subject = cli.model.generator_options().get("subject")
+    except Exception:
+        subject = None
+    return end_of_run_summary(cli.run, wandb_mode=mode, wandb_url=url, subject=subject)
 
 
 def preempted_message(run: RunFolder, step: Optional[int], signal_name: Optional[str]) -> str:
