@@ -11,6 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
+# Session fixtures that run train.py in a subprocess (see below): a test that takes one pays for a demo run, so it is
+# an end-to-end test and belongs to the slow tier even if nobody marked it (docs/tests.md: the two tiers).
+TRAINED_RUN_FIXTURES = frozenset({"reference_run", "ti_run"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that takes a trained-run fixture, so ``-m "not slow"`` never starts a demo run."""
+    for item in items:
+        if TRAINED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_env(tmp_path_factory):
@@ -128,6 +140,15 @@ def reference_run(tmp_path_factory) -> Path:
     run_train(*demo_args(tmp, "--run_name", "ref", "--trainer.max_steps", "24",
                          "--trainer.callbacks.init_args.every_n_steps", "12", "--trainer.callbacks.init_args.steps", "2"))
     return tmp / "runs" / "ref"
+
+
+@pytest.fixture(scope="session")
+def reference_export(reference_run, tmp_path_factory) -> Path:
+    """The reference run exported through the API (``load_run(run).export``), shared by the tests that read an export
+    of it (generate.py's ``--export``, the memorization audit): built once, never written to by them."""
+    from lightning_modules.runs import load_run
+
+    return load_run(reference_run)[0].export(tmp_path_factory.mktemp("reference_export") / "export")
 
 
 @pytest.fixture(scope="session")

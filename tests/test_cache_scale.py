@@ -203,6 +203,7 @@ def two_ranks(module, tmp_path_factory):
     return out, root
 
 
+@pytest.mark.slow
 def test_two_ranks_each_encode_half_the_latents_and_match_a_single_process_build(two_ranks, module, tmp_path):
     out, root = two_ranks
     ranks = [json.loads((out / f"latents.{r}.json").read_text()) for r in range(2)]
@@ -233,6 +234,7 @@ def node_local_main(rank: int, world: int, module, out: Path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_nodes_with_their_own_cache_disk_each_build_the_whole_entry(module, tmp_path):
     """Two nodes that do not share the cache folder: each node's ranks build their own copy (as before sharding),
     found by probe files, and no probe file is left behind."""
@@ -264,6 +266,7 @@ def npy_rows(folder: Path, name: str) -> list[tuple[Path, int, int, int]]:
     return files
 
 
+@pytest.mark.slow
 def test_two_ranks_write_document_embeddings_to_pages_no_other_rank_writes(two_ranks):
     """Rows interleaved across ranks share 4 KB pages, which NFS writes back whole (rows lost as zeros); each rank
     must own whole pages: here, its own file."""

@@ -19,6 +19,7 @@ class FakeHub:
         self.calls.append(("upload_folder", repo_id, folder_path))
 
 
+@pytest.mark.slow
 def test_every_export_has_a_model_card_and_uploads_privately(reference_run, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
@@ -36,6 +37,7 @@ def test_every_export_has_a_model_card_and_uploads_privately(reference_run, tmp_
     assert "(private)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_failed_upload_is_one_line_and_keeps_the_export(reference_run, tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -51,6 +53,7 @@ def test_a_failed_upload_is_one_line_and_keeps_the_export(reference_run, tmp_pat
     assert (tmp_path / "e" / "export.json").is_file()
 
 
+@pytest.mark.slow
 def test_merge_applies_to_adapters_only(reference_run, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         export.main([str(reference_run), str(tmp_path / "m"), "--merge"])

@@ -48,6 +48,7 @@ def test_bad_settings_are_refused():
         FIDCallback(features="image_encoder")
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_shard_generation_and_agree(tmp_path):
     """The U-Net demo under DDP with two CPU processes, keeping an EMA: FID and the memorization monitor sharded over the
     ranks, one checkpoint at the last step, every rank holding the same EMA, and each rank its own dropout draws."""

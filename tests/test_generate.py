@@ -37,6 +37,7 @@ def expect_error(capsys, *argv: str, match: str) -> None:
 
 
 # ---------------------------------------------------------------------- U-Net fine-tuning
+@pytest.mark.slow
 def test_unet_run_writes_images_grid_and_record_and_seeds_differ(reference_run, tmp_path):
     prompts = ["a photo of a lung xray", "a photo of a lung xray with a visible pleural effusion"]
     out = tmp_path / "out"
@@ -54,10 +55,9 @@ def test_unet_run_writes_images_grid_and_record_and_seeds_differ(reference_run, 
     assert np.abs(np.asarray(Image.open(again / "p00_s4.png"), dtype=np.int16) - b).max() <= 2
 
 
-def test_unet_export_generates_what_the_run_generates(reference_run, tmp_path):
-    from lightning_modules.runs import load_run
-
-    export = load_run(reference_run)[0].export(tmp_path / "export")
+@pytest.mark.slow
+def test_unet_export_generates_what_the_run_generates(reference_run, reference_export, tmp_path):
+    export = reference_export
     from_export, from_run = tmp_path / "from_export", tmp_path / "from_run"
     record = gen("--export", str(export), "--prompt", "a photo of a lung xray", "--n", "1", "--out", str(from_export))
     assert record["source"]["export_kind"] == "pipeline" and record["source"]["strategy"] == "UNetFineTuning"
@@ -78,6 +78,7 @@ def test_base_model_preset_with_default_prompts(tmp_path):
 
 
 # ---------------------------------------------------------------------- textual inversion
+@pytest.mark.slow
 def test_textual_inversion_run_with_the_token_prompt(ti_run, tmp_path, capsys):
     prompts = ["a photo of a <lung-xray>"]
     record = gen("--run", str(ti_run), "--prompt", prompts[0], "--out", str(tmp_path / "token"))
@@ -93,6 +94,7 @@ def test_textual_inversion_run_with_the_token_prompt(ti_run, tmp_path, capsys):
     assert len(warnings) == 1 and "<lung-xray>" in warnings[0]
 
 
+@pytest.mark.slow
 def test_textual_inversion_export_generates_what_the_run_generates(ti_run, tmp_path):
     from lightning_modules.runs import load_run
 

@@ -16,6 +16,7 @@ def base_args(phantom_root, out):
             "--n_boot", "5", "--kid", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_tables_for_the_base_model_and_a_trained_run(phantom_root, reference_run, tiny_dinov2, tmp_path, capsys):
     """FID, KID and PRDC on an image encoder's features (a tiny random DINOv2 standing in for RAD-DINO)."""
     out = tmp_path / "gen"

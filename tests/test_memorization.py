@@ -33,6 +33,7 @@ def sets():
     return train, phantoms(range(1000, 1200)), copies, phantoms(range(5000, 5020))
 
 
+@pytest.mark.slow
 def test_copies_are_flagged_and_new_images_are_not(sets):
     train, heldout, copies, new = sets
     generated = np.concatenate([*copies.values(), new])
@@ -148,6 +149,7 @@ def audit_args(run, out, *extra):
     return ["--runs", str(run), "--out", str(out), "--features", "pixel", "--quantile", "0.9", *extra]
 
 
+@pytest.mark.slow
 def test_the_audit_flags_copied_training_images_and_writes_its_report(reference_run, heldout_root, tmp_path, monkeypatch):
     """A folder holding three training images (one shifted, one with its contrast changed) and three images of other
     patients (the held-out root's validation split, not used for calibration):
@@ -197,6 +199,7 @@ def test_the_audit_flags_copied_training_images_and_writes_its_report(reference_
     assert main(audit_args(reference_run, out, "--generated", str(folder), "--heldout_root", str(heldout_root))) == 2  # kept
 
 
+@pytest.mark.slow
 def test_the_audit_refuses_bad_input_clearly(reference_run, heldout_root, tmp_path, capsys):
     import gzip
 
@@ -244,6 +247,7 @@ def monitor_fit(root, tmp_path, monitor, steps: int = 2, **data):
     return trainer
 
 
+@pytest.mark.slow
 def test_the_monitor_calibrates_on_validation_images_and_logs_the_copy_rate(heldout_root, tmp_path):
     from callbacks.memorization import MemorizationMonitor
 
@@ -358,6 +362,7 @@ def monitor_rank_main(rank: int, world: int, out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_with_disjoint_shards_count_the_copies_a_single_process_counts(tmp_path):
     """Two gloo ranks, each holding half the training phantoms and generating half the images (rank 0 every copy, of
     training images in either shard): through Lightning's all_gather and all-reduce max both ranks find each image's
@@ -396,13 +401,11 @@ def test_the_monitor_refuses_what_it_cannot_calibrate(phantom_root, tmp_path):
         MemorizationMonitor(stop_above=1.5)
 
 
-def test_the_audit_takes_an_export_with_the_run_it_came_from(reference_run, heldout_root, tmp_path, capsys):
-    from core.run_folder import RunFolder
+@pytest.mark.slow
+def test_the_audit_takes_an_export_with_the_run_it_came_from(reference_run, reference_export, heldout_root, tmp_path, capsys):
     from evaluation.memorization_study import main
-    from lightning_modules.runs import load_run
 
-    module, _ = load_run(RunFolder(reference_run), "last")
-    export = module.export(tmp_path / "export")
+    export = reference_export  # load_run(RunFolder(reference_run), "last")[0].export(...), shared with test_generate.py
     args = ["--n_per_prompt", "1", "--steps", "2", "--heldout_root", str(heldout_root)]
     assert main(audit_args(export, tmp_path / "a", *args)) == 2
     assert "an export holds no data.json" in capsys.readouterr().err

@@ -40,6 +40,7 @@ def projection_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]
     return tmp / "runs" / "doc", proc
 
 
+@pytest.mark.slow
 def test_document_level_mse_goes_down_and_the_cache_is_written_once(projection_run, tmp_path):
     run, proc = projection_run
     assert "document embeddings: encoding" in proc.stdout + proc.stderr
@@ -52,6 +53,7 @@ def test_document_level_mse_goes_down_and_the_cache_is_written_once(projection_r
     assert "document embeddings: reusing" in out and "document embeddings: encoding" not in out
 
 
+@pytest.mark.slow
 def test_token_level_mse_goes_down(tmp_path):
     run_train(*projection_args(tmp_path, "--run_name", "tok", "--trainer.max_steps", "30",
                                "--model.init_args.level", "token", "--model.init_args.learning_rate", "3e-3"))
@@ -59,6 +61,7 @@ def test_token_level_mse_goes_down(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_exact(projection_run, tmp_path):
     """SIGTERM mid-run saves last.ckpt (exit 143); resuming ends bit-identical to the uninterrupted run."""
     reference, _ = projection_run
@@ -135,6 +138,7 @@ def test_unknown_level_is_a_clear_error():
         TextualProjection(model={"pretrained": "tiny-phantom"}, domain_encoder={"pretrained": "tiny-bert"}, level="sentence")
 
 
+@pytest.mark.slow
 def test_export_reloads_and_generates(projection_run, tmp_path):
     run, _ = projection_run
     out = tmp_path / "export"
@@ -153,6 +157,7 @@ def test_missing_export_config_is_a_clear_error(tmp_path):
         load_projection(tmp_path)
 
 
+@pytest.mark.slow
 def test_export_for_another_encoder_width_names_both_sizes(projection_run, tmp_path):
     import json
 

@@ -99,6 +99,7 @@ def test_nonfinite_loss_can_skip_the_batch(phantom_root, tmp_path):
         UNetFineTuning(model={"pretrained": "tiny-random"}, on_nonfinite_loss="ignore")
 
 
+@pytest.mark.slow
 def test_a_skipped_batch_skips_the_optimizer_step_of_its_whole_accumulation_window(phantom_root, tmp_path):
     """accumulate_grad_batches 2, NaN at batch 2 (the first of the second window): the weights after that window are
     the weights before it (before: AdamW stepped on batch 3's gradients while the warning said "not updated"); the

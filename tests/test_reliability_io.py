@@ -287,6 +287,7 @@ def test_generate_refuses_a_folder_holding_two_kinds_of_export(tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------------------------- G: entry points
+@pytest.mark.slow
 def test_entry_points_print_one_error_line_and_debug_shows_the_traceback(tmp_path):
     sheet = tmp_path / "sheet.csv"
     sheet.write_bytes(f"case,score,comment\ncase_001,4,{LATIN1}".encode("cp1252"))

@@ -56,6 +56,7 @@ def ref_copy(reference_run, tmp_path) -> tuple[Path, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- 1. the lock
+@pytest.mark.slow
 def test_a_second_start_into_a_busy_run_folder_is_refused_naming_the_holder(tmp_path):
     """Two real processes: the second start (another seed) is refused with the first one's PID and host and changes
     nothing; once the first is killed with SIGKILL, the kernel has freed the lock."""
@@ -83,6 +84,7 @@ def test_a_second_start_into_a_busy_run_folder_is_refused_naming_the_holder(tmp_
 
 
 # ---------------------------------------------------------------------------------------------- 2, 3. checks before writing
+@pytest.mark.slow
 def test_a_refused_resume_writes_nothing(ref_copy):
     """A U-Net run resumed with the textual-inversion config: refused, and config.yaml, data.json, provenance and the
     checkpoints are byte-identical afterwards; no start config is added."""
@@ -94,6 +96,7 @@ def test_a_refused_resume_writes_nothing(ref_copy):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_resume_on_another_base_model_is_refused_naming_both(ref_copy):
     run, args = ref_copy
     code, _, err = train_in_process(*args, "--model.init_args.model.pretrained", "tiny-random")
@@ -102,6 +105,7 @@ def test_resume_on_another_base_model_is_refused_naming_both(ref_copy):
     assert "--model.init_args.model.pretrained tiny-phantom" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, named", [(["--data.init_args.batch_size", "2"], "batch_size 4 → 2"),
                                            (["--data.init_args.findings", "[Pleural Effusion]"], "findings"),
                                            (["--data.init_args.seed", "7"], "seed 0 → 7")])
@@ -113,6 +117,7 @@ def test_resume_with_another_batch_size_findings_or_data_seed_is_refused(ref_cop
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_resume_on_another_number_of_processes_is_refused_naming_both(ref_copy):
     """The epoch position is counted per process: a 1-process checkpoint resumed on 2 would replay or skip batches."""
     run, args = ref_copy
@@ -122,6 +127,7 @@ def test_resume_on_another_number_of_processes_is_refused_naming_both(ref_copy):
     assert "resume on 1 process(es)" in err and snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_every_start_keeps_its_own_config_and_config_yaml_is_never_overwritten(ref_copy):
     from core.run_folder import RunFolder
 
@@ -135,6 +141,7 @@ def test_every_start_keeps_its_own_config_and_config_yaml_is_never_overwritten(r
     assert RunFolder(run).config()["trainer"]["max_steps"] == 30  # export and generate read the latest start
 
 
+@pytest.mark.slow
 def test_a_truncated_last_checkpoint_is_named_with_the_one_before_it(ref_copy):
     run, args = ref_copy
     last = run / "checkpoints" / "last.ckpt"
@@ -153,6 +160,7 @@ def test_a_truncated_last_checkpoint_is_named_with_the_one_before_it(ref_copy):
 
 
 # ---------------------------------------------------------------------------------------------- 5. Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_saves_at_the_batch_end_and_exits_130_and_a_second_aborts_at_once(tmp_path):
     args = demo_args(tmp_path, "--run_name", "c", "--trainer.max_steps", "200", "--wandb_mode", "disabled", "--trainer.callbacks=[]")
     run = tmp_path / "runs" / "c"
@@ -176,6 +184,7 @@ def test_ctrl_c_saves_at_the_batch_end_and_exits_130_and_a_second_aborts_at_once
     torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # still a complete checkpoint
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_training_stops_at_once_even_when_started_with_sigint_ignored(tmp_path):
     """A job started in the background of a script inherits SIGINT ignored; kill -INT during the imports still stops it."""
     proc = subprocess.Popen([PYTHON, str(REPO / "train.py"), *demo_args(tmp_path, "--run_name", "early")], cwd=REPO,
@@ -222,6 +231,7 @@ print("KEPT", torch.load(path, weights_only=True)["step"], sorted(os.listdir(fol
 """
 
 
+@pytest.mark.slow
 @namespaces
 def test_disk_full_on_a_real_small_filesystem_is_one_clear_error(tmp_path):
     script = tmp_path / "save.py"
@@ -255,6 +265,7 @@ def test_an_empty_config_file_is_named(tmp_path):
     assert code == 1 and f"--config {tmp_path / 'empty.yaml'}: is empty; expected a YAML mapping" in err
 
 
+@pytest.mark.slow
 @namespaces
 def test_a_read_only_runs_dir_and_an_unwritable_cache_are_named(tmp_path):
     """A real read-only file system (root ignores permission bits, so chmod would prove nothing)."""

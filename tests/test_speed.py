@@ -39,6 +39,7 @@ def fit(phantom_root, cache_root, steps=6, resolution=64, **module_kwargs):
     return log, module, dm
 
 
+@pytest.mark.slow
 def test_cached_run_follows_the_uncached_trajectory(phantom_root, tmp_path):
     plain, plain_module, _ = fit(phantom_root, tmp_path, cache_latents=False, cache_text=False)
     cached, cached_module, dm = fit(phantom_root, tmp_path, cache_latents=True, cache_text=True)
@@ -113,6 +114,7 @@ def test_text_cache_returns_clip_outputs_and_stays_bounded():
     assert len(cache) == 2 and "a photo in the style of a lung xray" in cache
 
 
+@pytest.mark.slow
 def test_benchmark_rows_flops_ladder_and_memory_profile(tmp_path):
     """The benchmark on the tiny model: a row per strategy with its FLOP count, the U-Net ladder, the memory profile,
     JSON and markdown (what benchmarks/gpu_suite.sh runs at SD size on a GPU)."""
@@ -197,6 +199,7 @@ def test_gradient_clipping_works_with_the_fused_optimizer(phantom_root, tmp_path
     assert freed == [True, True]
 
 
+@pytest.mark.slow
 def test_memory_estimate_counts_the_gradients_lightning_kept_through_the_forward(tmp_path):
     """benchmarks/memory_estimate.py (fake tensors: SD-size peaks on any machine) on the tiny U-Net: freeing gradients
     only before the next backward costs exactly one set of fp32 gradients at the peak."""
@@ -218,6 +221,7 @@ def test_memory_estimate_counts_the_gradients_lightning_kept_through_the_forward
     assert after["activations"] > 0 and after["with frozen parts"] > after["total"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, args, message", [
     ("train_throughput.py", ["--json", "{tmp}"], "--json {tmp} is a folder; expected a file name"),
     ("train_throughput.py", ["--markdown", "{tmp}/a_file/table.md"], "--markdown: the folder {tmp}/a_file is a file, not a folder"),

@@ -9,6 +9,8 @@ import pytest
 from conftest import quiet_trainer
 from datamodules.mimic_cxr import MIMICCXRDataModule
 
+pytestmark = pytest.mark.slow  # 30 training steps per strategy: the slow tier (docs/tests.md)
+
 
 def fixed_noise_loss(module, datamodule) -> float:
     """The mean loss over the training images, each with the noise and timestep the validation step always draws."""

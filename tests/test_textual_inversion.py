@@ -299,6 +299,7 @@ def ti_args(tmp: Path, *extra: str) -> list[str]:
     return demo_args(tmp, *extra, config="textual_inversion_demo")
 
 
+@pytest.mark.slow
 def test_demo_run_checkpoint_is_kilobytes_and_holds_only_the_new_rows(ti_run):
     path = ti_run / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -312,6 +313,7 @@ def test_demo_run_checkpoint_is_kilobytes_and_holds_only_the_new_rows(ti_run):
     assert sorted(losses) == list(range(20)) and all(0 < v < 10 for v in losses.values())
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_identical(ti_run, tmp_path):
     """SIGTERM mid-run: last.ckpt is saved at the batch it finished (exit 143); --ckpt_path last ends where an
     uninterrupted run ends: the same losses, the same new rows, the same optimizer state."""
@@ -330,6 +332,7 @@ def test_sigterm_then_resume_is_bit_identical(ti_run, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_export_loads_in_plain_diffusers_and_the_token_changes_the_image(ti_run, tmp_path):
     out = tmp_path / "export"
     subprocess.run([PYTHON, str(REPO / "export.py"), str(ti_run), str(out)], check=True, capture_output=True, cwd=REPO)
@@ -366,6 +369,7 @@ def test_export_loads_in_plain_diffusers_and_the_token_changes_the_image(ti_run,
     assert torch.allclose(ours, with_token.float().cpu(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
     run_train(*ti_args(tmp_path, "--run_name", "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                        "--trainer.max_steps", "4", "--trainer.callbacks=[]", "--wandb_mode", "disabled"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import socket
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -48,6 +47,7 @@ def test_shipped_weights_are_small_safetensors():
     assert (folder / "MODEL_CARD.md").is_file()
 
 
+@pytest.mark.slow
 def test_vae_reconstructs_held_out_phantoms(tiny_phantom):
     images, _ = held_out()
     x = images.expand(-1, 3, -1, -1)
@@ -82,6 +82,7 @@ def test_missing_xrv_weights_name_the_file(tmp_path):
         load_classifier("densenet121-res224-all", cache_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_the_build_is_reproducible(tmp_path):
     """Two shortened builds with one seed, one after the other in this process (so RNG state left over by the
     first must not leak into the second), give identical weights."""
@@ -96,6 +97,7 @@ def test_the_build_is_reproducible(tmp_path):
     assert (tmp_path / "a" / "vae" / "config.json").read_text() == (tmp_path / "b" / "vae" / "config.json").read_text()
 
 
+@pytest.mark.slow
 def test_finding_correctness_demo_compares_base_and_fine_tuned(reference_run):
     import json
 
@@ -118,6 +120,7 @@ def test_finding_correctness_of_a_run_without_checkpoint_is_a_clear_error(tmp_pa
     assert "finding_correctness_demo.py: error:" in str(exit_.value.code) and "no checkpoint" in str(exit_.value.code)
 
 
+@pytest.mark.slow
 def test_every_sampler_reads_the_zero_terminal_snr_v_prediction_schedule(tiny_phantom):
     """tiny-phantom predicts v on a zero-terminal-SNR schedule (MODEL_CARD.md); each sampler must read it, PNDM too."""
     from models.stable_diffusion import INFERENCE_SCHEDULERS

@@ -15,6 +15,7 @@ from callbacks.loss_log import read_loss_log
 from conftest import PYTHON, REPO, demo_args, run_train, train_and_signal, train_in_process
 
 
+@pytest.mark.slow
 def test_reference_run_leaves_a_complete_run_folder(reference_run):
     ckpt = reference_run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
@@ -31,11 +32,13 @@ def test_reference_run_leaves_a_complete_run_folder(reference_run):
     assert "WANDB_API_KEY" not in (reference_run / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_loss_log_has_every_batch(reference_run):
     losses = read_loss_log(reference_run / "losses.csv")
     assert sorted(losses) == list(range(24)) and all(v > 0 for v in losses.values())
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_only_the_unet(reference_run):
     checkpoint = torch.load(reference_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = list(checkpoint["state_dict"])
@@ -50,6 +53,7 @@ def _same_as_reference(reference_run, run_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
     """kill -9 after the step-10 checkpoint (mid-way to the next): resume from it and end where the reference ends.
     The first start already passes --ckpt_path last (as a requeue script does): with no checkpoint it starts fresh.
@@ -72,6 +76,7 @@ def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "last.prev.ckpt"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, tmp_path):
     """SIGTERM (SLURM pre-emption): the run saves last.ckpt at the batch it finished and exits 143; resuming
     ends where the reference ends and continues the same W&B run. The W&B key in the environment is written
@@ -94,12 +99,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, t
     assert len(starts) == 2 and all(r.name.endswith(run_id) for r in starts)  # one W&B run, two starts
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_by_accident(reference_run, tmp_path):
     shutil.copytree(reference_run, tmp_path / "runs" / "ref")
     code, _, err = train_in_process(*demo_args(tmp_path, "--run_name", "ref", "--trainer.max_steps", "2"))
     assert code != 0 and "already holds checkpoints" in err and "--ckpt_path last" in err
 
 
+@pytest.mark.slow
 def test_export_reloads_in_plain_diffusers_and_generates(reference_run, tmp_path):
     out = tmp_path / "export"
     subprocess.run([PYTHON, str(REPO / "export.py"), str(reference_run), str(out)], check=True, capture_output=True, cwd=REPO)

@@ -94,6 +94,7 @@ def test_bf16_mixed_fit_keeps_trainable_fp32_and_frozen_bf16(phantom_root, tmp_p
     assert images.shape == (1, 3, 64, 64) and images.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_prior_preservation_generates_class_images_once(phantom_root, tmp_path):
     prior = PriorPreservation(class_prompt="a photo of a lung xray", num_class_images=3, steps=2,
                               class_images_dir=str(tmp_path / "class"))
@@ -139,6 +140,7 @@ def test_default_class_image_folder_depends_on_the_base_model(tmp_path):
     assert class_image_entry(prior, "model-a", 64, tmp_path).path != class_image_entry(prior, "model-b", 64, tmp_path).path
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_phantoms(phantom_root, tmp_path):
     """A few dozen steps of the randomly initialised tiny U-Net on phantoms: the loss must fall."""
     from callbacks.loss_log import LossLog, read_loss_log

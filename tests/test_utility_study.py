@@ -25,6 +25,7 @@ def args(root, out, *extra):
             "--gen_steps", "2", "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_a_synthetic_set_of_copies_trains_exactly_as_the_real_set(utility_root, tmp_path, capsys):
     """The base model's synthetic folder is filled beforehand with the real training images themselves (images already
     written are kept): arm (b) then sees the same images, labels and batches as arm (a) and must score the same."""
@@ -54,6 +55,7 @@ def test_a_synthetic_set_of_copies_trains_exactly_as_the_real_set(utility_root, 
     assert {p: p.stat().st_mtime_ns for p in (out / "arms").rglob("*.npz")} == before and len(before) == 4
 
 
+@pytest.mark.slow
 def test_the_synthetic_set_is_generated_with_the_real_labels_prompts(utility_root, tmp_path, capsys):
     out = tmp_path / "gen"
     assert evaluate.main(args(utility_root, out, "--max_real", "6", "--steps", "2")) == 0, capsys.readouterr().err

@@ -215,6 +215,7 @@ def xrv_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.mark.slow
 def test_vae_study_end_to_end_on_phantoms(phantom_root, xrv_cache, tmp_path):
     out = tmp_path / "study"
     rc = evaluate.main([
