@@ -12,10 +12,22 @@ the atomic checkpoint writer are added through LightningCLI's public hooks (``be
 """
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import sys
+
+
+def _interrupted_while_importing(signum, frame) -> None:
+    print("train.py: interrupted before training started; nothing saved", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    # Ctrl-C is honoured from the first moment, before the imports, even where SIGINT came in ignored (a job started
+    # in the background of a non-interactive shell); train() then installs Python's own handler.
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
+
+import logging
+import os
 import warnings
 from datetime import datetime
 from pathlib import Path

@@ -192,7 +192,10 @@ def test_ctrl_c_before_training_stops_at_once_even_when_started_with_sigint_igno
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     time.sleep(4)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a run that did not stop must not train on behind the suite
     assert proc.returncode == 130 and "interrupted before training started; nothing saved" in err, err[-2000:]
 
 

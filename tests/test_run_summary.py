@@ -3,6 +3,7 @@ next, read from the run folder; and the start of a run without Lightning's FLOPs
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -145,6 +146,8 @@ def test_the_start_of_a_run_has_no_flops_column_and_no_anonymous_warning(tmp_pat
         import wandb
 
         wandb.finish()
+        wandb.teardown()  # stop this process's W&B service, and never hand it (WANDB_SERVICE) to later tests' train.py
+        os.environ.pop("WANDB_SERVICE", None)  # subprocesses: a resumed run would find its run id "in use" there
     err = capfd.readouterr()
     assert "anonymous" not in err.out + err.err
     assert "offline" in err.out + err.err  # W&B did print its start lines
