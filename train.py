@@ -23,8 +23,10 @@ def _interrupted_while_importing(signum, frame) -> None:
 
 if __name__ == "__main__":
     # Ctrl-C is honoured from the first moment, before the imports, even where SIGINT came in ignored (a job started
-    # in the background of a non-interactive shell); train() then installs Python's own handler.
+    # in the background of a non-interactive shell) or blocked (a launcher's signal mask, which a child inherits);
+    # train() then installs Python's own handler.
     signal.signal(signal.SIGINT, _interrupted_while_importing)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 import logging
 import os
@@ -370,6 +372,10 @@ def fit(cli) -> int:
 
     checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, RunCheckpoint))
     zero = cli.trainer.is_global_zero
+    # From here Ctrl-C and SIGTERM only set RunCheckpoint's flag (the run saves at the first batch end and stops): a
+    # KeyboardInterrupt raised inside Lightning's or W&B's setup (wandb.init) is swallowed there or turned into
+    # Lightning's "graceful shutdown" with exit 1.
+    checkpoint.setup(cli.trainer, cli.model, "fit")
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     except SIGTERMException:  # during validation or setup, under Lightning's own handler
