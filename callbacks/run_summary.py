@@ -152,7 +152,7 @@ def wandb_line(run: RunFolder, mode: str, url: Optional[str] = None) -> str:
 
 
 def _wandb_id(run: RunFolder) -> Optional[str]:
-    path = run.path / "wandb_run_id.txt"
+    path = run.wandb_id_file  # read only: RunFolder.wandb_id() would make one
     return path.read_text().strip() if path.is_file() else None
 
 

@@ -211,9 +211,13 @@ class RunFolder:
         return yaml.safe_load(path.read_text())
 
     # ------------------------------------------------------------------ W&B
+    @property
+    def wandb_id_file(self) -> Path:
+        return self.path / "wandb_run_id.txt"
+
     def wandb_id(self) -> str:
         """The run's W&B id: read from ``wandb_run_id.txt``, or made and written there on first use."""
-        id_file = self.path / "wandb_run_id.txt"
+        id_file = self.wandb_id_file
         if id_file.is_file():
             return id_file.read_text().strip()
         run_id = uuid.uuid4().hex[:12]
