@@ -4,10 +4,13 @@
   that reaches ``max_steps``, at the end of training when it ended otherwise (``max_epochs``, ``max_time``, or a run
   without optimizer steps), and on SIGTERM (SLURM pre-emption, ``scancel``, ``kill``) or SIGINT (Ctrl-C; a second
   Ctrl-C aborts at once without saving). Every save happens at the end of a training batch, where the loops describe a
-  run in the middle of an epoch, so a resume continues exactly there.
+  run in the middle of an epoch, so a resume continues exactly there; it runs after every other callback's end of that
+  batch, so what they write for the batch (the loss log's row) is on disk before the checkpoint that covers it.
 * :class:`AtomicCheckpointIO` checks the free space, writes each file to a temporary name, fsyncs it, keeps the previous
   file as ``<name>.prev.ckpt`` and renames the new one over the target: a kill or a full disk during a save never leaves
-  a truncated ``last.ckpt``, and should one ever be unreadable the one before it is still there.
+  a truncated ``last.ckpt``, and should one ever be unreadable the one before it is still there. Only a checkpoint known
+  to be good becomes ``<name>.prev.ckpt``: one this process wrote or resumed from, or one whose zip directory reads; and
+  a run resumed from ``<name>.prev.ckpt`` keeps it until it has written a newer checkpoint itself.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import shutil
 import signal
 import sys
 import threading
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from core.errors import InsufficientSpaceError, UserError, check_free_space
 
@@ -68,7 +73,10 @@ class RunCheckpoint(Callback):
         self.stopped_by = self.stopped_by or name
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
+        if stage != "fit":
+            return
+        self._run_last(trainer)
+        if threading.current_thread() is threading.main_thread():
             # from the start of fit: a Ctrl-C during preparation stops at the first batch end too
             for sig in self.SIGNALS:
                 self._previous_handlers.setdefault(sig, signal.getsignal(sig))
@@ -81,6 +89,17 @@ class RunCheckpoint(Callback):
             self._requested = True
             self.stopped_by = self.stopped_by or "SIGTERM"
             connector.received_sigterm = False  # handled here, at the end of the first batch
+
+    def _run_last(self, trainer: Trainer) -> None:
+        """Move this callback after every other one. Its ``on_train_batch_end`` saves, and the checkpoint must see the
+        batch as the others leave it: the loss log's row of the checkpoint's own batch is pending until the loss log's
+        ``on_train_batch_end``, and only a save after it writes that row first (a SIGKILL after the save otherwise lost
+        it for good: the resume starts after that batch). Lightning orders its own ``Checkpoint`` callbacks last in the
+        same way, but train.py turns those off."""
+        callbacks = list(trainer.callbacks)
+        if self in callbacks and callbacks[-1] is not self:
+            callbacks.remove(self)
+            trainer.callbacks = callbacks + [self]  # a new list: a hook loop running now (setup) goes on over the old one
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -134,6 +153,27 @@ def checkpoint_bytes(obj) -> int:
     return 0
 
 
+def file_identity(path: Path) -> Optional[tuple[int, int, int, int]]:
+    """Device, inode, size and modification time of ``path`` (None if it is not there): the same file, unchanged."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def unreadable_reason(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete torch checkpoint, or None. Cheap: it reads the zip directory at the end of the file
+    (gone from a truncated one), not the tensors."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "a zip archive without torch's data.pkl"
+    except (zipfile.BadZipFile, OSError) as err:
+        return str(err) or type(err).__name__
+    return None
+
+
 def is_write_failure(err: BaseException) -> bool:
     """What ``torch.save`` raises when the file system fails under it: ``OSError``, or a ``RuntimeError`` from its zip
     writer ("PytorchStreamWriter failed writing file …", "[enforce fail at inline_container.cc] unexpected pos …")."""
@@ -148,9 +188,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A kill or a full disk during the save therefore never leaves a truncated ``last.ckpt``: the previous checkpoint
     stays until the new one is complete. A failed save raises :class:`CheckpointSaveError` naming the file, the cause
     and the free space, and removes the partial file; so does a save that would not fit (checked before writing).
+
+    The file replaced becomes ``<name>.prev.ckpt`` only when it is known good (:meth:`_keep_previous`), so the fall-back
+    is never an unreadable file, and the checkpoint a run resumed from survives until the run has written a newer one.
     """
 
     MARGIN = 8 * 2**20  # pickle structure, zip records, other files written meanwhile
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._written: dict[Path, tuple] = {}  # the file this process last wrote at each path
+        self._resumed_from: Optional[tuple] = None  # the file this process resumed from
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict:
+        checkpoint = super().load_checkpoint(path, *args, **kwargs)
+        self._resumed_from = file_identity(Path(path))  # read whole: known good
+        return checkpoint
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
@@ -170,6 +223,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(fh.fileno())
             self._keep_previous(path)
             os.replace(tmp, path)
+            self._written[path] = file_identity(path)
             for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while saving
                 stale.unlink(missing_ok=True)
         except BaseException as err:
@@ -188,10 +242,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return path.with_name(path.stem + ".prev" + path.suffix)
 
     def _keep_previous(self, path: Path) -> None:
-        """``last.ckpt`` → ``last.prev.ckpt`` without a moment in which neither exists complete."""
-        if not path.exists():
+        """``last.ckpt`` → ``last.prev.ckpt`` without a moment in which neither exists complete, when ``last.ckpt`` is
+        known good: this process wrote it or resumed from it, or (a file of an earlier process) its zip directory reads.
+        A run resumed from ``last.prev.ckpt`` (as train.py advises when ``last.ckpt`` is unreadable) keeps it until it has
+        written a newer checkpoint: ``last.ckpt`` is then from another line of training, or unreadable."""
+        current = file_identity(path)
+        if current is None:
             return
-        prev, link = self.previous(path), path.with_name(f".{path.name}.prev-{os.getpid()}")
+        prev = self.previous(path)
+        if current not in (self._written.get(path), self._resumed_from):
+            if self._resumed_from is not None and file_identity(prev) == self._resumed_from:
+                return
+            why = unreadable_reason(path)
+            if why is not None:
+                rank_zero_warn(f"{path} is unreadable ({why}): the new checkpoint replaces it, and {prev.name} stays as it was")
+                return
+        link = path.with_name(f".{path.name}.prev-{os.getpid()}")
         link.unlink(missing_ok=True)
         try:
             os.link(path, link)  # no copy; on file systems without hard links the previous file is not kept

@@ -2,11 +2,15 @@
 
 Rows are ``batch,step,loss`` (global batch index, optimizer step, loss). Losses are kept as
 tensors and written every ``flush_every`` batches and whenever a checkpoint is saved, so the log
-never forces a GPU sync per step. A resumed run appends; rows after the checkpoint it resumed from
-are dropped first, so the file always matches the weights.
+never forces a GPU sync per step. The checkpoint callback saves after this one has taken the batch's
+row (:class:`callbacks.checkpointing.RunCheckpoint` runs last), and the rows are fsynced before the
+checkpoint is written: every row a checkpoint covers is on disk before it, even after a SIGKILL or a
+power loss. A resumed run appends; rows after the checkpoint it resumed from (written before a kill,
+replayed by the resume) are dropped first, so the file always matches the weights.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -26,7 +30,9 @@ class LossLog(Callback):
         if self.path.exists():
             rows = self.path.read_text().splitlines()
             kept = [rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) < done]
-            self.path.write_text("\n".join(kept) + "\n")
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("\n".join(kept) + "\n")
+            os.replace(tmp, self.path)  # a kill while rewriting leaves the old file, never a cut one
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("batch,step,loss\n")
@@ -35,13 +41,19 @@ class LossLog(Callback):
         if not trainer.is_global_zero or outputs is None:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._pending.append((trainer.fit_loop.total_batch_idx, trainer.global_step, loss.detach()))
+        # Lightning hands callbacks the loss it back-propagates, divided by accumulate_grad_batches (its closure
+        # normalises every batch so); the row is the batch's own loss, as training_step and train/loss give it
+        loss = loss.detach() * trainer.accumulate_grad_batches
+        self._pending.append((trainer.fit_loop.total_batch_idx, trainer.global_step, loss))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # before the checkpoint file is written: every row it covers is on disk first
             self.flush()
+            if self.path.exists():
+                with self.path.open("a") as f:
+                    os.fsync(f.fileno())  # also the rows an earlier flush left in the page cache (power loss)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:

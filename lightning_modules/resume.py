@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -34,12 +36,31 @@ NOT_IDENTITY = ("root", "files", "class_prompt", "num_class_images", "class_imag
 
 
 class CheckpointReadError(UserError, RuntimeError):
-    """A checkpoint file is truncated or corrupt."""
+    """A checkpoint file is truncated or corrupt, or holds what it may not."""
+
+
+# what torch's weights-only unpickler says of a complete file whose pickle names a class or function
+NON_TENSOR = re.compile(r"GLOBAL (\S+)|Can only (?:build|create)|unrecognized function")
+
+
+def first_sentence(message: str, limit: int = 200) -> str:
+    """The first sentence of an error message (torch's go on with advice), at most ``limit`` characters, cut at a word."""
+    text = message.strip().splitlines()[0].strip() if message.strip() else ""
+    text = re.split(r"(?<=[^.])\. ", text, maxsplit=1)[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def unpickler_detail(message: str) -> str:
+    """The unpickler's own error inside torch's "Weights only load failed" message (which leads with how to load the
+    file unsafely: advice a checkpoint written by train.py never needs)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+    return found.group(1) if found else message.replace("Weights only load failed.", "")
 
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint's contents (tensors and plain data only: ``weights_only``), or a clear error naming the file and,
-    when there is one, the previous checkpoint beside it to fall back to."""
+    when there is one, the previous checkpoint beside it to fall back to. A complete file holding pickled objects is
+    refused as such (loading it could run arbitrary code), not called corrupt."""
     path = Path(path)
     with open(path, "rb") as fh:
         head = fh.read(4)
@@ -52,11 +73,20 @@ def read_checkpoint(path: str | Path) -> dict:
     except Exception as err:  # truncated zip, wrong magic, unpickling refused: all mean "not a usable checkpoint"
         if isinstance(err, UserError):
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = str(err)
+        if isinstance(err, pickle.UnpicklingError):
+            found = NON_TENSOR.search(message)
+            if found:
+                what = f" ({found.group(1)})" if found.group(1) else ""
+                raise CheckpointReadError(f"{path}: the checkpoint holds non-tensor objects{what}; refusing to unpickle it, "
+                                          "which could run arbitrary code (checkpoints written by train.py hold only "
+                                          "tensors and plain data)") from None
+            message = unpickler_detail(message)
+        reason = first_sentence(message) or type(err).__name__
         previous = path.with_name(path.stem + ".prev" + path.suffix)
         fallback = (f"; the checkpoint before it is {previous}: resume from it with --ckpt_path {previous}"
                     if previous.is_file() and previous != path else "")
-        raise CheckpointReadError(f"{path}: unreadable checkpoint (truncated or corrupt: {reason[:200]}){fallback}") from None
+        raise CheckpointReadError(f"{path}: unreadable checkpoint (truncated or corrupt: {reason}){fallback}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointReadError(f"{path}: not a checkpoint written by train.py (no state_dict)")
     return checkpoint
