@@ -40,6 +40,9 @@ from core.run_folder import RunFolder, RunLock
 
 REPO = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs"
+# A run the MemorizationMonitor stopped: not 0 (a requeue loop would count it done), not 1/2 (errors), not 130/143 (a
+# signal: reproduce.py's SLURM runner requeues 143, and a requeued `--ckpt_path last` would be refused by the stop).
+EXIT_MONITOR_STOP = 3
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
@@ -227,24 +230,47 @@ def finish_wandb(mode: str) -> tuple[str, Optional[str]]:
 
 
 class Start:
-    """This start's run folder and lock, so a start refused before it wrote anything leaves no folder behind."""
+    """This start's run folder and lock, and whether training has started: a start that ends before (refused by a
+    check, the datamodule, a callback's setup, the fit-time preparation, or interrupted) has written no config and no
+    provenance, and into a folder it made leaves no folder behind."""
 
-    def __init__(self):
+    def __init__(self, argv: list[str]):
+        self.argv = argv  # the command line as given, for provenance
         self.run: Optional[RunFolder] = None
         self.lock: Optional[RunLock] = None
         self.folder_existed = True
+        self.training_started = False
 
     def take(self, run: RunFolder) -> None:
         self.run, self.folder_existed = run, run.path.exists()
         if launched_as_rank_zero():
             self.lock = run.lock()
 
-    def end(self, failed: bool) -> None:
-        if failed and self.run is not None and not self.folder_existed and self.lock is not None:
-            self.run.remove_if_unused()
+    def training_starts(self, cli) -> None:
+        """At ``on_train_start``, after everything that may still refuse the start: record it (global rank 0)."""
+        if cli.trainer.is_global_zero:
+            record_start(cli, self.argv)
+        self.training_started = True
+
+    def end(self) -> None:
+        if not self.training_started and self.run is not None and not self.folder_existed and self.lock is not None:
+            if end_wandb_run():  # W&B writes nothing more into the folder
+                self.run.remove_if_unused()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def end_wandb_run() -> bool:
+    """End this process's W&B run, if any, as failed (before training started); False if W&B could not end it."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    try:
+        if run is not None:
+            run.finish(exit_code=1)
+    except Exception:  # the start's own error is the one to report; the folder then stays as W&B left it
+        return False
+    return True
 
 
 def make_cli(argv: list[str], start: Start):
@@ -258,6 +284,8 @@ def make_cli(argv: list[str], start: Start):
             parser.add_argument("--runs_dir", type=str, default="runs", help="parent folder of run folders")
             parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="'last' (resume this run) or a checkpoint path")
             parser.add_argument("--checkpoint_every_n_steps", type=int, default=100, help="how often last.ckpt is written")
+            parser.add_argument("--ignore_monitor_stop", action="store_true",
+                                help="resume a run its MemorizationMonitor stopped (refused without this flag)")
             parser.add_argument("--wandb_project", type=str, default="cxr-diffusion")
             parser.add_argument("--wandb_entity", type=Optional[str], default=None)
             parser.add_argument(
@@ -269,13 +297,13 @@ def make_cli(argv: list[str], start: Start):
             cfg = self.config
             check_numbers(cfg)
             cfg.run_name = cfg.run_name or config_stem(argv) or datetime.now().strftime("run-%Y%m%d-%H%M%S")
+            self.run = RunFolder.named(cfg.runs_dir, cfg.run_name)  # a name that leaves --runs_dir is refused here
             writable_folder(cfg.runs_dir, "--runs_dir")
             cache = os.environ.get("CXR_DIFFUSION_CACHE")
             if cache:
                 writable_folder(cache, "the cache folder CXR_DIFFUSION_CACHE =")
             if wandb_is_online(cfg.wandb_mode):
                 check_wandb_reachable()
-            self.run = RunFolder.named(cfg.runs_dir, cfg.run_name)
             start.take(self.run)  # refused, naming the holder, while another process trains into this folder
             self.ckpt_path = self.run.resume_checkpoint(cfg.ckpt_path)
             if cfg.ckpt_path == "last":
@@ -303,8 +331,12 @@ def make_cli(argv: list[str], start: Start):
             summary = trainer_cfg.enable_model_summary is not False and not any(isinstance(c, ModelSummary) for c in user)
             if summary:
                 kwargs["enable_model_summary"] = False  # no default table beside ours
-            extra = run_callbacks(self.run, cfg.checkpoint_every_n_steps, user, trainer_cfg.enable_progress_bar is not False,
-                                  bool(logger), model_summary=summary)
+            from lightning.pytorch.callbacks import LambdaCallback
+
+            # the start is recorded when training starts, after the config's callbacks' own on_train_start
+            record = LambdaCallback(on_train_start=lambda trainer, module: start.training_starts(self))
+            extra = [record] + run_callbacks(self.run, cfg.checkpoint_every_n_steps, user,
+                                             trainer_cfg.enable_progress_bar is not False, bool(logger), model_summary=summary)
             # a kill during a save never corrupts last.ckpt
             return super().instantiate_trainer(callbacks=user + extra, logger=logger, plugins=plugins + [AtomicCheckpointIO()],
                                                **kwargs)
@@ -324,11 +356,13 @@ def make_cli(argv: list[str], start: Start):
 
 
 def make_cli_or_explain(argv: list[str], start: Start):
-    """:func:`make_cli`; a suite error raised while jsonargparse builds the classes (e.g. textual inversion given
-    prior_preservation) arrives wrapped in jsonargparse's own ValueError, with a traceback: unwrap it to its one line."""
+    """:func:`make_cli`; a suite error (:class:`~core.errors.UserError`) raised while jsonargparse builds the classes
+    (e.g. textual inversion given prior_preservation, ``ema.decay`` 1.5, a MemorizationMonitor's stop_above 2) arrives
+    wrapped in jsonargparse's own error ("Does not validate against any of the Union subtypes", the class's error as
+    its cause), with a traceback: unwrap it to its one line, whatever the wrapper's type."""
     try:
         return make_cli(argv, start)
-    except ValueError as err:
+    except Exception as err:
         cause: Optional[BaseException] = err
         while cause is not None and not isinstance(cause, UserError):
             cause = cause.__cause__ or cause.__context__
@@ -339,19 +373,29 @@ def make_cli_or_explain(argv: list[str], start: Start):
 
 def check_resume(cli) -> None:
     """Before anything of this start is written: the checkpoint is readable and holds what this configuration trains,
-    on the same base model, data, batch size and number of processes (:mod:`lightning_modules.resume`)."""
+    on the same base model, data, batch size and number of processes (:mod:`lightning_modules.resume`), and no
+    MemorizationMonitor stopped it (unless ``--ignore_monitor_stop``)."""
     if cli.ckpt_path is None:
         return
+    from callbacks.memorization import monitor_stop
     from lightning_modules.resume import read_checkpoint
 
+    checkpoint = read_checkpoint(cli.ckpt_path)
     # the processes this start will run (the strategy's own world size is only set once they are launched)
     processes = int(cli.trainer.num_nodes) * int(cli.trainer.num_devices)
-    cli.model.check_resumable(read_checkpoint(cli.ckpt_path), cli.datamodule, processes)
+    cli.model.check_resumable(checkpoint, cli.datamodule, processes)
+    stop = monitor_stop(checkpoint)
+    if stop is not None and not cli.config.ignore_monitor_stop:
+        raise UserError(f"{cli.ckpt_path}: the MemorizationMonitor stopped this run at step {stop['stopped_at']} (copy rate "
+                        f"{stop['copy_rate']:.3f} above stop_above={stop['stop_above']:g}); resuming would train on past "
+                        "that stop. Pass --ignore_monitor_stop to resume anyway (the monitor checks again: raise its "
+                        "stop_above or remove it to go on), or start a new run")
 
 
 def record_start(cli, argv: list[str]) -> None:
-    """The resolved config (no secrets: W&B keys come from the environment, never the config) and a provenance record.
-    Each start keeps its own ``configs/start-N.yaml``; ``config.yaml`` is the first start's and is never overwritten."""
+    """The resolved config (no secrets: W&B keys come from the environment, never the config) and a provenance record,
+    written when training starts (:meth:`Start.training_starts`). Each start keeps its own ``configs/start-N.yaml``;
+    ``config.yaml`` is the first start's that trained and is never overwritten."""
     run = cli.run
     start_config = run.next_start_config()
     start_config.parent.mkdir(parents=True, exist_ok=True)
@@ -365,10 +409,12 @@ def record_start(cli, argv: list[str]) -> None:
 
 
 def fit(cli) -> int:
-    """Train; the exit status: 0 done, 143/130 stopped by SIGTERM/SIGINT after saving (errors propagate)."""
+    """Train; the exit status: 0 done, :data:`EXIT_MONITOR_STOP` stopped by a MemorizationMonitor, 143/130 stopped by
+    SIGTERM/SIGINT, each after saving (errors propagate)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.checkpointing import RunCheckpoint
+    from callbacks.memorization import MemorizationMonitor
 
     checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, RunCheckpoint))
     zero = cli.trainer.is_global_zero
@@ -382,6 +428,14 @@ def fit(cli) -> int:
         if zero:
             print(preempted_message(cli.run, checkpoint.preempted_step, "SIGTERM"), file=sys.stderr, flush=True)
         return 143
+    monitor = next((c for c in cli.trainer.callbacks if isinstance(c, MemorizationMonitor) and c.stopped_at is not None), None)
+    if monitor is not None:  # its last.ckpt holds the stop: a resume is refused past it
+        if zero:
+            print(finished_summary(cli), flush=True)
+            print(f"train.py: stopped by the MemorizationMonitor at step {monitor.stopped_at} (exit {EXIT_MONITOR_STOP}); "
+                  f"{cli.run.last_checkpoint} is saved. --ckpt_path last refuses to train on past the stop unless "
+                  "--ignore_monitor_stop", file=sys.stderr, flush=True)
+        return EXIT_MONITOR_STOP
     if checkpoint.preempted_step is not None:
         if zero:
             print(preempted_message(cli.run, checkpoint.preempted_step, checkpoint.stopped_by), file=sys.stderr, flush=True)
@@ -419,7 +473,8 @@ def preempted_message(run: RunFolder, step: Optional[int], signal_name: Optional
 
 
 def train(argv: list[str]) -> int:
-    """Parse, check, lock, build, check the resume, record the start, fit: nothing is written before the checks pass."""
+    """Parse, check, lock, build, check the resume, fit; the start is recorded once training starts: a start refused
+    before (at parse, by the resume checks, or in the trainer's, datamodule's and callbacks' setup) records nothing."""
     original_argv = sys.argv[:1] + list(argv)
     argv = resolve_config_args(list(argv))
     sys.argv = sys.argv[:1] + argv  # LightningCLI reads sys.argv; configs resolved above
@@ -427,19 +482,20 @@ def train(argv: list[str]) -> int:
     # Ctrl-C is honoured from the first moment even where SIGINT came in ignored (a job started in the background of a
     # non-interactive shell): before training it stops at once, during training RunCheckpoint saves first.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    start, failed = Start(), True
+    # W&B finds its service through WANDB_SERVICE, which a parent that ran W&B (a notebook, a script, a test) passes on:
+    # this run would then log through that process's service (dead once it exits: a traceback; alive: it may hold this
+    # run's id, "run ID ... is in use" on a resume). Every train.py starts its own.
+    os.environ.pop("WANDB_SERVICE", None)
+    start = Start(original_argv)
     try:
         cli = make_cli_or_explain(argv, start)
         check_resume(cli)
-        if cli.trainer.is_global_zero:
-            record_start(cli, original_argv)
-        failed = False
         return fit(cli)
     except KeyboardInterrupt:
         print("train.py: interrupted before training started; nothing saved", file=sys.stderr, flush=True)
         return 130
     finally:
-        start.end(failed)
+        start.end()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

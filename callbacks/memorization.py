@@ -14,7 +14,8 @@ Logged to every logger (W&B included) as ``memorization/copy_rate``, ``memorizat
 ``memorization/threshold``, and appended to ``<run>/memorization_monitor.csv``. Numbers only: training images are
 real patient images and are never logged. With ``stop_above`` the run stops once the copy rate passes it: the trainer
 stops at the end of that batch, ``last.ckpt`` is saved as at any end of training, and the reason is printed and kept
-in the CSV's ``stopped`` column.
+in the CSV's ``stopped`` column. The checkpoint also keeps the stop (the monitor's state, :func:`monitor_stop`):
+``train.py`` then exits with its own status and refuses to resume past it unless told to (``--ignore_monitor_stop``).
 
 Prompts are asked as :class:`callbacks.fid.FIDCallback` asks them, through the module's own generator
 (``paper_prompt``): a textual-inversion run is sampled with its token, not as the base model.
@@ -29,6 +30,7 @@ similarities, the same copy rate, and takes the same decision to stop.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -81,6 +83,10 @@ class MemorizationMonitor(Callback):
             raise MemorizationMonitorError(f"MemorizationMonitor: features {features!r}; expected 'pixel', 'classifier' or 'image_encoder'")
         if features == "image_encoder" and not image_encoder:
             raise MemorizationMonitorError("MemorizationMonitor: features image_encoder needs image_encoder: a Hugging Face id or folder")
+        # every similarity space is a correlation or a cosine: a threshold outside [-1, 1] (or NaN) flags every image or none
+        if threshold is not None and not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
+            raise MemorizationMonitorError(f"MemorizationMonitor: threshold {threshold}; expected a similarity in [-1, 1] (or "
+                                           "null: calibrate it on validation images)")
         if threshold is None and not 0.5 <= quantile < 1:
             raise MemorizationMonitorError(f"MemorizationMonitor: quantile {quantile}; expected at least 0.5 and below 1 (e.g. 0.95)")
         if stop_above is not None and not 0 <= stop_above < 1:
@@ -94,6 +100,7 @@ class MemorizationMonitor(Callback):
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self.threshold_source = "given" if threshold is not None else None
         self.stopped_at: Optional[int] = None
+        self.stop_rate: Optional[float] = None
         self.reason: Optional[str] = None
         self._space: Optional[SimilaritySpace] = None
         self._train: Optional[torch.Tensor] = None
@@ -160,7 +167,7 @@ class MemorizationMonitor(Callback):
                    "memorization/threshold": float(self.threshold)}
         stop = self.stop_above is not None and rate > self.stop_above
         if stop:
-            self.stopped_at = step
+            self.stopped_at, self.stop_rate = step, rate
             self.reason = (f"MemorizationMonitor: copy rate {rate:.3f} ({copies}/{count} generated images closer to a "
                            f"training image than {self.threshold:.4f}) passed stop_above={self.stop_above:g} at step "
                            f"{step}: training stops at the end of this batch (train.py then saves last.ckpt)")
@@ -208,4 +215,17 @@ class MemorizationMonitor(Callback):
             writer.writerow(row)
 
     def state_dict(self) -> dict:
-        return {}  # training features and the calibration are recomputed at the start of every fit
+        """Only the stop, once this fit stopped (what :func:`monitor_stop` reads). Training features and the calibration
+        are recomputed at the start of every fit: a checkpoint holds no patient data; a resumed fit starts unstopped."""
+        if self.stopped_at is None:
+            return {}
+        return {"stopped_at": self.stopped_at, "copy_rate": self.stop_rate, "stop_above": self.stop_above}
+
+
+def monitor_stop(checkpoint: dict) -> Optional[dict]:
+    """The stop a :class:`MemorizationMonitor` recorded in a checkpoint (``stopped_at``, ``copy_rate``, ``stop_above``),
+    or None when no monitor stopped the fit that saved it."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key.startswith(MemorizationMonitor.__qualname__) and isinstance(state, dict) and state.get("stopped_at") is not None:
+            return state
+    return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -41,6 +42,24 @@ class RunFolderError(UserError, FileNotFoundError):
 
 class RunFolderLocked(UserError, RuntimeError):
     """Another process is training into this run folder."""
+
+
+class RunNameError(UserError, ValueError):
+    """A run name that is not one folder name inside the runs folder."""
+
+
+# what a start writes into a new run folder before training starts: its lock and the W&B run (Lightning starts W&B in
+# the trainer's setup, before the datamodule, the callbacks and the fit-time preparation may still refuse the start)
+BEFORE_TRAINING = frozenset({".lock", "wandb_run_id.txt", "wandb"})
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is one folder name: ``../x``, ``/abs/path`` or ``..`` would put the run outside ``--runs_dir`` (or
+    make the runs folder, or what holds it, the run folder)."""
+    if "/" in name or name in (".", ".."):  # an absolute path starts with '/'
+        raise RunNameError(f"--run_name {name}: a run name is one folder name inside --runs_dir (no '/', '.' or '..'); "
+                           "to keep runs in another folder, pass --runs_dir THAT_FOLDER")
+    return name
 
 
 class RunLock:
@@ -98,7 +117,8 @@ class RunFolder:
 
     @classmethod
     def named(cls, runs_dir: str | Path, name: str) -> "RunFolder":
-        return cls(Path(runs_dir) / name)
+        """``runs_dir/name``; a name that is not one folder name is refused (:func:`check_run_name`)."""
+        return cls(Path(runs_dir) / check_run_name(name))
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -133,11 +153,11 @@ class RunFolder:
         return RunLock(self.lock_file).acquire()
 
     def remove_if_unused(self) -> bool:
-        """Remove the folder if it holds nothing but its lock file (a start refused before it wrote anything)."""
-        if not self.path.is_dir() or any(p.name != ".lock" for p in self.path.iterdir()):
+        """Remove the folder if it holds nothing but what a start writes before training starts (:data:`BEFORE_TRAINING`):
+        for a start, into a folder it made, that was refused before it trained. Anything else keeps the folder."""
+        if not self.path.is_dir() or any(p.name not in BEFORE_TRAINING for p in self.path.iterdir()):
             return False
-        self.lock_file.unlink(missing_ok=True)
-        self.path.rmdir()
+        shutil.rmtree(self.path)
         return True
 
     @property
@@ -216,14 +236,25 @@ class RunFolder:
         return self.path / "wandb_run_id.txt"
 
     def wandb_id(self) -> str:
-        """The run's W&B id: read from ``wandb_run_id.txt``, or made and written there on first use."""
+        """The run's W&B id: read from ``wandb_run_id.txt``, or made and written there on first use.
+
+        The first process to write it wins: every process of a multi-node run asks at about the same time, and each must
+        get the id global rank 0 logs under (a later writer replacing the file would send a resume to another W&B run)."""
         id_file = self.wandb_id_file
         if id_file.is_file():
             return id_file.read_text().strip()
-        run_id = uuid.uuid4().hex[:12]
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(id_file, (run_id + "\n").encode())
-        return run_id
+        tmp = id_file.with_name(f".{id_file.name}.tmp-{os.getpid()}")
+        tmp.write_text(uuid.uuid4().hex[:12] + "\n")
+        try:
+            os.link(tmp, id_file)  # atomic, complete once visible, and refused when the file exists
+        except FileExistsError:
+            pass  # another process wrote it first: its id is the run's
+        except OSError:  # a file system without hard links: a rename (the last writer wins there)
+            os.replace(tmp, id_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return id_file.read_text().strip()
 
     # ------------------------------------------------------------------ data and provenance
     def write_data(self, manifest: dict) -> Path:

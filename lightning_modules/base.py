@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,10 @@ def step_generator(*keys: int) -> torch.Generator:
 
 class TrainedStateMismatch(UserError, RuntimeError):
     """A checkpoint does not hold the parameters this configuration trains."""
+
+
+class ModuleConfigError(UserError, ValueError):
+    """A module setting that cannot be used as given."""
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -115,7 +119,7 @@ class DiffusionModule(LightningModule):
     ):
         super().__init__()
         if on_nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite_loss: unknown value {on_nonfinite_loss!r}; expected 'stop' or 'skip'")
+            raise ModuleConfigError(f"on_nonfinite_loss: unknown value {on_nonfinite_loss!r}; expected 'stop' or 'skip'")
         self.spec = model if isinstance(model, StableDiffusionSpec) else StableDiffusionSpec(**dict(model))
         self.prior_preservation = _as(PriorPreservation, prior_preservation)
         ema = _as(EMASettings, ema)
@@ -165,7 +169,7 @@ class DiffusionModule(LightningModule):
             return None
         params = self.trainable_parameters()
         if not params:
-            raise ValueError(f"ema: {type(self).__name__} as configured trains nothing (e.g. the 'none' projection baseline), so "
+            raise ModuleConfigError(f"ema: {type(self).__name__} as configured trains nothing (e.g. the 'none' projection baseline), so "
                              "there is nothing to average; remove ema")
         return ParameterEMA(params, settings)
 
@@ -259,11 +263,23 @@ class DiffusionModule(LightningModule):
             self._data_identity = data_identity(self.trainer.datamodule)
         return self._data_identity
 
+    def resume_settings(self, hparams: Mapping) -> dict:
+        """The settings a resume must keep that the trained tensors' names do not show, computed from a module's
+        hyperparameters (this one's, or those a checkpoint saved): none here; LoRA's rank, alpha, dropout and targets."""
+        return {}
+
     def check_resumable(self, checkpoint: dict, datamodule=None, world_size: Optional[int] = None) -> None:
-        """Refuse a checkpoint this configuration cannot continue: other trained tensors, EMA or not, another base model,
-        other data or batch size, another number of processes (:mod:`lightning_modules.resume`; the data of
-        ``datamodule``, else of the attached one; ``world_size``, else the attached trainer's). Raises
-        :class:`TrainedStateMismatch`."""
+        """Refuse a checkpoint this configuration cannot continue: other strategy settings (:meth:`resume_settings`),
+        other trained tensors or shapes, EMA or not, another base model, other data or batch size, another number of
+        processes (:mod:`lightning_modules.resume`; the data of ``datamodule``, else of the attached one; ``world_size``,
+        else the attached trainer's). Raises :class:`TrainedStateMismatch`."""
+        saved, current = self.resume_settings(checkpoint.get("hyper_parameters") or {}), self.resume_settings(self.hparams)
+        changed = [f"{key} {saved[key]!r} → {current[key]!r}" for key in current if key in saved and saved[key] != current[key]]
+        if changed:
+            raise TrainedStateMismatch(
+                f"the checkpoint was trained with other {type(self).__name__} settings than this configuration gives: "
+                f"{'; '.join(changed)}. A resumed run must keep them (the saved weights belong to them); resume with the "
+                "run's own settings (its configs/start-*.yaml) or start a new run")
         if (self.ema is not None) != ("ema" in checkpoint):
             has = "holds an EMA" if "ema" in checkpoint else "holds no EMA (the run was started without ema)"
             raise TrainedStateMismatch(f"the checkpoint {has}, but this configuration {'keeps' if self.ema else 'has no'} one; "
@@ -277,6 +293,7 @@ class DiffusionModule(LightningModule):
                 f"({len(missing)} trained tensors missing from it, e.g. {missing[:3]}; {len(extra)} unexpected, e.g. {extra[:3]}). "
                 "Resume with the configuration the run was started with, or start a new run."
             )
+        self._check_shapes(checkpoint["state_dict"])
         why = base_model_mismatch(checkpoint.get("base_model"), self.base_model)
         if why is None:
             data = data_identity(datamodule) if datamodule is not None else self.data_identity()
@@ -287,6 +304,17 @@ class DiffusionModule(LightningModule):
             why = world_size_mismatch(checkpoint.get("world_size"), world_size)
         if why:
             raise TrainedStateMismatch(why)
+
+    def _check_shapes(self, saved: Mapping[str, torch.Tensor]) -> None:
+        """The saved trained tensors must have this configuration's shapes (loading them would fail deep inside torch)."""
+        current = self.state_dict(keep_vars=True)
+        differ = [f"{key} {list(saved[key].shape)} → {list(current[key].shape)}" for key in self.trained_state_keys()
+                  if key in saved and saved[key].shape != current[key].shape]
+        if differ:
+            raise TrainedStateMismatch(
+                f"the checkpoint's trained tensors have other shapes than this configuration's ({len(differ)} differ, e.g. "
+                f"{differ[0]}): it was trained with other settings. Resume with the configuration the run was started "
+                "with, or start a new run")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint)  # the attached datamodule's data identity

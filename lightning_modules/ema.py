@@ -14,6 +14,12 @@ from typing import Iterator, Sequence
 
 import torch
 
+from core.errors import UserError
+
+
+class EMAConfigError(UserError, ValueError):
+    """An EMA setting that cannot be used as given."""
+
 
 @dataclass
 class EMASettings:
@@ -41,7 +47,7 @@ class ParameterEMA:
         from diffusers.training_utils import EMAModel
 
         if not 0.0 < settings.decay <= 1.0:
-            raise ValueError(f"ema.decay: {settings.decay!r}; expected a value in (0, 1]")
+            raise EMAConfigError(f"ema.decay: {settings.decay!r}; expected a value in (0, 1]")
         self.settings = settings
         self.parameters = list(parameters)
         self.model = EMAModel(self.parameters, decay=settings.decay, use_ema_warmup=settings.warmup,

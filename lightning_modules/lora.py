@@ -13,8 +13,9 @@ diffusers on the base model (the scale ``alpha / rank`` folded into the up matri
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -90,6 +91,8 @@ class LoRAFineTuning(UNetFineTuning):
                  learning_rate: float = 1e-4, **kwargs):
         if int(rank) < 1:
             raise LoRAConfigError(f"rank: {rank!r}; expected 1 or more")
+        if alpha is not None and not (math.isfinite(float(alpha)) and float(alpha) > 0):  # 0 is not "unset"
+            raise LoRAConfigError(f"alpha: {alpha!r}; expected a positive scale (or null: the rank)")
         if not 0.0 <= float(dropout) < 1.0:
             raise LoRAConfigError(f"dropout: {dropout!r}; expected a value in [0, 1)")
         if text_encoder_learning_rate is not None and not text_encoder_lora:
@@ -107,7 +110,7 @@ class LoRAFineTuning(UNetFineTuning):
         hp = self.hparams
         self.sd.unet.requires_grad_(False)
         check_targets(self.sd.unet, list(hp.target_modules), "target_modules")
-        config = dict(r=int(hp.rank), lora_alpha=float(hp.alpha or hp.rank), lora_dropout=float(hp.dropout), init_lora_weights="gaussian")
+        config = dict(r=int(hp.rank), lora_alpha=float(self.lora_alpha), lora_dropout=float(hp.dropout), init_lora_weights="gaussian")
         with torch.random.fork_rng(devices=[]):  # the adapters start the same in every run with this seed
             torch.manual_seed(hp.seed)
             self.sd.unet.add_adapter(LoraConfig(target_modules=list(hp.target_modules), **config))
@@ -119,6 +122,22 @@ class LoRAFineTuning(UNetFineTuning):
             self.sd.text_encoder.train()
             return ClipConditioning(self.sd)
         return self.frozen_clip_conditioning()
+
+    @property
+    def lora_alpha(self) -> float:
+        """The adapters' alpha: the setting, or the rank when it is unset."""
+        return self.resume_settings(self.hparams)["alpha"]
+
+    def resume_settings(self, hparams: Mapping) -> dict:
+        """The adapters' rank, alpha, dropout and placement: a resume that changed them would put the saved adapters at
+        another scale (alpha, rank), shape (rank) or place (targets), or train them under another dropout."""
+        if "rank" not in hparams:  # not a LoRA checkpoint: the trained-tensor check names what differs
+            return {}
+        text = bool(hparams.get("text_encoder_lora"))
+        return {"rank": hparams["rank"], "alpha": hparams["rank"] if hparams.get("alpha") is None else hparams["alpha"],
+                "dropout": hparams.get("dropout"), "target_modules": list(hparams.get("target_modules") or []),
+                "text_encoder_lora": text,
+                "text_encoder_target_modules": list(hparams.get("text_encoder_target_modules") or []) if text else []}
 
     def param_groups(self) -> list[dict]:
         unet = [p for p in self.sd.unet.parameters() if p.requires_grad]
@@ -155,7 +174,7 @@ class LoRAFineTuning(UNetFineTuning):
 
         state = self.adapter_state()
         hp = self.hparams
-        scale = float(hp.alpha or hp.rank) / int(hp.rank)
+        scale = float(self.lora_alpha) / int(hp.rank)
         # The scale alpha / rank is folded into lora_B ("lora.up"): diffusers' save_lora_weights writes no alpha (without
         # its *_lora_adapter_metadata), and load_lora_weights then builds adapters with alpha = rank. Folded, every
         # loader gives the trained update ``alpha / rank * B A`` (diffusers' train_dreambooth_lora.py passes the metadata
@@ -164,7 +183,7 @@ class LoRAFineTuning(UNetFineTuning):
         StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=state["unet"],
                                                   text_encoder_lora_layers=state.get("text_encoder"), safe_serialization=True)
         write_manifest(out_dir, "lora", type(self).__name__, dict(vars(self.spec)), trained=sorted(state),
-                       lora={"rank": hp.rank, "alpha": hp.alpha or hp.rank, "scale_folded_into_lora_up": scale,
+                       lora={"rank": hp.rank, "alpha": self.lora_alpha, "scale_folded_into_lora_up": scale,
                              "dropout": hp.dropout,
                              "target_modules": list(hp.target_modules),
                              "text_encoder_target_modules": list(hp.text_encoder_target_modules) if hp.text_encoder_lora else []})

@@ -304,3 +304,15 @@ def test_debug_shows_the_traceback(tmp_path):
             train.main([*demo_args(tmp_path), "--data.init_args.batch_size", "0", "--debug"])
         finally:
             sys.argv = argv
+
+
+@pytest.mark.slow
+def test_a_start_from_a_process_running_wandb_uses_its_own_wandb_service(tmp_path, monkeypatch):
+    """W&B passes its service's address on to child processes (``WANDB_SERVICE``): a train.py started from a notebook
+    or script that ran W&B, once that process ended, found a dead service and died in wandb.init with a traceback (or,
+    with the service alive, found its own run id "in use" on a resume). Each train.py starts its own."""
+    monkeypatch.setenv("WANDB_SERVICE", f"3-99999-unix-{tmp_path / 'gone' / 'socket'}")  # a service that has ended
+    proc = run_train(*demo_args(tmp_path, "--run_name", "w", "--trainer.max_steps", "1", "--trainer.callbacks=[]",
+                                "--wandb_mode", "offline"), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "w" / "wandb").is_dir()
