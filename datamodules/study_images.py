@@ -66,12 +66,16 @@ def select_folder(folder, n: Optional[int] = None, seed: int = 0) -> pd.DataFram
     return df
 
 
-def load_images(records: pd.DataFrame, resolution: int, on_bad_image: str = "fail") -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
-    """Decode, resize (shorter side) and centre-crop every record; returns (kept records, uint8 [N,H,W], skipped)."""
+def load_images(records: pd.DataFrame, resolution: int, on_bad_image: str = "fail", skip_option: bool = True
+                ) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
+    """Decode, resize (shorter side) and centre-crop every record; returns (kept records, uint8 [N,H,W], skipped).
+    ``skip_option``: the caller takes ``--on_bad_image skip`` (its error advises the flag only then)."""
     from tqdm.auto import tqdm
 
     if on_bad_image not in ("fail", "skip"):
         raise ImageSelectionError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+    if records.empty:
+        raise ImageSelectionError("no images selected")
     images, keep, skipped = [], [], []
     for i, row in enumerate(tqdm(records.itertuples(), total=len(records), desc="loading images", disable=len(records) < 20)):
         try:
@@ -79,13 +83,14 @@ def load_images(records: pd.DataFrame, resolution: int, on_bad_image: str = "fai
             keep.append(i)
         except OSError as err:
             if on_bad_image == "fail":
-                raise ImageSelectionError(f"{err}. Pass --on_bad_image skip to leave such images out (they are then listed "
-                                          "in the summary).") from None
+                advice = (" Pass --on_bad_image skip to leave such images out (they are then listed in the summary)."
+                          if skip_option else "")
+                raise ImageSelectionError(f"{err}.{advice}") from None
             skipped.append({"image_id": row.image_id, "path": row.path, "error": str(err)})
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image(s): {[s['path'] for s in skipped[:5]]}")
     if not images:
-        raise ImageSelectionError(f"all {len(records)} selected images were unreadable, e.g. {skipped[0]['error'] if skipped else ''}")
+        raise ImageSelectionError(f"all {len(records)} selected images were unreadable, e.g. {skipped[0]['error']}")
     return records.iloc[keep].reset_index(drop=True), np.stack(images), skipped
 
 
@@ -99,5 +104,5 @@ def reference_images(mimic_root: str, finding: str, split: str, n: Optional[int]
                                   "FID needs at least 2 (choose another --split)")
     if n is not None and n < len(records):
         records = records.sample(n=n, random_state=seed).reset_index(drop=True)
-    kept, images, _ = load_images(records, resolution)
+    kept, images, _ = load_images(records, resolution, skip_option=False)  # the generation study has no --on_bad_image
     return kept, images

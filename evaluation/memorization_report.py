@@ -18,6 +18,8 @@ def report_markdown(cfg, space: str, real, calibration, summaries: list[dict]) -
         f"Runs: {', '.join(cfg.runs)}. Feature space: {space}. Training images: {len(real.train)} "
         f"({real.train['subject_id'].nunique()} patients), from the run's data.json. Held-out images: {len(real.heldout)} "
         f"(test split, findings {', '.join(real.findings)}, other patients).", "",
+        *([f"**Left out**: {len(real.skipped)} unreadable image(s) (--on_bad_image skip; listed in provenance.json): a "
+           "copy of a training image left out cannot be found.", ""] if real.skipped else []),
         f"**Copy threshold**: similarity to the nearest training image above {calibration.threshold:.4f}, the "
         f"{calibration.quantile:g} quantile of the held-out images' nearest-training similarities (N = {calibration.n_heldout}). "
         f"Measured false-positive rate on held-out images (threshold from one half, counted on the other): "

@@ -1,10 +1,11 @@
 """The memorization audit: ``python evaluate.py memorization --runs runs/demo --out results/memorization``.
 
 Does a model copy its training patients? For each model (the base model as a control, then each run or export) the
-audit generates ``--n_per_prompt`` images per training finding with fixed seeds (or reads ``--generated FOLDER``),
-and compares them in one feature space (``--features``: a classifier's ``features2``, default torchxrayvision's
-DenseNet, ``--classifier tiny-phantom`` for the demo; or ``pixel``: gray pixels, best correlation over shifts of a few
-pixels) with
+audit generates ``--n_per_prompt`` images per training finding with fixed seeds (or reads ``--generated FOLDER``: the
+images ``generate.py`` wrote there with the prompts and seeds of its ``generation.json``, its labelled grid left out,
+and any other image), and compares them in one feature space (``--features``: a classifier's ``features2``, default
+torchxrayvision's DenseNet, ``--classifier tiny-phantom`` for the demo; or ``pixel``: gray pixels, best correlation
+over shifts of a few pixels) with
 
 * the run's **training images**, read from its ``data.json`` (exactly what the run saw), and
 * **held-out images**: the test split's frontal images positive for the same findings, from **other patients** (a
@@ -30,7 +31,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,15 +40,14 @@ import pandas as pd
 import torch
 
 from core import provenance
-from core.errors import UserError, read_text
+from core.errors import UserError, read_text, writable_folder
 from core.run_folder import RunFolder, RunFolderError
 from datamodules.mimic_cxr import check_patient_disjoint
 from datamodules.prompts import FINDING_PROMPTS
-from datamodules.study_images import load_images, select_folder, select_mimic
-from evaluation.sources import SourceError, Strategy, load_strategies
+from datamodules.study_images import ImageSelectionError, load_images, select_folder, select_mimic
+from evaluation.sources import SourceError, Strategy, at_least, fraction, load_strategies, study_seed
 from metrics.memorization import SimilaritySpace, audit, calibrate
 from metrics.scores import MetricInputError, frechet_distance
-from models.generator import seed_value
 
 STUDY_PACKAGES = ("torch", "diffusers", "transformers", "torchxrayvision", "numpy")
 TRAIN_SELF_SAMPLE = 2000  # training images whose nearest other training image the histogram shows (seeded sample)
@@ -77,6 +77,7 @@ class AuditConfig:
     heldout_root: Optional[str] = None
     overwrite: bool = False
     calibrate_only: bool = False
+    on_bad_image: str = "fail"
 
 
 @dataclass
@@ -87,14 +88,32 @@ class RealSets:
     heldout: pd.DataFrame
     findings: list[str]
     resolution: int
+    on_bad_image: str = "fail"
+    skipped: list[dict] = field(default_factory=list)  # unreadable images left out (--on_bad_image skip)
 
     def read(self, records: pd.DataFrame) -> np.ndarray:
         """uint8 ``[len(records), H, W]``, decoded and resized as training does (an unreadable image is an error)."""
         return load_images(records, self.resolution)[1]
 
-    def embed(self, space: SimilaritySpace, records: pd.DataFrame) -> torch.Tensor:
-        """The features of ``records``, read and embedded a chunk at a time."""
-        return space.embed_stream(lambda start, stop: self.read(records.iloc[start:stop]), len(records))
+    def embed(self, space: SimilaritySpace, records: pd.DataFrame) -> tuple[torch.Tensor, pd.DataFrame]:
+        """The features of ``records``, read and embedded a chunk at a time, and the records they are of: with
+        ``--on_bad_image skip`` an unreadable image is left out and listed in :attr:`skipped` (a blank holds its row
+        while embedding, as ``embed_stream`` keeps one row per record, and is dropped after)."""
+        readable = np.ones(len(records), dtype=bool)
+
+        def read(start: int, stop: int) -> np.ndarray:
+            chunk = records.iloc[start:stop]
+            kept, images, skipped = load_images(chunk, self.resolution, self.on_bad_image)
+            if not skipped:
+                return images
+            self.skipped += skipped
+            readable[start:stop] = chunk["image_id"].isin(kept["image_id"]).to_numpy()
+            full = np.zeros((len(chunk), *images.shape[1:]), dtype=images.dtype)
+            full[readable[start:stop]] = images
+            return full
+
+        features = space.embed_stream(read, len(records))
+        return features[torch.from_numpy(readable)], records[readable].reset_index(drop=True)
 
 
 def read_training_data(cfg: AuditConfig) -> dict:
@@ -134,13 +153,16 @@ def real_sets(cfg: AuditConfig) -> RealSets:
     check_patient_disjoint(train, heldout, f"the training images of {source} and the held-out images (test split of {heldout_root})")
     if cfg.max_heldout is not None and len(heldout) > cfg.max_heldout:
         heldout = heldout.sample(n=cfg.max_heldout, random_state=cfg.seed).reset_index(drop=True)
-    return RealSets(train, heldout, findings, resolution)
+    return RealSets(train, heldout, findings, resolution, cfg.on_bad_image)
 
 
 def reference_features(space: SimilaritySpace, real: RealSets, quantile: float, seed: int) -> dict:
     """Training and held-out features (streamed), the held-out images' nearest training images and the calibration
-    (too few held-out images: refused here, before anything is generated)."""
-    feats = {"train": real.embed(space, real.train), "heldout": real.embed(space, real.heldout)}
+    (too few held-out images: refused here, before anything is generated). Unreadable images skipped
+    (``--on_bad_image skip``) leave ``real``'s records too."""
+    feats = {}
+    feats["train"], real.train = real.embed(space, real.train)
+    feats["heldout"], real.heldout = real.embed(space, real.heldout)
     feats["h2t"] = space.nearest(feats["heldout"], feats["train"])
     feats["calibration"] = calibrate(feats["h2t"][1], quantile, seed)
     return feats
@@ -173,15 +195,41 @@ def similarity_space(cfg: AuditConfig) -> SimilaritySpace:
 def generated_sets(cfg: AuditConfig, real: RealSets) -> list[tuple[str, pd.DataFrame, np.ndarray]]:
     """``(model name, one row per image: prompt and seed, uint8 images)`` for the base model and every run."""
     if cfg.generated:
-        records = select_folder(cfg.generated)
-        kept, images, _ = load_images(records, real.resolution)
-        return [(Path(cfg.generated).name, kept.assign(prompt="", seed=-1), images)]
+        kept, images, skipped = load_images(generated_records(cfg.generated), real.resolution, cfg.on_bad_image)
+        real.skipped += skipped
+        return [(Path(cfg.generated).name, kept, images)]
     prompts = [FINDING_PROMPTS[f] for f in real.findings if f in FINDING_PROMPTS]
     base = base_model(cfg.runs[0]) if cfg.base == "auto" else cfg.base
     sets = []
     for strategy in load_strategies(None if base in (None, "none") else base, cfg.runs, prompts):
         sets.append(generate_set(cfg, strategy, prompts, real.resolution))
     return sets
+
+
+def generated_records(folder: str) -> pd.DataFrame:
+    """Every image under ``folder`` with its prompt and seed: the images a ``generate.py`` output lists in its
+    ``generation.json`` (any under ``folder``) with theirs, its labelled grid left out (it is not a generated image);
+    any other image with an empty prompt and seed -1 (unknown)."""
+    root = Path(folder).expanduser()
+    records = select_folder(root)
+    known, grids = {}, set()
+    for path in sorted(root.rglob("generation.json")):
+        try:
+            record = json.loads(read_text(path))
+            known.update({str(path.parent / image["file"]): (str(image["prompt"]), int(image["seed"]))
+                          for image in record["images"]})
+        except (UserError, ValueError, KeyError, TypeError) as err:
+            raise MemorizationAuditError(f"--generated {folder}: {path} is not a generate.py record (a list of images "
+                                         f"with file, prompt and seed): {type(err).__name__} {err}") from None
+        if record.get("grid"):
+            grids.add(str(path.parent / record["grid"]))
+    missing = sorted(set(known) - set(records["path"]))
+    if missing:
+        raise MemorizationAuditError(f"--generated {folder}: {len(missing)} image(s) listed in generation.json are "
+                                     f"missing, e.g. {missing[0]}")
+    records = records[~records["path"].isin(grids)].reset_index(drop=True)
+    return records.assign(prompt=[known.get(p, ("", -1))[0] for p in records["path"]],
+                          seed=[known.get(p, ("", -1))[1] for p in records["path"]])
 
 
 def base_model(source: str) -> str:
@@ -251,6 +299,10 @@ def training_groups(cfg: AuditConfig) -> list[list[str]]:
 
 def run_audit(cfg: AuditConfig, log=print) -> Path:
     """Audit ``cfg.runs``; runs with different training sets each into ``--out/<first run's name>/``, with an index."""
+    try:  # before any work: an --out that is a file would otherwise fail when the results are written
+        writable_folder(cfg.out, "--out")
+    except UserError as err:
+        raise MemorizationAuditError(str(err)) from None
     groups = training_groups(cfg)
     if len(groups) == 1:
         return audit_training_set(cfg, log)[0]
@@ -321,6 +373,7 @@ def audit_training_set(cfg: AuditConfig, log=print) -> tuple[Path, list[dict]]:
     summary_csv([{"training set of": Path(cfg.train_data or cfg.runs[0]).name, **s} for s in summaries], out)
     settings = asdict(cfg)
     inputs = {"runs": cfg.runs, "training_images": len(real.train), "heldout_images": len(real.heldout),
+              "skipped_images": real.skipped,
               "calibration": calibration.as_dict(), "train_self_sample": sample, "seconds": round(time.time() - started, 1)}
     provenance.write(out / "provenance.json", provenance.record("study/memorization", settings, inputs, packages=STUDY_PACKAGES))
     log(f"wrote {out / 'memorization.md'}")
@@ -335,33 +388,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "against (default: the first --runs; needed when that is an export)")
     p.add_argument("--base", default="auto", help="base model as a control: 'auto' (the first run's), a preset/folder/id, or 'none'")
     p.add_argument("--generated", default=None, help="a folder of generated images to audit instead of generating")
-    p.add_argument("--n_per_prompt", type=int, default=16)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--n_per_prompt", type=at_least(1), default=16)
+    p.add_argument("--steps", type=at_least(1), default=25)
+    p.add_argument("--guidance", type=at_least(0, float), default=7.5)
+    p.add_argument("--seed", type=study_seed, default=0, help="image j of a prompt has seed seed + j; also the "
+                   "held-out sample and the calibration's halves (0 to 2**32-1)")
     p.add_argument("--features", default="classifier", choices=["classifier", "pixel", "image_encoder"])
     p.add_argument("--classifier", default="densenet121-res224-all", help="xrv weights name, or tiny-phantom (demo)")
     p.add_argument("--image_encoder", default=None, help="with --features image_encoder: a Hugging Face image encoder id "
                    "or folder (CLS embedding), e.g. microsoft/rad-dino or a re-identification network")
     p.add_argument("--xrv_cache_dir", default=None)
-    p.add_argument("--quantile", type=float, default=0.99, help="copy threshold: this quantile of held-out similarities")
-    p.add_argument("--max_heldout", type=int, default=None, help="at most this many held-out images (default: all)")
+    p.add_argument("--quantile", type=fraction, default=0.99, help="copy threshold: this quantile of held-out similarities")
+    p.add_argument("--max_heldout", type=at_least(1), default=None, help="at most this many held-out images (default: all)")
     p.add_argument("--heldout_root", default=None, help="a MIMIC-CXR-JPG root whose test split gives the held-out images "
                    "(default: the run's own root); its patients must not be training patients")
     p.add_argument("--calibrate_only", action="store_true", help="only calibrate the copy threshold and write "
                    "calibration.json (e.g. for MemorizationMonitor's threshold); nothing is generated")
+    p.add_argument("--on_bad_image", default="fail", choices=("fail", "skip"), help="an unreadable training, held-out "
+                   "or --generated image: stop, naming it, or leave it out with a warning (listed in provenance.json)")
     p.add_argument("--overwrite", action="store_true")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = AuditConfig(**vars(build_parser().parse_args(argv)))
-    if cfg.n_per_prompt < 1:
-        print(f"evaluate.py memorization: error: --n_per_prompt {cfg.n_per_prompt}: at least 1", file=sys.stderr)
-        return 2
     try:
         run_audit(cfg)
-    except (MemorizationAuditError, SourceError, MetricInputError) as err:
+    except (MemorizationAuditError, SourceError, MetricInputError, ImageSelectionError) as err:
         print(f"evaluate.py memorization: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,13 @@
 """What the studies evaluate: the base model and trained runs or exports, each as a plain generator (shared by the
-generation and memorization studies, which import no other study)."""
+generation, memorization and utility studies, which import no other study); a fingerprint of a generator's weights;
+the argument types the studies share (numbers checked at parse, before any work)."""
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from core.errors import UserError
 
@@ -26,6 +29,77 @@ def study_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SourceError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
     return device
+
+
+# numpy's samplers (DataFrame.sample, RandomState) and Lightning's seed_everything take 32-bit seeds; Lightning replaces
+# a larger one with a random seed, silently
+STUDY_SEED_MAX = 2**32 - 1
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite ``kind`` (int or float) of at least ``minimum``, else a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text}: expected {'an integer' if kind is int else 'a number'} of at "
+                                             f"least {minimum}")
+        return value
+
+    return parse
+
+
+def above(minimum: float) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite number greater than ``minimum`` (a learning rate: above 0)."""
+    def parse(text: str) -> float:
+        return number_in(text, lambda v: v > minimum, f"a number above {minimum}")
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type=``: a number strictly between 0 and 1 (a quantile)."""
+    return number_in(text, lambda v: 0 < v < 1, "a number between 0 and 1")
+
+
+def number_in(text: str, ok: Callable[[float], bool], expected: str) -> float:
+    """``text`` as a finite float for which ``ok`` holds, else a usage error saying what is ``expected``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
+    return value
+
+
+def study_seed(text: str) -> int:
+    """An argparse ``type=`` for the studies' seeds: an integer from 0 to 2**32-1 (:data:`STUDY_SEED_MAX`)."""
+    wrong = argparse.ArgumentTypeError(f"{text}: a seed is an integer from 0 to 2**32-1 ({STUDY_SEED_MAX})")
+    try:
+        value = int(text)
+    except ValueError:
+        raise wrong from None
+    if not 0 <= value <= STUDY_SEED_MAX:
+        raise wrong
+    return value
+
+
+def generator_fingerprint(generator) -> str:
+    """:func:`models.stable_diffusion.weights_fingerprint` of every tensor a generator samples with: the Stable Diffusion
+    parts (a run's trained or EMA weights, LoRA, textual inversion's rows) and its conditioning's own modules (the
+    projection and domain encoder). Cached outputs record it, so a run retrained under the same name is noticed."""
+    from torch import nn
+
+    from models.stable_diffusion import weights_fingerprint
+
+    tensors = [(f"sd.{k}", v) for k, v in generator.sd.state_dict().items()]
+    for name, part in sorted(vars(generator.conditioning).items()):
+        if isinstance(part, nn.Module) and part is not generator.sd:
+            tensors += [(f"conditioning.{name}.{k}", v) for k, v in part.state_dict().items()]
+    return weights_fingerprint(tensors)
 
 
 @dataclass

@@ -50,6 +50,9 @@ def markdown(cfg, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: in
              f"{cfg.gen_steps} {cfg.scheduler} steps, guidance {cfg.guidance}). Test: {len(real.test_images)} real "
              f"test-split images ({test_counts} positive). Classifier: {cfg.classifier} architecture, {cfg.init}, "
              f"{resolution} px{generated}.", ""]
+    if real.skipped:
+        lines += [f"**Left out**: {len(real.skipped)} unreadable real image(s) (--on_bad_image skip; listed in "
+                  "provenance.json).", ""]
     leak = init_saw_test(cfg)
     if leak:
         lines += [f"**Caution**: {leak} (run with --i_know_init_saw_mimic_test).", ""]

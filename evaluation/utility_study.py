@@ -6,7 +6,9 @@ images as negatives), prompted from that image's labels (``--prompt_source templ
 positive finding) or its report's impression (``impression``), carrying the same labels; seed ``seed + i`` for image
 ``i``. Each image is generated at the model's native size (SD v1.4: 512 px), kept at it, and resized to the
 classifier's resolution by the real images' own loader. Images already written to ``--out/synthetic/<source>/`` are
-kept, so an interrupted generation resumes.
+kept, so an interrupted generation resumes; its ``synthetic.json`` records what made them (the generator's weights
+fingerprint, sampler, steps, guidance, native size, seed, each image's prompt): images made otherwise are generated
+again, with one line saying which setting differs.
 
 Four arms, each trained ``--seeds`` times (Lightning, :class:`lightning_modules.classifier_training.ClassifierTraining`)
 and scored on the **real test split**:
@@ -19,7 +21,9 @@ and scored on the **real test split**:
 Per arm and seed: per-finding and macro AUROC with bootstrap 95% intervals over the test images; per arm the
 difference to (a) averaged over seeds with a paired bootstrap interval (the same resampled test images for both arms).
 Outputs: ``utility.md``, ``utility.csv`` (arm × seed × finding), ``differences.csv``, ``utility.png``,
-``provenance.json``. A finished arm (``arms/<source>/<arm>-seed<k>.npz``: its test probabilities) is not trained again.
+``provenance.json``. A finished arm (``arms/<source>/<arm>-seed<k>.npz``: its test probabilities and the settings they
+came from) is not trained again; one trained with other settings (budget, ``--init``, classifier, findings, real
+images, synthetic images) is trained again, with one line naming them, so the report describes its numbers' settings.
 
 ``--init pretrained`` from torchxrayvision weights trained on MIMIC-CXR ("all", "mimic_ch", "mimic_nb") is refused when
 the test split scored is MIMIC-CXR's, unless ``--i_know_init_saw_mimic_test``: xrv split MIMIC-CXR at random, not by
@@ -28,9 +32,13 @@ its official split, so those weights very likely saw test-split patients.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import logging
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -39,11 +47,13 @@ import numpy as np
 import pandas as pd
 
 from core import plugins, provenance
-from core.errors import UserError
+from core.cache import atomic_write
+from core.errors import UserError, writable_folder
 from datamodules.mimic_cxr import CHEXPERT_CLASSES, MIMICDataError
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.study_images import ImageSelectionError, load_images, select_mimic
-from evaluation.sources import SourceError, Strategy, load_strategies, study_device
+from evaluation.sources import (SourceError, Strategy, above, at_least, generator_fingerprint, load_strategies, study_device,
+                                study_seed)
 from metrics.classifiers import classifier_weights_file
 from metrics.scores import auroc
 
@@ -52,6 +62,14 @@ PACKAGES = ("torch", "lightning", "diffusers", "torchxrayvision", "numpy")
 # The marker synthetic.phantoms.write_phantom_mimic writes into a phantom root (named, not imported: production code
 # does not import the demo package). Every other --mimic_root is taken to be MIMIC-CXR-JPG.
 PHANTOM_MARKER = "PHANTOMS.json"
+SYNTHETIC_RECORD = "synthetic.json"  # in each synthetic folder: what made its images
+# A synthetic set's generator settings: when one differs, every kept image is made again (each image's prompt is
+# compared on its own: a changed real training set regenerates only the images whose prompt changed)
+GENERATOR_SETTINGS = ("generator", "gen_steps", "guidance", "scheduler", "native_px", "seed", "prompt_source")
+# Settings recorded as digests, named in words when they differ (the others are options: "--steps 5, now 7")
+DIGESTS = {"generator": "model weights (fingerprint)", "native_px": "native size",
+           "prompts": "prompts",
+           "training_images": "real training images", "test_images": "real test images"}
 
 
 class UtilityStudyError(UserError, ValueError):
@@ -82,15 +100,13 @@ class UtilityConfig:
     n_boot: int = 200
     seed: int = 0
     device: str = "auto"
+    on_bad_image: str = "fail"
     i_know_init_saw_mimic_test: bool = False
 
     def validate(self) -> None:
         unknown = [f for f in self.findings if f not in CHEXPERT_CLASSES or f == "No Finding"]
         if unknown:
             raise UtilityStudyError(f"--findings: {unknown} are not CheXpert findings (No Finding images are the negatives)")
-        if self.steps < 1 or self.batch_size < 1:
-            raise UtilityStudyError(f"--steps {self.steps} and --batch_size {self.batch_size}: an arm's budget must be at "
-                                    "least 1 step of 1 image")
         if not self.runs and not self.base:
             raise UtilityStudyError("nothing to make synthetic images with: give --runs and/or --base")
         if self.prompt_source not in ("template", "impression"):
@@ -125,6 +141,8 @@ class RealData:
     train_labels: np.ndarray  # [N, F] in {0, 1}
     test_images: np.ndarray
     test_labels: np.ndarray
+    test_ids: list[str] = field(default_factory=list)  # the test images' dicom_ids, in order
+    skipped: list[dict] = field(default_factory=list)  # unreadable images left out (--on_bad_image skip)
 
 
 def labels_of(records: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
@@ -145,9 +163,13 @@ def real_data(cfg: UtilityConfig, resolution: int) -> RealData:
                                 f"positive for {absent}; every finding needs positives to train and to mirror")
     if cfg.max_real is not None and len(train) > cfg.max_real:
         train = train.sample(n=cfg.max_real, random_state=cfg.seed).sort_values("dicom_id").reset_index(drop=True)
-    train, train_images, _ = load_images(train, resolution)
-    test, test_images, _ = load_images(test, resolution)
-    return RealData(train, train_images, labels_of(train, cfg.findings), test_images, labels_of(test, cfg.findings))
+    try:  # an unreadable image: one line naming it (and --on_bad_image skip)
+        train, train_images, skipped = load_images(train, resolution, cfg.on_bad_image)
+        test, test_images, skipped_test = load_images(test, resolution, cfg.on_bad_image)
+    except ImageSelectionError as err:
+        raise UtilityStudyError(str(err)) from None
+    return RealData(train, train_images, labels_of(train, cfg.findings), test_images, labels_of(test, cfg.findings),
+                    test["dicom_id"].tolist(), skipped + skipped_test)
 
 
 def prompts_for(cfg: UtilityConfig, real: RealData) -> list[str]:
@@ -168,8 +190,74 @@ def prompts_for(cfg: UtilityConfig, real: RealData) -> list[str]:
     return [FINDING_PROMPTS[f] for f in first]
 
 
-def synthetic_set(cfg: UtilityConfig, strategy: Strategy, prompts: Sequence[str], resolution: int, log) -> np.ndarray:
-    """The source's mirror of the real training set, generated where missing (``--out/synthetic/<source>/NNNNNN.png``).
+def digest(values) -> str:
+    """16 hex digits of the SHA-1 of ``values`` as JSON: what a record keeps of a long list."""
+    return hashlib.sha1(json.dumps(values).encode()).hexdigest()[:16]
+
+
+def changes(kept: Optional[dict], now: dict) -> list[str]:
+    """The settings of ``now`` that ``kept`` (a cached output's record) differs in, in words; ``kept`` None: no record."""
+    if kept is None:
+        return ["no record of its settings (an earlier version of the study)"]
+    out = []
+    for key, value in now.items():
+        before = kept.get(key)
+        if isinstance(value, dict):
+            out += [f"synthetic images of {c}" for c in changes(before if isinstance(before, dict) else {}, value)]
+        elif before != value:
+            out.append(f"other {DIGESTS[key]}" if key in DIGESTS else f"--{key} {before}, now {value}")
+    return out
+
+
+def synthetic_record(cfg: UtilityConfig, strategy: Strategy, asked: Sequence[str]) -> dict:
+    """What a synthetic set is made with: the generator's weights fingerprint, its sampler settings and native size, the
+    data seed (image ``i`` has seed ``seed + i``), and each image's prompt (a digest each); ``source`` only informs."""
+    return {"generator": generator_fingerprint(strategy.generator), "gen_steps": cfg.gen_steps, "guidance": cfg.guidance,
+            "scheduler": cfg.scheduler, "native_px": strategy.generator.native_size, "seed": cfg.seed,
+            "prompt_source": cfg.prompt_source, "source": strategy.source, "prompts": [digest(p) for p in asked]}
+
+
+def stale_images(folder: Path, record: dict, n: int, name: str, log) -> list[Path]:
+    """The images in ``folder`` not made as ``record`` says: all of them when a generator setting differs, else those
+    whose prompt differs or that are not among the ``n`` wanted; unreadable ones (damaged outside the study: it writes
+    each image whole). One line says why. Images without a record are refused: nothing says what made them."""
+    from PIL import Image
+
+    present = {int(p.stem): p for p in folder.glob("*.png") if p.stem.isdigit()}
+    try:
+        kept = json.loads((folder / SYNTHETIC_RECORD).read_text())
+    except FileNotFoundError:
+        if present:
+            raise UtilityStudyError(f"{folder}: {len(present)} synthetic images without {SYNTHETIC_RECORD}, the record of "
+                                    "what made them (an earlier version of the study?); remove the folder to generate "
+                                    "them again") from None
+        return []
+    except ValueError:  # the record is written whole, so only damaged from outside: trust none of its images
+        kept = None
+    differ = changes(kept, {k: record[k] for k in GENERATOR_SETTINGS})
+    if differ and present:
+        log(f"{name}: the {len(present)} synthetic images in {folder} were made with {'; '.join(differ)}: generating them again")
+        return list(present.values())
+    prompts = (kept or {}).get("prompts", [])
+    stale = [p for i, p in present.items() if i >= n or i >= len(prompts) or prompts[i] != record["prompts"][i]]
+    if stale:
+        log(f"{name}: {len(stale)} of the {len(present)} synthetic images in {folder} were made for other prompts (the "
+            "real training set changed: --max_real, --findings, --seed, --mimic_root): generating them again")
+    unreadable = []
+    for p in set(present.values()) - set(stale):
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except (OSError, SyntaxError) as err:  # PIL's verify raises SyntaxError for a broken PNG chunk
+            unreadable.append(p)
+            log(f"{name}: {p} is unreadable ({err}): generating it again")
+    return stale + unreadable
+
+
+def synthetic_set(cfg: UtilityConfig, strategy: Strategy, prompts: Sequence[str], resolution: int, log,
+                  device="cpu") -> tuple[np.ndarray, dict]:
+    """The source's mirror of the real training set, generated where missing (``--out/synthetic/<source>/NNNNNN.png``)
+    on ``device``, and the record of what made it (:func:`synthetic_record`, kept in the folder's ``synthetic.json``).
 
     Generated and kept at the model's native size (the U-Net's sample_size x the VAE factor: at the classifier's 224 px
     SD v1.4 would sample 28-px latents it never saw), then decoded and resized to ``resolution`` by ``load_images``,
@@ -181,31 +269,40 @@ def synthetic_set(cfg: UtilityConfig, strategy: Strategy, prompts: Sequence[str]
     native = strategy.generator.native_size
     folder = Path(cfg.out) / "synthetic" / strategy.name.replace("/", "_").replace(" ", "_")
     folder.mkdir(parents=True, exist_ok=True)
+    asked = [strategy.generator.paper_prompt(p) for p in prompts]
+    record = synthetic_record(cfg, strategy, asked)  # on the CPU the weights are loaded to: the same fingerprint anywhere
+    for path in stale_images(folder, record, len(prompts), strategy.name, log):
+        path.unlink()
+    atomic_write(folder / SYNTHETIC_RECORD, json.dumps(record).encode())  # before any image it describes
     paths = [folder / f"{i:06d}.png" for i in range(len(prompts))]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     log(f"{strategy.name}: {len(prompts) - len(missing)} synthetic images kept, {len(missing)} to generate in {folder}")
-    asked = [strategy.generator.paper_prompt(p) for p in prompts]
+    if missing:
+        strategy.generator.to(device)
     for s in tqdm(range(0, len(missing), cfg.batch_size), desc=f"{strategy.name}: synthetic set", disable=not missing):
         chunk = missing[s:s + cfg.batch_size]
         images = strategy.generator.generate([asked[i] for i in chunk], seeds=[cfg.seed + i for i in chunk],
                                              steps=cfg.gen_steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
                                              height=native, width=native)
         for i, image in zip(chunk, images.mean(1)):
-            Image.fromarray((image.numpy() * 255).round().clip(0, 255).astype(np.uint8)).save(paths[i])
+            png = io.BytesIO()  # written whole or not at all: a kill mid-save leaves no truncated image to keep
+            Image.fromarray((image.numpy() * 255).round().clip(0, 255).astype(np.uint8)).save(png, format="PNG")
+            atomic_write(paths[i], png.getvalue())
+    strategy.generator.to("cpu")
     sizes = {}
     for p in paths:
         with Image.open(p) as im:
             sizes.setdefault(im.size, p)
     if set(sizes) != {(native, native)}:
         other = next(p for s, p in sizes.items() if s != (native, native))
-        raise UtilityStudyError(f"{other}: not the model's native {native} px (written by an earlier version of the study, "
-                                "at the classifier's size?); remove the folder to regenerate")
+        raise UtilityStudyError(f"{other}: not the model's native {native} px (not written by the study?); remove the "
+                                "folder to regenerate")
     try:
         _, images, _ = load_images(pd.DataFrame({"image_id": [p.name for p in paths], "path": [str(p) for p in paths]}),
                                    resolution)
     except ImageSelectionError as err:
         raise UtilityStudyError(f"{folder}: {err}") from None
-    return images
+    return images, {k: v for k, v in record.items() if k != "prompts"} | {"prompts": digest(record["prompts"])}
 
 
 def train_arm(cfg: UtilityConfig, arm: str, seed: int, real: RealData, synthetic: np.ndarray, device) -> np.ndarray:
@@ -254,6 +351,10 @@ def run_utility(cfg: UtilityConfig, log=print) -> Path:
 
         warnings.warn(leak, UserWarning, stacklevel=2)
     started, out = time.time(), Path(cfg.out)
+    try:  # before any work: an --out that is a file would otherwise fail at the first image written
+        writable_folder(out, "--out")
+    except UserError as err:
+        raise UtilityStudyError(str(err)) from None
     device = study_device(cfg.device)
     from lightning_modules.classifier_training import ClassifierTraining
 
@@ -266,23 +367,22 @@ def run_utility(cfg: UtilityConfig, log=print) -> Path:
     log(f"real: {len(real.train_images)} training images {dict(zip(cfg.findings, real.train_labels.sum(0).astype(int)))}, "
         f"{len(real.test_images)} test images; {resolution} px")
     prompts = prompts_for(cfg, real)
-    rows, probabilities, native = [], {}, {}
+    rows, probabilities, native, made = [], {}, {}, {}
     for strategy in load_strategies(cfg.base, cfg.runs, []):
         native[strategy.name] = strategy.generator.native_size
-        strategy.generator.to(device)
-        synthetic = synthetic_set(cfg, strategy, prompts, resolution, log)
-        strategy.generator.to("cpu")
+        synthetic, made[strategy.name] = synthetic_set(cfg, strategy, prompts, resolution, log, device)
         for arm in ARMS:
             for seed in cfg.seeds:
                 folder = "real" if arm == "a" else strategy.name.replace("/", "_").replace(" ", "_")  # (a) is the same for all
                 path = out / "arms" / folder / f"{arm}-seed{seed}.npz"
-                if path.is_file():
-                    p = np.load(path)["probabilities"]
-                else:
-                    log(f"{strategy.name}: arm ({arm}) {ARMS[arm]}, seed {seed}")
+                settings = arm_record(cfg, arm, real, resolution, made[strategy.name])
+                p = kept_arm(path, settings, f"{strategy.name}: arm ({arm}) {ARMS[arm]}, seed {seed}", log)
+                if p is None:
                     p = train_arm(cfg, arm, seed, real, synthetic, device)
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    np.savez(path, probabilities=p)
+                    buffer = io.BytesIO()
+                    np.savez(buffer, probabilities=p, settings=np.array(json.dumps(settings)))
+                    atomic_write(path, buffer.getvalue())  # whole or not at all: a killed save is not kept
                 probabilities[(strategy.name, arm, seed)] = p
                 rows += score_rows(cfg, strategy.name, arm, seed, p, real.test_labels)
     from evaluation.utility_report import differences, write_outputs
@@ -291,10 +391,43 @@ def run_utility(cfg: UtilityConfig, log=print) -> Path:
     write_outputs(cfg, out, table, diffs, real, resolution, native)
     provenance.write(out / "provenance.json", provenance.record(
         "study/utility", asdict(cfg), {"training_images": real.train["dicom_id"].tolist(), "test_images": len(real.test_images),
-                                       "generated_px": native, "init_saw_test": leak,
+                                       "generated_px": native, "synthetic": made, "init_saw_test": leak,
+                                       "skipped_images": real.skipped,
                                        "seconds": round(time.time() - started, 1)}, packages=PACKAGES))
     log(f"wrote {out / 'utility.md'}")
     return out
+
+
+def arm_record(cfg: UtilityConfig, arm: str, real: RealData, resolution: int, synthetic: dict) -> dict:
+    """What an arm's test probabilities depend on (its seed is in its file name): the budget, the classifier and its
+    start, the findings, the real training and test images, and for arms b, c and d the synthetic set's record."""
+    record = {"steps": cfg.steps, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "init": cfg.init,
+              "classifier": cfg.classifier, "findings": list(cfg.findings), "max_real": cfg.max_real,
+              "resolution": resolution, "training_images": digest(real.train["dicom_id"].tolist()),
+              "test_images": digest(real.test_ids)}
+    if arm != "a":
+        record["synthetic"] = {k: v for k, v in synthetic.items() if k != "source"}
+    return json.loads(json.dumps(record))  # as it reads back
+
+
+def kept_arm(path: Path, settings: dict, what: str, log) -> Optional[np.ndarray]:
+    """The probabilities a finished arm kept at ``path`` when they came from ``settings``; else None, and one line
+    saying it is trained (again, and why)."""
+    if not path.is_file():
+        log(what)
+        return None
+    try:
+        with np.load(path) as kept:
+            p = kept["probabilities"]
+            recorded = json.loads(str(kept["settings"])) if "settings" in kept.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        log(f"{what}: {path} is unreadable ({type(err).__name__}): training it again")
+        return None
+    differ = changes(recorded, settings)
+    if differ:
+        log(f"{what}: the kept one was trained with {'; '.join(differ)}: training it again")
+        return None
+    return p
 
 
 def score_rows(cfg: UtilityConfig, source: str, arm: str, seed: int, p: np.ndarray, labels: np.ndarray) -> list[dict]:
@@ -318,27 +451,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--i_know_init_saw_mimic_test", action="store_true", help="run --init pretrained from xrv weights "
                    "trained on MIMIC-CXR (all, mimic_ch, mimic_nb) although the test split scored is MIMIC-CXR's")
     p.add_argument("--xrv_cache_dir", default=None)
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps per arm (arm d: this many twice)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=at_least(1), default=500, help="optimizer steps per arm (arm d: this many twice)")
+    p.add_argument("--batch_size", type=at_least(1), default=16)
+    p.add_argument("--learning_rate", type=above(0), default=1e-3)
+    p.add_argument("--seeds", type=study_seed, nargs="+", default=[0, 1, 2], help="one replicate of every arm per seed "
+                   "(distinct, 0 to 2**32-1)")
     p.add_argument("--prompt_source", default="template", choices=("template", "impression"))
     p.add_argument("--reports_root", default=None, help="with --prompt_source impression (default: --mimic_root)")
-    p.add_argument("--resolution", type=int, default=None, help="the classifier's input, default its own (224; "
+    p.add_argument("--resolution", type=at_least(1), default=None, help="the classifier's input, default its own (224; "
                    "tiny-phantom 64); synthetic images are generated at the model's native size and resized to it as "
                    "the real ones are")
-    p.add_argument("--gen_steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--gen_steps", type=at_least(1), default=25)
+    p.add_argument("--guidance", type=at_least(0, float), default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=("pndm", "ddim", "euler", "dpm"))
-    p.add_argument("--max_real", type=int, default=None, help="at most this many real training images (seeded sample)")
-    p.add_argument("--n_boot", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_real", type=at_least(1), default=None, help="at most this many real training images (seeded sample)")
+    p.add_argument("--n_boot", type=at_least(1), default=200, help="bootstrap resamples of the test images per interval")
+    p.add_argument("--seed", type=study_seed, default=0, help="data seed: the --max_real sample, the synthetic images' "
+                   "seeds (seed + i), the intervals")
+    p.add_argument("--on_bad_image", default="fail", choices=("fail", "skip"), help="an unreadable real image: stop, "
+                   "naming it, or leave it out with a warning (listed in provenance.json)")
     p.add_argument("--device", default="auto")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = UtilityConfig(**vars(build_parser().parse_args(argv)))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:  # the same seed twice is one replicate counted twice: the mean over seeds would weigh it double
+        parser.error(f"argument --seeds: {repeated} given more than once; each seed is one replicate, give distinct seeds")
+    cfg = UtilityConfig(**vars(args))
     try:
         run_utility(cfg)
     except (UtilityStudyError, SourceError) as err:

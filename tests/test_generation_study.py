@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -165,3 +166,18 @@ def test_a_projection_counts_prompts_against_its_domain_encoders_window(tiny_sd)
     domain = load_domain_encoder(DomainEncoderSpec("tiny-bert", max_length=16))
     window = ProjectedConditioning(tiny_sd, domain, nn.Identity(), "document").window(["effusion " * 30, "small effusion"])
     assert (window["window"], window["too_long"]) == (16, 1) and "tiny-bert" in window["encoder"]
+
+
+def test_an_unreadable_reference_image_is_named_without_advising_a_flag_the_study_lacks(tmp_path):
+    """``evaluate.py generation`` has no ``--on_bad_image``: its error for an unreadable real image names the file and
+    does not advise the flag (the vae, memorization and utility studies take it and keep the advice)."""
+    from datamodules.study_images import ImageSelectionError, reference_images, select_mimic
+    from synthetic.phantoms import write_phantom_mimic
+
+    root = write_phantom_mimic(tmp_path / "mimic", n_per_finding={"No Finding": 2, "Pleural Effusion": 6}, size=64, seed=0,
+                               split_fractions=(0.0, 0.0, 1.0))
+    bad = Path(select_mimic(root, None, 0, "test").query("`Pleural Effusion` == 1.0").path.iloc[0])
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ImageSelectionError) as err:
+        reference_images(str(root), "Pleural Effusion", "test", None, 32, 0)
+    assert bad.name in str(err.value) and "--on_bad_image" not in str(err.value)

@@ -19,6 +19,17 @@ def utility_root(tmp_path_factory):
     return root
 
 
+def adopt(folder, cfg, strategy, prompts) -> None:
+    """Write the record that makes the study keep the images placed in ``folder`` as made by ``strategy`` from
+    ``prompts`` (the study refuses images without one: nothing would say what made them)."""
+    import json
+
+    from evaluation.utility_study import SYNTHETIC_RECORD, synthetic_record
+
+    asked = [strategy.generator.paper_prompt(p) for p in prompts]
+    (folder / SYNTHETIC_RECORD).write_text(json.dumps(synthetic_record(cfg, strategy, asked)))
+
+
 def args(root, out, *extra):
     return ["utility", "--mimic_root", str(root), "--out", str(out), "--base", "tiny-phantom", "--classifier", "tiny-phantom",
             "--findings", "Pleural Effusion", "--steps", "5", "--batch_size", "4", "--seeds", "0", "--n_boot", "10",
@@ -28,15 +39,19 @@ def args(root, out, *extra):
 @pytest.mark.slow
 def test_a_synthetic_set_of_copies_trains_exactly_as_the_real_set(utility_root, tmp_path, capsys):
     """The base model's synthetic folder is filled beforehand with the real training images themselves (images already
-    written are kept): arm (b) then sees the same images, labels and batches as arm (a) and must score the same."""
-    from evaluation.utility_study import UtilityConfig, real_data
+    written are kept when their record says they were made as asked): arm (b) then sees the same images, labels and
+    batches as arm (a) and must score the same."""
+    from evaluation.sources import load_strategies
+    from evaluation.utility_study import UtilityConfig, build_parser, prompts_for, real_data
 
     out = tmp_path / "utility"
-    real = real_data(UtilityConfig(mimic_root=str(utility_root), out=str(out), base="tiny-phantom"), 64)
+    cfg = UtilityConfig(**vars(build_parser().parse_args(args(utility_root, out)[1:])))
+    real = real_data(cfg, 64)
     folder = out / "synthetic" / "Stable_Diffusion_(base)"
     folder.mkdir(parents=True)
     for i, image in enumerate(real.train_images):
         Image.fromarray(image).save(folder / f"{i:06d}.png")
+    adopt(folder, cfg, load_strategies("tiny-phantom", [], [])[0], prompts_for(cfg, real))
     assert evaluate.main(args(utility_root, out)) == 0, capsys.readouterr().err
     assert f"{len(real.train_images)} synthetic images kept, 0 to generate" in capsys.readouterr().out
     table = pd.read_csv(out / "utility.csv")
@@ -65,7 +80,6 @@ def test_the_synthetic_set_is_generated_with_the_real_labels_prompts(utility_roo
 @pytest.mark.parametrize("extra,message", [
     (["--findings", "Edema"], "the classifier tiny-phantom does not know ['Edema']"),
     (["--findings", "Cardiomegaly"], "has no image positive for ['Cardiomegaly']"),
-    (["--steps", "0"], "--steps 0 and --batch_size 4: an arm's budget must be at least 1 step"),
     (["--device", "tpu9"], "--device 'tpu9': expected auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_input_is_one_clear_error(utility_root, tmp_path, capsys, extra, message):
@@ -86,7 +100,7 @@ def test_the_synthetic_set_is_generated_at_native_size_and_resized_as_the_real_i
     asked, generate = [], strategy.generator.generate
     monkeypatch.setattr(strategy.generator, "generate", lambda *a, **k: asked.append((k["height"], k["width"])) or generate(*a, **k))
     cfg = UtilityConfig(mimic_root=str(utility_root), out=str(tmp_path / "gen"), base="tiny-phantom", gen_steps=1, batch_size=2)
-    images = synthetic_set(cfg, strategy, ["lung xray", "lung xray with pleural effusion"], 32, lambda m: None)
+    images, _ = synthetic_set(cfg, strategy, ["lung xray", "lung xray with pleural effusion"], 32, lambda m: None)
     assert asked == [(native, native)] and images.shape == (2, 32, 32)
     assert {Image.open(p).size for p in (tmp_path / "gen" / "synthetic").rglob("*.png")} == {(native, native)}  # kept at native
 
@@ -96,7 +110,8 @@ def test_the_synthetic_set_is_generated_at_native_size_and_resized_as_the_real_i
     for i, image in enumerate(real_data(cfg, native).train_images):  # the real training images' pixels at native size
         Image.fromarray(image).save(folder / f"{i:06d}.png")
     real = real_data(cfg, 32)
-    assert np.array_equal(synthetic_set(cfg, strategy, ["lung xray"] * len(real.train_images), 32, lambda m: None),
+    adopt(folder, cfg, strategy, ["lung xray"] * len(real.train_images))
+    assert np.array_equal(synthetic_set(cfg, strategy, ["lung xray"] * len(real.train_images), 32, lambda m: None)[0],
                           real.train_images)
     Image.fromarray(real.train_images[0]).save(folder / "000000.png")  # at 32 px, as the study used to keep them
     with pytest.raises(UtilityStudyError, match="000000.png: not the model's native 64 px"):
