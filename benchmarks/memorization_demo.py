@@ -5,8 +5,10 @@ Trains the U-Net demo (``configs/demo.yaml``: 16 training phantoms, prior preser
 the last with a :class:`callbacks.memorization.MemorizationMonitor` checking every 100 steps, and the same
 configuration on only 2 training images (one per finding: the paper's 5 + 5 in miniature) for 1,000 steps. Then
 audits them with ``evaluate.py memorization`` in pixel space (aligned gray pixels), held-out images from a second
-phantom dataset (other "patients", ``data/phantoms_heldout``), the base model as the control. Every step is a
-command a user can run; finished runs and audits are reused.
+phantom dataset (other "patients", ``data/phantoms_heldout``: the set the report-conditioned and utility demos read,
+written by the command their pages show, ``python -m synthetic.phantoms data/phantoms_heldout --n-per-finding 500
+--findings "No Finding" "Pleural Effusion" --seed 11``; whichever runs first, the other keeps it), the base model as
+the control. Every step is a command a user can run; finished runs and audits are reused.
 
 Writes under ``--out``: ``summary.md`` (the table), ``copy_rate_vs_steps.png`` and the audits' own folders.
 """

@@ -13,10 +13,12 @@ Selection: frontal views (ViewPosition PA or AP), studies positive (1.0) for any
 Each CSV's key must be unique (``dicom_id`` in the metadata and split files, ``(subject_id, study_id)``
 in the label file): a repeated row would silently serve an image twice.
 Images are converted to grayscale, resized (shorter side) and centre-cropped once, cached as PNG,
-and served as 3-channel tensors in [-1, 1]. Each cached PNG records the size and modification time
-(ns) of the JPEG it was made from; a JPEG that changed since (replaced, truncated, deleted) is read
-again, so a now-corrupt file is reported (or skipped) instead of served from the cache. No horizontal
-flips unless asked: a flipped chest X-ray puts the heart on the wrong side.
+and served as 3-channel tensors in [-1, 1]. Each cached PNG records the size, modification time
+(ns) and a digest of the first and last KiB of the JPEG it was made from; a JPEG that changed since
+(replaced, truncated, deleted, or overwritten with as many bytes and its modification time restored, as
+``rsync -a`` and ``cp -p`` do) is read again, so a now-corrupt file is reported (or skipped) instead of
+served from the cache. No horizontal flips unless asked: a flipped chest X-ray puts the heart on the
+wrong side.
 
 Batches are dicts ``{"pixel_values", "prompt", "finding", "labels", "dicom_id"}`` (``finding``: the
 selected CheXpert class the image was chosen for; ``labels``: the 14 CheXpert values, 1 positive,
@@ -31,9 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -232,16 +233,28 @@ class CXRImageDataset(Dataset):
 
 
 PREPROCESSING_ID = "gray-to-3ch/shorter-side-resize/center-crop/[-1,1]/v1"  # change when the pixels change
-SOURCE_STAMP = "cxr-diffusion-source"  # PNG text chunk of a cached image: its JPEG's "<size>:<mtime_ns>"
+SOURCE_STAMP = "cxr-diffusion-source"  # PNG text chunk of a cached image: its JPEG's source_stamp
+# How much of each end of a JPEG the stamp digests. Size and mtime miss a file overwritten with as many bytes whose
+# mtime was restored (rsync -a, cp -p); another JPEG differs in its header tables (first KiB) and its last entropy-coded
+# bytes (last KiB). Reading 2 KiB keeps the check of a fresh cache cheap; a change only in the middle goes unseen.
+STAMP_EDGE_BYTES = 1024
 
 
 def source_stamp(path: Path) -> Optional[str]:
-    """``"<size>:<mtime in ns>"`` of an image file, or None when it is missing: what a cached copy is valid for."""
+    """``"v2:<size>:<mtime in ns>:<SHA-1 of the first and last KiB, 16 hex digits>"`` of an image file, or None when
+    it cannot be opened: what a cached copy is valid for. Copies cached with the earlier ``"<size>:<mtime>"`` stamp
+    never match it, so they are made again once."""
+    digest = hashlib.sha1()
     try:
-        st = Path(path).stat()
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            digest.update(fh.read(STAMP_EDGE_BYTES))
+            if st.st_size > STAMP_EDGE_BYTES:
+                fh.seek(max(STAMP_EDGE_BYTES, st.st_size - STAMP_EDGE_BYTES))
+                digest.update(fh.read(STAMP_EDGE_BYTES))
     except OSError:
         return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"v2:{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()[:16]}"
 
 
 def cached_stamp(png: Path) -> Optional[str]:
@@ -338,17 +351,17 @@ class MIMICCXRDataModule(LightningDataModule):
         super().__init__()
         unknown = [f for f in findings if f not in CHEXPERT_CLASSES]
         if unknown:
-            raise ValueError(f"findings: unknown CheXpert class(es) {unknown}; expected some of {list(CHEXPERT_CLASSES)}")
-        for split in (train_split, val_split):
+            raise MIMICDataError(f"findings: unknown CheXpert class(es) {unknown}; expected some of {list(CHEXPERT_CLASSES)}")
+        for name, split in (("train_split", train_split), ("val_split", val_split)):
             if split not in SPLITS:
-                raise ValueError(f"split {split!r} is not one of {SPLITS}")
+                raise MIMICDataError(f"{name}: {split!r}; expected one of {list(SPLITS)}")
         if prompt_source == "template":
             no_template = [f for f in findings if f not in prompt_templates]
             if no_template:
-                raise ValueError(f"prompt_templates has no prompt for finding(s) {no_template}")
+                raise MIMICDataError(f"prompt_templates has no prompt for finding(s) {no_template}")
             empty = [f for f in findings if not str(prompt_templates[f]).strip()]
             if empty:
-                raise ValueError(f"prompt_templates: the prompt for {empty} is empty; every selected finding needs a prompt")
+                raise MIMICDataError(f"prompt_templates: the prompt for {empty} is empty; every selected finding needs a prompt")
         self.root = Path(root).expanduser()
         self.findings = list(findings)
         self.uncertain = uncertain
@@ -465,7 +478,7 @@ class MIMICCXRDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ cache
     def _build_cache(self, records: pd.DataFrame) -> list[str]:
-        """Resize each image into the cache once, and again whenever its JPEG changed (size or modification time);
+        """Resize each image into the cache once, and again whenever its JPEG changed (its :func:`source_stamp`);
         returns the paths that could not be read (their stale copies are removed, never served)."""
         out = self.image_cache_dir
         out.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from core.errors import UserError, run_main
+
 __all__ = [
     "SUPPORTED_FINDINGS",
     "DEFAULT_FINDINGS",
@@ -61,6 +63,8 @@ __all__ = [
     "render_phantom_with_geometry",
     "render_lateral",
     "write_phantom_mimic",
+    "PhantomDataError",
+    "DEMO_N_PER_FINDING",
     "preview_grid",
     "main",
     "PhantomCXRDataModule",
@@ -113,11 +117,19 @@ CHEXPERT_FILE = "mimic-cxr-2.0.0-chexpert.csv.gz"
 SPLIT_FILE = "mimic-cxr-2.0.0-split.csv.gz"
 MARKER_FILE = "PHANTOMS.json"
 _FORMAT_VERSION = 1
+# Studies per finding in data/phantoms, as the demo configs (configs/*_demo.yaml, demo.yaml) write it on first use:
+# `python -m synthetic.phantoms data/phantoms` writes the same set, so the docs' commands agree in any order.
+DEMO_N_PER_FINDING = 16
+_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train, validate, test: write_phantom_mimic's default
+
+
+class PhantomDataError(UserError, ValueError):
+    """Phantom arguments that cannot be written, or a folder that holds something else: one line, naming it."""
 
 
 def _check_finding(finding: str) -> None:
     if finding not in SUPPORTED_FINDINGS:
-        raise ValueError(
+        raise PhantomDataError(
             f"unknown finding {finding!r}; supported findings are "
             f"{list(SUPPORTED_FINDINGS)}"
         )
@@ -834,27 +846,27 @@ def _normalise_args(n_per_finding, size, seed, findings, split_fractions, n_late
         findings = tuple(findings)
         counts = {f: n_per_finding for f in findings}
     if not findings:
-        raise ValueError("at least one finding is required")
+        raise PhantomDataError("at least one finding is required")
     if len(set(findings)) != len(findings):
-        raise ValueError(f"duplicate findings in {list(findings)}")
+        raise PhantomDataError(f"duplicate findings in {list(findings)}")
     for f in findings:
         _check_finding(f)
     for f, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"n_per_finding[{f!r}] must be a non-negative int, got {n!r}")
+            raise PhantomDataError(f"n_per_finding[{f!r}] must be a non-negative int, got {n!r}")
     if sum(counts.values()) == 0:
-        raise ValueError("n_per_finding must request at least one image")
+        raise PhantomDataError("n_per_finding must request at least one image")
     size = int(size)
     if size < 32:
-        raise ValueError(f"size must be >= 32, got {size}")
+        raise PhantomDataError(f"size must be >= 32, got {size}")
     fr = [float(x) for x in split_fractions]
     if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0:
-        raise ValueError(f"split_fractions must be 3 non-negative numbers (train, validate, test), got {split_fractions!r}")
+        raise PhantomDataError(f"split_fractions must be 3 non-negative numbers (train, validate, test), got {split_fractions!r}")
     total = sum(counts.values())
     if n_lateral is not None:
         n_lateral = int(n_lateral)
         if not 0 <= n_lateral <= total:
-            raise ValueError(f"n_lateral must be in [0, {total}], got {n_lateral}")
+            raise PhantomDataError(f"n_lateral must be in [0, {total}], got {n_lateral}")
     return {
         "n_per_finding": {f: int(counts[f]) for f in findings},
         "size": size,
@@ -1107,6 +1119,27 @@ def _build(root: pathlib.Path, args: dict) -> dict:
     }
 
 
+def _describe(args: dict) -> str:
+    """A phantom dataset's arguments in a few words: ``16 No Finding, 16 Pleural Effusion at 256 px, seed 0``."""
+    counts = ", ".join(f"{n} {f}" for f, n in (args.get("n_per_finding") or {}).items())
+    text = f"{counts} at {args.get('size')} px, seed {args.get('seed')}"
+    if args.get("split_fractions") not in (None, list(_SPLIT_FRACTIONS)):
+        text += f", split fractions {args['split_fractions']}"
+    return text + (f", {args['n_lateral']} lateral" if args.get("n_lateral") is not None else "")
+
+
+def _covers(marker: dict, args: dict) -> bool:
+    """Whether the dataset ``marker`` describes serves a request for ``args``: the same format, size, seed, split
+    fractions and lateral count, and at least as many studies of every finding asked for. (Its images are not the
+    requested set's: other counts draw other patients. For the demos and studies that read a phantom root, more
+    phantoms of the same kind serve as well.)"""
+    have = marker.get("arguments") or {}
+    same = all(have.get(k) == args[k] for k in ("size", "seed", "split_fractions", "n_lateral"))
+    counts = have.get("n_per_finding") or {}
+    return (marker.get("version") == _FORMAT_VERSION and same
+            and all(counts.get(f, 0) >= n for f, n in args["n_per_finding"].items()))
+
+
 def _read_marker(root: pathlib.Path) -> dict | None:
     p = root / MARKER_FILE
     if not p.is_file():
@@ -1123,7 +1156,7 @@ def write_phantom_mimic(
     size: int = 256,
     seed: int = 0,
     findings: Iterable[str] = DEFAULT_FINDINGS,
-    split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    split_fractions: Sequence[float] = _SPLIT_FRACTIONS,
     n_lateral: int | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
@@ -1138,7 +1171,7 @@ def write_phantom_mimic(
     Deterministic: the same arguments give byte-identical files.  Idempotent:
     if ``root/PHANTOMS.json`` records the same arguments nothing is written.
     If it records different arguments, or ``root`` holds anything else, a
-    ``ValueError`` is raised unless ``overwrite=True``.  The set is built in a
+    :class:`PhantomDataError` (a ``ValueError``) is raised unless ``overwrite=True``.  The set is built in a
     temporary sibling directory and renamed into place, so a partially written
     set is never mistaken for a complete one.  ``PHANTOMS.json`` also lists
     the studies whose finding is labelled uncertain (-1.0), the report
@@ -1150,16 +1183,16 @@ def write_phantom_mimic(
     if marker is not None and not overwrite:
         if marker.get("version") == _FORMAT_VERSION and marker.get("arguments") == args:
             return root
-        raise ValueError(
+        raise PhantomDataError(
             f"{root} already holds a phantom dataset written with different arguments "
-            f"({marker.get('arguments')!r}, version {marker.get('version')!r}); requested {args!r}. "
-            "Use another directory or pass overwrite=True."
+            f"({_describe(marker.get('arguments') or {})}, format version {marker.get('version')!r}); asked for "
+            f"{_describe(args)}. Write these to another folder, or replace it (--overwrite, overwrite=True)."
         )
     if root.exists() and not overwrite:
         if not root.is_dir() or any(root.iterdir()):
-            raise ValueError(
+            raise PhantomDataError(
                 f"{root} exists and is not an empty directory nor a phantom dataset; "
-                "refusing to write into it (pass overwrite=True to replace it)."
+                "refusing to write into it (--overwrite, overwrite=True, replaces it)."
             )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
@@ -1215,7 +1248,7 @@ def preview_grid(
         root = pathlib.Path(root_or_images)
         info = _read_marker(root)
         if info is None:
-            raise ValueError(f"{root} is not a phantom dataset (no {MARKER_FILE})")
+            raise PhantomDataError(f"{root} is not a phantom dataset (no {MARKER_FILE})")
         by_f: dict[str, list[np.ndarray]] = {f: [] for f in info["arguments"]["findings"]}
         for m in info["studies"]:
             lst = by_f.setdefault(m["finding"], [])
@@ -1245,7 +1278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write synthetic chest X-ray phantoms in the MIMIC-CXR-JPG v2.0.0 layout.",
     )
     p.add_argument("out_dir")
-    p.add_argument("--n-per-finding", type=int, default=8)
+    p.add_argument("--n-per-finding", type=int, default=DEMO_N_PER_FINDING,
+                   help=f"frontal studies per finding (default {DEMO_N_PER_FINDING}: what the demo configs write to data/phantoms)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--findings", nargs="+", default=list(DEFAULT_FINDINGS),
@@ -1253,15 +1287,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--preview", default=None, help="also write a PNG preview grid here")
     a = p.parse_args(argv)
-    root = write_phantom_mimic(a.out_dir, a.n_per_finding, a.size, a.seed, a.findings, overwrite=a.overwrite)
-    info = _read_marker(root) or {}
+    args = _normalise_args(a.n_per_finding, a.size, a.seed, a.findings, _SPLIT_FRACTIONS, None)
+    root = pathlib.Path(a.out_dir)
+    marker = None if a.overwrite else _read_marker(root)
+    if marker is not None and _covers(marker, args):
+        # e.g. data/phantoms after a demo run: the studies that read it need phantoms of these findings, not these bytes
+        if marker.get("arguments") == args:
+            print(f"kept {root}: it already holds these phantoms ({_describe(args)})")
+        else:
+            print(f"kept {root}: it holds phantoms of the same kind with at least as many per finding "
+                  f"({_describe(marker['arguments'])}) as asked for ({_describe(args)}); --overwrite writes exactly "
+                  "what was asked")
+    else:
+        write_phantom_mimic(root, a.n_per_finding, a.size, a.seed, a.findings, overwrite=a.overwrite)
+        info = _read_marker(root) or {}
+        print(
+            f"wrote {info.get('n_studies')} studies / {info.get('n_images')} images "
+            f"({info.get('n_lateral')} lateral) of {', '.join(a.findings)} at {a.size}px to {root} "
+            f"split {info.get('split_counts')}"
+        )
     if a.preview:
         preview_grid(root, a.preview)
-    print(
-        f"wrote {info.get('n_studies')} studies / {info.get('n_images')} images "
-        f"({info.get('n_lateral')} lateral) of {', '.join(a.findings)} at {a.size}px to {root} "
-        f"split {info.get('split_counts')}"
-    )
     return 0
 
 
@@ -1281,21 +1327,23 @@ class PhantomCXRDataModule(MIMICCXRDataModule):
 
     Args:
         root: folder for the phantom dataset (created on first use).
-        n_per_finding: frontal images (studies) per finding.
+        n_per_finding: frontal images (studies) per finding (the CLI's default too, so both write one data/phantoms).
         phantom_size: written image size in pixels (the loader resizes to ``resolution``).
         phantom_seed: seed of the phantom dataset.
         **kwargs: every other ``MIMICCXRDataModule`` argument (findings, resolution, batch_size,
             prior_preservation, ...).
     """
 
-    def __init__(self, root: str = "data/phantoms", n_per_finding: int = 8, phantom_size: int = 256, phantom_seed: int = 0, **kwargs):
+    def __init__(self, root: str = "data/phantoms", n_per_finding: int = DEMO_N_PER_FINDING, phantom_size: int = 256, phantom_seed: int = 0, **kwargs):
         super().__init__(root=root, **kwargs)
         unsupported = [f for f in self.findings if f not in SUPPORTED_FINDINGS]
         if unsupported:
-            raise ValueError(f"findings {unsupported} have no phantoms; phantom findings are {list(SUPPORTED_FINDINGS)}")
+            raise PhantomDataError(f"findings {unsupported} have no phantoms; phantom findings are {list(SUPPORTED_FINDINGS)}")
         self.phantom_findings = tuple(DEFAULT_FINDINGS) + tuple(f for f in self.findings if f not in DEFAULT_FINDINGS)
         self.n_per_finding = int(n_per_finding)
         self.phantom_size = int(phantom_size)
+        if self.phantom_size < 32:  # write_phantom_mimic refuses it too, but at setup and naming its own "size"
+            raise PhantomDataError(f"phantom_size: {phantom_size!r}; expected at least 32 pixels")
         self.phantom_seed = int(phantom_seed)
 
     def _ensure_data(self) -> None:
@@ -1308,4 +1356,4 @@ class PhantomCXRDataModule(MIMICCXRDataModule):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    raise SystemExit(run_main("python -m synthetic.phantoms", main))

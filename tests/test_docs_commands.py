@@ -1,7 +1,9 @@
 """Every command the README and the docs pages show parses: each fenced ``bash`` block's ``python ...`` lines are run
 through their own entry point (``main(argv)``) up to the end of argument parsing and stopped there, so nothing
 trains, loads or writes; a flag the CLI does not accept (renamed, removed, misspelt) fails here, naming the page and
-the command, instead of misleading a user."""
+the command, instead of misleading a user. And every demo input a page reads (a folder under ``data/``, the quickstart's
+``runs/demo``) is written by the quickstart or by a command the page shows before it (tests/test_demo_commands.py runs
+them)."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +13,10 @@ import importlib.util
 import io
 import re
 import shlex
+from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -151,3 +155,75 @@ def test_a_flag_the_cli_does_not_know_is_caught(monkeypatch):
                                                               "--prompts_file", "p.txt"], monkeypatch)
     assert parse(["python", "train.py", "--config", "demo.yaml", "--model.init_args.learning_rat", "1e-4"], monkeypatch)
     assert not parse(["python", "train.py", "--config", "demo.yaml", "--model.init_args.learning_rate", "1e-4"], monkeypatch)
+
+
+def writes(argv: list[str]) -> set[str]:
+    """The demo folders a shown command writes: ``train.py --config C``'s data root and run folder,
+    ``python -m synthetic.phantoms OUT``, ``python -m synthetic.demo_data OUT``, a study's or script's ``--out``."""
+    options = dict(zip(argv, argv[1:]))
+    made = {options["--out"]} if "--out" in options else set()
+    if argv[1:3] == ["-m", "synthetic.phantoms"]:
+        made.add(argv[3])
+    if argv[1:3] == ["-m", "synthetic.demo_data"]:
+        made |= {f"{argv[3]}/{part}" for part in ("mimic", "heldout", "laion")}
+    if argv[1] == "train.py" and "--config" in options:
+        name = options["--config"]  # a file, or a name in configs/ (as train.py resolves it)
+        path = next(p for p in (REPO / name, REPO / "configs" / name, REPO / "configs" / f"{name}.yaml") if p.is_file())
+        config = yaml.safe_load(path.read_text())
+        made.add(options.get("--data.init_args.root", config.get("data", {}).get("init_args", {}).get("root")))
+        made.add(f"{options.get('--runs_dir', 'runs')}/{options.get('--run_name', config.get('run_name', Path(name).stem))}")
+    return {str(Path(m)) for m in made if m}
+
+
+def demo_inputs(argv: list[str]) -> set[str]:
+    """The demo folders a shown command reads: relative paths under ``data/`` (real data lives elsewhere, e.g.
+    ``/data/mimic-cxr-jpg``), and ``runs/demo``, that it does not write itself."""
+    found = {str(Path(a)) for a in argv[2:] if a.startswith("data/") or Path(a) == Path("runs/demo")}
+    return found - writes(argv)
+
+
+QUICKSTART = next(argv for where, argv in COMMANDS if where.startswith("README.md") and argv[1] == "train.py")
+
+
+@pytest.mark.parametrize("page", sorted({where.split(":")[0] for where, _ in COMMANDS}))
+def test_every_demo_input_a_page_reads_is_written_by_the_quickstart_or_a_command_before_it(page):
+    """A reader who ran the quickstart and follows a page top to bottom never meets a demo folder nothing made (the
+    held-out phantoms of the report-conditioned and utility demos were such a folder)."""
+    made = writes(QUICKSTART)
+    assert {"data/phantoms", "runs/demo"} <= made
+    for where, argv in COMMANDS:
+        if where.split(":")[0] != page or argv[0] != "python":
+            continue
+        missing = demo_inputs(argv) - made
+        assert not missing, (f"{where}: `{shlex.join(argv)}` reads {sorted(missing)}, which neither the quickstart "
+                             f"(`{shlex.join(QUICKSTART)}`) nor a command before it on the page writes")
+        made |= writes(argv)
+
+
+def test_the_held_out_phantoms_command_writes_what_the_memorization_demo_audits_with(monkeypatch, tmp_path):
+    """The pages' one command for ``data/phantoms_heldout`` and ``benchmarks/memorization_demo.py`` write the same set,
+    so whichever runs first, the other keeps it (the demos' numbers were measured on that set)."""
+    import inspect
+
+    from synthetic import phantoms
+
+    shown = [argv for _, argv in COMMANDS if argv[1:4] == ["-m", "synthetic.phantoms", "data/phantoms_heldout"]]
+    assert len(shown) >= 2 and all(argv == shown[0] for argv in shown), shown
+    asked, signature = [], inspect.signature(phantoms.write_phantom_mimic)
+
+    def record(root, *args, **kwargs):
+        bound = signature.bind(root, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        asked.append((Path(root), phantoms._normalise_args(a["n_per_finding"], a["size"], a["seed"], a["findings"],
+                                                           a["split_fractions"], a["n_lateral"])))
+        raise Parsed()  # stop before anything is written
+
+    monkeypatch.setattr(phantoms, "write_phantom_mimic", record)
+    monkeypatch.chdir(tmp_path)
+    for argv in (shown[0], ["python", "benchmarks/memorization_demo.py"]):
+        main, args = entry_point(argv)
+        with pytest.raises(Parsed):
+            main(list(args))
+    (docs_root, docs_args), (demo_root, demo_args) = asked
+    assert REPO / docs_root == demo_root and docs_args == demo_args

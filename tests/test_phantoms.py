@@ -417,3 +417,72 @@ def test_phantom_datamodule_writes_on_first_use(tmp_path):
     assert pickle.loads(pickle.dumps(PhantomCXRDataModule)) is PhantomCXRDataModule
     with pytest.raises(ValueError, match="no phantoms"):
         PhantomCXRDataModule(root=str(root), findings=["Edema"], prompt_templates={"Edema": "x"})
+
+
+def test_a_jpeg_that_changed_after_caching_with_the_same_size_and_mtime_is_read_again(tmp_path):
+    """A phantom JPEG overwritten with another image of as many bytes, its modification time restored (what
+    ``rsync -a`` or ``cp -p`` of a re-exported file leaves): the image cache's stamp (size, mtime and a digest of the
+    first and last KiB) notices, so the resized copy and the latent-cache key follow the new image."""
+    import io
+    import os
+
+    from datamodules import mimic_cxr
+
+    root = write_phantom_mimic(tmp_path / "mimic", n_per_finding={"No Finding": 3, "Pleural Effusion": 3}, size=64)
+    make = lambda: mimic_cxr.MIMICCXRDataModule(root=str(root), findings=["No Finding", "Pleural Effusion"],
+                                                resolution=32, max_val_images=0, cache_dir=str(tmp_path / "cache"))
+    dm = make()
+    dm.setup()
+    first = dm.train_records.iloc[0]
+    jpeg = mimic_cxr.image_path(root, first.subject_id, first.study_id, first.dicom_id)
+    latents_key = dm.training_images().key_parts["sources_sha1"]
+    stat = jpeg.stat()
+    other = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(other, format="JPEG")
+    assert other.tell() < stat.st_size  # a flat image: fewer bytes, padded after its end marker (decoders ignore that)
+    jpeg.write_bytes(other.getvalue().ljust(stat.st_size, b"\0"))
+    os.utime(jpeg, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (jpeg.stat().st_size, jpeg.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    fresh = make()
+    fresh.setup()
+    with Image.open(fresh.image_cache_dir / f"{first.dicom_id}.png") as png:
+        assert abs(float(np.asarray(png).mean()) - 200) <= 2  # the new image, not the cached phantom
+    assert fresh.training_images().key_parts["sources_sha1"] != latents_key
+
+
+def test_the_documented_phantoms_command_after_the_quickstart_keeps_its_data_in_one_line(tmp_path, monkeypatch, capsys):
+    """The quickstart (`train.py --config demo.yaml`) writes data/phantoms on first use; the studies' pages then say
+    `python -m synthetic.phantoms data/phantoms`. Both write the same set, so the command keeps it (one line, exit 0);
+    a request the set covers is kept too, one it does not is refused in one line, never a traceback."""
+    import yaml
+
+    from core.errors import run_main
+    from synthetic.phantoms import PhantomCXRDataModule
+
+    from test_docs_commands import COMMANDS
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    shown = {where.split(":")[0] for where, argv in COMMANDS if argv == ["python", "-m", "synthetic.phantoms", "data/phantoms"]}
+    assert {"docs/vae-study.md", "docs/text-encoder-study.md"} <= shown  # and data.md's, with --preview, in its text
+    assert "`python -m synthetic.phantoms data/phantoms --preview phantoms.png`" in (repo / "docs" / "data.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())["data"]["init_args"]
+    PhantomCXRDataModule(**data, cache_dir=str(tmp_path / "cache"))._ensure_data()  # what the quickstart's run writes
+    marker = tmp_path / data["root"] / "PHANTOMS.json"
+    written = marker.stat().st_mtime_ns
+    program = "python -m synthetic.phantoms"
+
+    assert run_main(program, phantoms.main, ["data/phantoms"]) == 0
+    said = capsys.readouterr().out.strip()
+    assert said.startswith("kept data/phantoms: it already holds these phantoms (16 No Finding") and "\n" not in said
+    assert run_main(program, phantoms.main, ["data/phantoms", "--n-per-finding", "8", "--preview", "phantoms.png"]) == 0
+    said = capsys.readouterr().out.strip()
+    assert said.startswith("kept data/phantoms: it holds phantoms of the same kind with at least as many") and "\n" not in said
+    assert (tmp_path / "phantoms.png").is_file() and marker.stat().st_mtime_ns == written
+    with pytest.raises(SystemExit) as exit_:
+        run_main(program, phantoms.main, ["data/phantoms", "--n-per-finding", "20"])
+    said = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and "\n" not in said, said
+    assert said.startswith(f"{program}: error: data/phantoms already holds a phantom dataset written with different "
+                           "arguments (16 No Finding, 16 Pleural Effusion, 16 Cardiomegaly at 256 px, seed 0"), said
+    assert "asked for 20 No Finding" in said and marker.stat().st_mtime_ns == written
