@@ -9,13 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from core.errors import UserError
 from core.grids import labelled_grid
 from datamodules.contract import RealImages
 from datamodules.prompts import PAPER_PROMPTS
+
+
+class SampleGridError(UserError, ValueError):
+    """A SampleGrid setting that cannot be used as given."""
 
 
 class SampleGrid(Callback):
@@ -47,7 +51,7 @@ class SampleGrid(Callback):
     ):
         super().__init__()
         if not prompts:
-            raise ValueError("SampleGrid needs at least one prompt")
+            raise SampleGridError("prompts: SampleGrid needs at least one prompt")
         self.prompts = list(prompts)
         self.n_per_prompt = n_per_prompt
         self.every_n_steps = every_n_steps

@@ -147,18 +147,18 @@ def _nsfw_drop_set(drop_nsfw: Union[bool, str]) -> frozenset:
         return frozenset({"NSFW"})
     if drop_nsfw == "unsure":
         return frozenset({"NSFW", "UNSURE"})
-    raise ValueError(
+    raise LAIONDataError(
         f"drop_nsfw: {drop_nsfw!r}; expected false, true/'nsfw' (drop NSFW rows) or 'unsure' (drop NSFW and UNSURE rows)"
     )
 
 
 def _check_lengths(min_length: Optional[int], max_length: Optional[int]) -> None:
     if min_length is not None and int(min_length) < 0:
-        raise ValueError(f"min_length: {min_length!r}; expected a non-negative number of characters")
+        raise LAIONDataError(f"min_length: {min_length!r}; expected a non-negative number of characters")
     if max_length is not None and int(max_length) < 1:
-        raise ValueError(f"max_length: {max_length!r}; expected at least 1 character")
+        raise LAIONDataError(f"max_length: {max_length!r}; expected at least 1 character")
     if min_length is not None and max_length is not None and int(min_length) > int(max_length):
-        raise ValueError(f"min_length {min_length} is larger than max_length {max_length}: no caption could pass")
+        raise LAIONDataError(f"min_length {min_length} is larger than max_length {max_length}: no caption could pass")
 
 
 # ---------------------------------------------------------------------- reading
@@ -234,7 +234,7 @@ def read_captions(
     drop = _nsfw_drop_set(drop_nsfw)
     _check_lengths(min_length, max_length)
     if max_captions is not None and int(max_captions) < 1:
-        raise ValueError(f"max_captions: {max_captions!r}; expected at least 1 (or null for all)")
+        raise LAIONDataError(f"max_captions: {max_captions!r}; expected at least 1 (or null for all)")
     paths = resolve_files(files)
     for path in paths:
         check_schema(path, need_nsfw=bool(drop))
@@ -312,7 +312,7 @@ def style_caption(caption: str, index: int, style: str = "none", seed: int = 0) 
     if style == "none":
         return caption
     if style not in CAPTION_STYLES:
-        raise ValueError(f"caption_style: {style!r}; expected one of {', '.join(CAPTION_STYLES)}")
+        raise LAIONDataError(f"caption_style: {style!r}; expected one of {', '.join(CAPTION_STYLES)}")
     h = _mix(seed, index)
     if style == "both":
         family = OBJECT_TEMPLATES if h & 1 == 0 else STYLE_TEMPLATES
@@ -335,7 +335,7 @@ class CaptionDataset(Dataset):
 
     def __init__(self, captions, indices: Optional[np.ndarray] = None, caption_style: str = "none", seed: int = 0):
         if caption_style not in CAPTION_STYLES:
-            raise ValueError(f"caption_style: {caption_style!r}; expected one of {', '.join(CAPTION_STYLES)}")
+            raise LAIONDataError(f"caption_style: {caption_style!r}; expected one of {', '.join(CAPTION_STYLES)}")
         self.captions = captions
         self.indices = np.arange(len(captions), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
         self.caption_style = caption_style
@@ -408,13 +408,13 @@ class LAIONCaptionDataModule(LightningDataModule):
         _nsfw_drop_set(drop_nsfw)
         _check_lengths(min_length, max_length)
         if caption_style not in CAPTION_STYLES:
-            raise ValueError(f"caption_style: {caption_style!r}; expected one of {', '.join(CAPTION_STYLES)}")
+            raise LAIONDataError(f"caption_style: {caption_style!r}; expected one of {', '.join(CAPTION_STYLES)}")
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size: {batch_size!r}; expected at least 1")
+            raise LAIONDataError(f"batch_size: {batch_size!r}; expected at least 1")
         if int(val_captions) < 0:
-            raise ValueError(f"val_captions: {val_captions!r}; expected 0 or more")
+            raise LAIONDataError(f"val_captions: {val_captions!r}; expected 0 or more")
         if max_captions is not None and int(max_captions) < 1:
-            raise ValueError(f"max_captions: {max_captions!r}; expected at least 1 (or null for all)")
+            raise LAIONDataError(f"max_captions: {max_captions!r}; expected at least 1 (or null for all)")
         self.data_files = data_files
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)

@@ -14,6 +14,7 @@ from typing import Optional
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_modules.base import ModuleConfigError
 from lightning_modules.unet import UNetFineTuning
 from models.generator import ClipConditioning
 
@@ -30,8 +31,8 @@ class UNetTextEncoderFineTuning(UNetFineTuning):
 
     def __init__(self, text_encoder_learning_rate: Optional[float] = None, text_encoder_layers: Optional[int] = None, **kwargs):
         if text_encoder_learning_rate is not None and text_encoder_learning_rate <= 0:
-            raise ValueError(f"text_encoder_learning_rate: {text_encoder_learning_rate!r}; expected a positive rate (or null: "
-                             "the U-Net's)")
+            raise ModuleConfigError(f"text_encoder_learning_rate: {text_encoder_learning_rate!r}; expected a positive rate "
+                                    "(or null: the U-Net's)")
         super().__init__(**kwargs)
 
     def configure_trainable(self) -> ClipConditioning:
@@ -52,8 +53,8 @@ class UNetTextEncoderFineTuning(UNetFineTuning):
         text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 nests it; 5 does not
         layers = text_model.encoder.layers
         if not 1 <= int(n) <= len(layers):
-            raise ValueError(f"text_encoder_layers: {n!r}; the text encoder of {self.spec.pretrained!r} has {len(layers)} "
-                             f"layers, so expected 1..{len(layers)} (or null: all of it)")
+            raise ModuleConfigError(f"text_encoder_layers: {n!r}; the text encoder of {self.spec.pretrained!r} has "
+                                    f"{len(layers)} layers, so expected 1..{len(layers)} (or null: all of it)")
         return [*layers[len(layers) - int(n):], text_model.final_layer_norm]
 
     def param_groups(self) -> list[dict]:

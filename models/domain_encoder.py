@@ -46,6 +46,10 @@ DEFAULT_DOMAIN_ENCODER = "microsoft/BiomedVLP-CXR-BERT-specialized"
 EXTRACTIONS = ("cls", "mean", "pooler", "projected")
 
 
+class DomainEncoderConfigError(UserError, ValueError):
+    """A domain-encoder setting that cannot be used as given."""
+
+
 @dataclass(frozen=True)
 class DomainEncoderPreset:
     """A domain encoder that needs no download, registered under a name (``cxr_diffusion.domain_encoders``):
@@ -85,9 +89,9 @@ class DomainEncoderSpec:
 
     def __post_init__(self):
         if self.extraction not in EXTRACTIONS:
-            raise ValueError(f"extraction: unknown value {self.extraction!r}; expected one of {', '.join(EXTRACTIONS)}")
-        if self.max_length is not None and int(self.max_length) < 2:
-            raise ValueError(f"max_length: {self.max_length!r} leaves no room for a token between [CLS] and [SEP]; expected >= 3")
+            raise DomainEncoderConfigError(f"extraction: unknown value {self.extraction!r}; expected one of {', '.join(EXTRACTIONS)}")
+        if self.max_length is not None and int(self.max_length) < 3:  # [CLS] and [SEP] take two
+            raise DomainEncoderConfigError(f"max_length: {self.max_length!r} leaves no room for a token between [CLS] and [SEP]; expected >= 3")
 
     @property
     def is_preset(self) -> bool:

@@ -72,6 +72,7 @@ class SyntheticLAIONDataModule(LAIONCaptionDataModule):
     """
 
     def __init__(self, root: str = "data/laion_synthetic", n_captions: int = 2000, **kwargs):
+        super().__init__(data_files=str(root), **kwargs)  # its setting checks first: a refused start writes nothing
         self.root = Path(root)
         self.n_captions = int(n_captions)
         if not any(self.root.glob("*.parquet")):
@@ -88,4 +89,3 @@ class SyntheticLAIONDataModule(LAIONCaptionDataModule):
                 shutil.rmtree(tmp, ignore_errors=True)  # another process was first
                 if not any(self.root.glob("*.parquet")):
                     raise
-        super().__init__(data_files=str(self.root), **kwargs)
