@@ -83,6 +83,7 @@ class Step:
     cost: str = ""
     needs: tuple = ()           # steps that must be done first
     env: dict = field(default_factory=dict)
+    launcher: tuple = ()        # what starts the interpreter, e.g. ("srun",) in a SLURM job of several tasks
 
     @property
     def slug(self) -> str:
@@ -90,7 +91,9 @@ class Step:
 
     def command(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        return (env + " " if env else "") + "python " + " ".join(shlex.quote(str(a)) for a in self.argv)
+        launcher = " ".join(shlex.quote(a) for a in self.launcher)
+        return ((env + " " if env else "") + (launcher + " " if launcher else "") + "python "
+                + " ".join(shlex.quote(str(a)) for a in self.argv))
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -171,6 +174,7 @@ def build_plan(args) -> list[Step]:
             if ids:
                 argv += ["--data.init_args.dicom_ids", "[" + ", ".join(ids) + "]"]
         argv += ["--runs_dir", str(runs_dir), "--run_name", run.config, "--ckpt_path", "last", "--wandb_mode", args.wandb_mode]
+        argv += training_processes(args)
         steps.append(Step(f"train/{run.config}", run.paper, argv, f"Table 4 row, Figure 4 row ({run.paper})",
                           str(runs_dir / run.config), run.cost))
     studies = out / "studies"
@@ -204,7 +208,20 @@ def build_plan(args) -> list[Step]:
         for s in steps:
             s.env = {"CXR_DIFFUSION_CACHE": cache}
             s.cost = ""  # seconds on a CPU; the GPU estimates are for the full-size steps
+    if getattr(args, "srun", False):
+        # in a SLURM job of several tasks: a training step runs on every task (one DDP process each, Lightning's
+        # SLURMEnvironment), any other step on one task of one node
+        for s in steps:
+            s.launcher = ("srun",) if s.name.startswith("train/") else ("srun", "--nodes=1", "--ntasks=1")
     return steps
+
+
+def training_processes(args) -> list[str]:
+    """The trainer options of ``--train_nodes`` x ``--train_devices`` processes (none for the default, one)."""
+    nodes, devices = getattr(args, "train_nodes", 1), getattr(args, "train_devices", 1)
+    if nodes * devices == 1:
+        return []
+    return ["--trainer.num_nodes", str(nodes), "--trainer.devices", str(devices), "--trainer.strategy", "ddp"]
 
 
 def beyond_paper_steps(args, sd: str, mimic: str, runs_dir: Path, studies: Path, run_names: list) -> list[Step]:
@@ -289,7 +306,7 @@ class Job:
         self.log.write(f"\n=== {self.begun} $ {step.command()}\n".encode())
         self.log.flush()
         env = dict(os.environ, **step.env, **extra_env, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, *map(str, step.argv)], cwd=REPO, env=env,
+        self.proc = subprocess.Popen([*step.launcher, sys.executable, *map(str, step.argv)], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.echo = echo
         self.thread = threading.Thread(target=self._pump, daemon=True)
@@ -487,8 +504,12 @@ SLURM_RUNNER = (
 
 
 def driver_args(args) -> list[str]:
-    """The driver's own arguments, paths absolute: what a SLURM task runs from the repository root."""
+    """The driver's own arguments, paths absolute: what a SLURM task runs from the repository root. A job of several
+    tasks (``--slurm_nodes`` x ``--slurm_gpus_per_node``) trains on all of them: each training step is started with
+    ``srun``, one DDP process per task."""
     out = ["--out", args.out]
+    if args.slurm_nodes * args.slurm_gpus_per_node > 1:
+        out += ["--train_nodes", str(args.slurm_nodes), "--train_devices", str(args.slurm_gpus_per_node), "--srun"]
     for opt in ("mimic", "laion", "reports", "images", "sd", "cxr_bert", "xrv_cache_dir", "inception_weights", "wandb_mode"):
         value = getattr(args, opt)
         if value and not (args.demo and opt == "images"):
@@ -506,8 +527,12 @@ def write_slurm(args, steps: list[Step]) -> Path:
     driver = "python " + " ".join(shlex.quote(a) for a in [str(REPO / "reproduce.py"), *driver_args(args), "--quiet"])
     independent = [s.name for s in steps if not s.needs]
     extra = "".join(f"#SBATCH --{opt}\n" for opt in args.slurm_opt or [])
-    header = ("#!/bin/bash\n"
-              "#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=8\n#SBATCH --mem=64G\n#SBATCH --time={time}\n"
+    nodes, gpus = args.slurm_nodes, args.slurm_gpus_per_node
+    # one task per GPU: Lightning's SLURMEnvironment takes each task as one DDP process (--trainer.devices = tasks per
+    # node, --trainer.num_nodes = nodes)
+    tasks = f"#SBATCH --nodes={nodes}\n#SBATCH --ntasks-per-node={gpus}\n" if nodes * gpus > 1 else ""
+    header = ("#!/bin/bash\n" + tasks +
+              f"#SBATCH --gres=gpu:{gpus}\n#SBATCH --cpus-per-task=8\n#SBATCH --mem=64G\n#SBATCH --time={{time}}\n"
               "#SBATCH --requeue\n#SBATCH --signal=B:TERM@300\n" + extra)
     runner = SLURM_RUNNER
     array = (header.format(time=args.slurm_time) +
@@ -567,6 +592,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", nargs="+", metavar="STEP", help="run these finished steps again (a run folder is kept aside)")
     p.add_argument("--slurm_time", default="08:00:00", help="per-task time limit in the SLURM scripts (default 08:00:00)")
     p.add_argument("--slurm_opt", action="append", metavar="KEY=VALUE", help="an extra #SBATCH option, e.g. partition=gpu (repeatable)")
+    p.add_argument("--slurm_nodes", type=int, default=1, help="nodes per SLURM task: each training run is one DDP run over "
+                   "all of them, started with srun (default 1); the run folder must be on a file system every node sees")
+    p.add_argument("--slurm_gpus_per_node", type=int, default=1, help="GPUs (one srun task, one DDP process each) per node "
+                   "in the SLURM scripts (default 1)")
+    p.add_argument("--train_nodes", type=int, default=1, help="nodes of each training run (--trainer.num_nodes; default 1)")
+    p.add_argument("--train_devices", type=int, default=1, help="processes per node of each training run (--trainer.devices, "
+                   "DDP when more than one process in all; default 1)")
+    p.add_argument("--srun", action="store_true", help="start every step with srun (what the SLURM scripts of several "
+                   "tasks pass): a training step on every task, any other on one")
     p.add_argument("--quiet", action="store_true", help="send step output only to OUT/logs/, not the terminal")
     return p
 
@@ -576,6 +610,9 @@ def check_inputs(args, p: argparse.ArgumentParser) -> None:
         args.jobs = len(args.gpus) if args.gpus else (min(4, os.cpu_count() or 1) if args.demo else 1)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: expected 1 or more")
+    for opt in ("slurm_nodes", "slurm_gpus_per_node", "train_nodes", "train_devices"):
+        if getattr(args, opt) < 1:
+            p.error(f"--{opt} {getattr(args, opt)}: expected 1 or more")
     if args.gpus and args.jobs > len(args.gpus):
         p.error(f"--jobs {args.jobs} with --gpus {','.join(args.gpus)}: at most one step per GPU ({len(args.gpus)})")
     if args.demo:
