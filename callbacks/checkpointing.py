@@ -9,8 +9,8 @@
 * :class:`AtomicCheckpointIO` checks the free space, writes each file to a temporary name, fsyncs it, keeps the previous
   file as ``<name>.prev.ckpt`` and renames the new one over the target: a kill or a full disk during a save never leaves
   a truncated ``last.ckpt``, and should one ever be unreadable the one before it is still there. Only a checkpoint known
-  to be good becomes ``<name>.prev.ckpt``: one this process wrote or resumed from, or one whose zip directory reads; and
-  a run resumed from ``<name>.prev.ckpt`` keeps it until it has written a newer checkpoint itself.
+  to be good becomes ``<name>.prev.ckpt``: one this process wrote or resumed from, or one whose zip records all pass
+  their CRC checks; and a run resumed from ``<name>.prev.ckpt`` keeps it until it has written a newer checkpoint itself.
 """
 from __future__ import annotations
 
@@ -163,12 +163,16 @@ def file_identity(path: Path) -> Optional[tuple[int, int, int, int]]:
 
 
 def unreadable_reason(path: Path) -> Optional[str]:
-    """Why ``path`` is not a complete torch checkpoint, or None. Cheap: it reads the zip directory at the end of the file
-    (gone from a truncated one), not the tensors."""
+    """Why ``path`` is not a complete torch checkpoint, or None. It reads the zip directory at the end of the file (gone
+    from a truncated one) and checks every record's CRC (bytes damaged in the middle), unpickling nothing: one read of
+    the file, asked only of a ``last.ckpt`` this process neither wrote nor resumed from, at its first save."""
     try:
         with zipfile.ZipFile(path) as archive:
             if not any(name.endswith("data.pkl") for name in archive.namelist()):
                 return "a zip archive without torch's data.pkl"
+            bad = archive.testzip()
+            if bad is not None:
+                return f"its record {bad} fails its CRC check"
     except (zipfile.BadZipFile, OSError) as err:
         return str(err) or type(err).__name__
     return None
@@ -243,8 +247,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def _keep_previous(self, path: Path) -> None:
         """``last.ckpt`` → ``last.prev.ckpt`` without a moment in which neither exists complete, when ``last.ckpt`` is
-        known good: this process wrote it or resumed from it, or (a file of an earlier process) its zip directory reads.
-        A run resumed from ``last.prev.ckpt`` (as train.py advises when ``last.ckpt`` is unreadable) keeps it until it has
+        known good: this process wrote it or resumed from it, or (a file of an earlier process) its zip records pass their
+        CRC checks. A run resumed from ``last.prev.ckpt`` (as train.py advises when ``last.ckpt`` is unreadable) keeps it until it has
         written a newer checkpoint: ``last.ckpt`` is then from another line of training, or unreadable."""
         current = file_identity(path)
         if current is None:

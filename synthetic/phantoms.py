@@ -1150,6 +1150,14 @@ def _read_marker(root: pathlib.Path) -> dict | None:
         return None
 
 
+def _seed(text: str) -> int:
+    """``--seed``: what numpy's generator takes (argparse prints the one-line error)."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value}: expected 0 to 2**32 - 1")
+    return value
+
+
 def write_phantom_mimic(
     root: str | os.PathLike,
     n_per_finding: Mapping[str, int] | int = 8,
@@ -1188,12 +1196,12 @@ def write_phantom_mimic(
             f"({_describe(marker.get('arguments') or {})}, format version {marker.get('version')!r}); asked for "
             f"{_describe(args)}. Write these to another folder, or replace it (--overwrite, overwrite=True)."
         )
-    if root.exists() and not overwrite:
-        if not root.is_dir() or any(root.iterdir()):
-            raise PhantomDataError(
-                f"{root} exists and is not an empty directory nor a phantom dataset; "
-                "refusing to write into it (--overwrite, overwrite=True, replaces it)."
-            )
+    # --overwrite replaces a phantom dataset, never anything else: a folder of other files (or a file) is refused
+    if root.exists() and marker is None and (not root.is_dir() or any(root.iterdir())):
+        raise PhantomDataError(
+            f"{root} exists and is not an empty folder nor a phantom dataset (no {MARKER_FILE}); refusing to write "
+            "into it or replace it, also with --overwrite: choose another folder."
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
@@ -1281,7 +1289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-per-finding", type=int, default=DEMO_N_PER_FINDING,
                    help=f"frontal studies per finding (default {DEMO_N_PER_FINDING}: what the demo configs write to data/phantoms)")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="0 to 2**32 - 1")
     p.add_argument("--findings", nargs="+", default=list(DEFAULT_FINDINGS),
                    help=f"any of {list(SUPPORTED_FINDINGS)}")
     p.add_argument("--overwrite", action="store_true")

@@ -198,7 +198,7 @@ def tiny_checkpoint(step: int) -> dict:
     return {"state_dict": {"w": torch.full((4,), float(step))}, "global_step": step}
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "not_a_checkpoint"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_a_checkpoint", "zeroed_middle"])
 def test_an_unreadable_last_checkpoint_is_never_rotated_into_last_prev(tmp_path, damage):
     """A last.ckpt left unreadable by something else than this process (a copy cut short, a full disk under another
     tool): the next save replaces it, says so, and leaves the good last.prev.ckpt alone."""
@@ -208,7 +208,13 @@ def test_an_unreadable_last_checkpoint_is_never_rotated_into_last_prev(tmp_path,
     torch.save(tiny_checkpoint(1), prev)
     torch.save(tiny_checkpoint(2), last)
     good = prev.read_bytes()
-    last.write_bytes({"truncated": last.read_bytes()[:-200], "empty": b"", "not_a_checkpoint": b"PK\x03\x04 no"}[damage])
+    data = last.read_bytes()
+    zeroed = data[:len(data) // 3] + bytes(len(data) // 3) + data[2 * (len(data) // 3):]  # the directory intact
+    last.write_bytes({"truncated": data[:-200], "empty": b"", "not_a_checkpoint": b"PK\x03\x04 no",
+                      "zeroed_middle": zeroed}[damage])
+    if damage == "zeroed_middle":  # torch cannot read it, though its zip directory reads
+        with pytest.raises(CheckpointReadError):
+            read_checkpoint(last)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         io.save_checkpoint(tiny_checkpoint(3), last)

@@ -353,8 +353,15 @@ def test_overwrite_and_foreign_directory(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("hi")
-    with pytest.raises(ValueError, match="not an empty directory"):
+    with pytest.raises(ValueError, match="not an empty folder nor a phantom dataset"):
         write_phantom_mimic(foreign, n_per_finding=1, size=64)
+    # --overwrite replaces a phantom dataset only: another folder's files, or a file, are never deleted
+    a_file = tmp_path / "thesis.docx"
+    a_file.write_text("years of work")
+    for victim in (foreign, a_file):
+        with pytest.raises(ValueError, match="also with --overwrite"):
+            write_phantom_mimic(victim, n_per_finding=1, size=64, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "hi" and a_file.read_text() == "years of work"
     # an empty directory is fine
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -486,3 +493,14 @@ def test_the_documented_phantoms_command_after_the_quickstart_keeps_its_data_in_
     assert said.startswith(f"{program}: error: data/phantoms already holds a phantom dataset written with different "
                            "arguments (16 No Finding, 16 Pleural Effusion, 16 Cardiomegaly at 256 px, seed 0"), said
     assert "asked for 20 No Finding" in said and marker.stat().st_mtime_ns == written
+
+
+def test_a_seed_numpy_cannot_take_is_one_line_at_parse(tmp_path, capsys):
+    """``python -m synthetic.phantoms DIR --seed -1`` is refused by the parser in one line (it was a numpy traceback)."""
+    from synthetic import phantoms
+
+    for bad in ("-1", str(2**32)):
+        with pytest.raises(SystemExit) as stop:
+            phantoms.main([str(tmp_path / "p"), "--seed", bad])
+        assert stop.value.code == 2 and "--seed" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
