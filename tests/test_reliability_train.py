@@ -68,7 +68,9 @@ def test_a_second_start_into_a_busy_run_folder_is_refused_naming_the_holder(tmp_
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not (run / "losses.csv").is_file() and first.poll() is None and time.monotonic() < deadline:
+        # training has started and its on_train_start records are written (losses.csv comes before data.json there)
+        started = lambda: all((run / name).is_file() for name in ("losses.csv", "data.json", "provenance.json"))  # noqa: E731
+        while not started() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert first.poll() is None, "the first run ended before the test could start a second one"
         before = snapshot(run, records_only=True)
