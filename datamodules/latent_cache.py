@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from core.cache import ENTRY_FILE, CacheEntry, RowBlocks, create_row_block
+from models.families import sample_latents  # noqa: F401  (the draw from cached posteriors; it lives with the autoencoders)
 
 KIND = "latents"
 FORMAT_VERSION = 3  # 3: row blocks (one per encoding rank) and the VAE's dtype in the key; version 2 entries are rebuilt
@@ -164,11 +165,3 @@ def build_latent_cache(plan: LatentCachePlan, encode: Callable[[torch.Tensor], t
     return LatentCache(entry.path)
 
 
-def sample_latents(dist: torch.Tensor, generator: torch.Generator, scaling_factor: float, dtype: torch.dtype) -> torch.Tensor:
-    """Scaled latents from cached ``[B, 2C, h, w]`` posteriors, drawing ε exactly as diffusers'
-    ``DiagonalGaussianDistribution.sample(generator)`` does (shape ``[B, C, h, w]``, the VAE's dtype, CPU generator)."""
-    mean, logvar = dist.chunk(2, dim=1)
-    logvar = logvar.clamp(-30.0, 20.0)
-    std = torch.exp(0.5 * logvar)
-    eps = torch.randn(mean.shape, generator=generator, dtype=dtype).to(mean.device)
-    return (mean.to(dtype) + std.to(dtype) * eps) * scaling_factor

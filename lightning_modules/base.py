@@ -35,6 +35,7 @@ from lightning_modules.ema import EMASettings, ParameterEMA
 from lightning_modules.preparation import FitPreparation, Needs, PriorPreservation
 from lightning_modules.resume import base_model_mismatch, data_identity, data_mismatch, world_size_mismatch
 from models.exports import update_manifest
+from models.families import TimestepSampling
 from models.generator import Conditioning, Generator
 from models.stable_diffusion import StableDiffusionSpec, load_stable_diffusion, precision_to_dtype, weights_fingerprint
 
@@ -67,13 +68,17 @@ class DiffusionModule(LightningModule):
         lr_scheduler: a diffusers schedule name (constant, constant_with_warmup, linear, cosine, ...).
         lr_warmup_steps: linear warm-up steps.
         snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023); None = plain MSE. Applied per
-            sample, to the instance and the prior half alike.
+            sample, to the instance and the prior half alike. DDPM bases only (Stable Diffusion).
+        timestep_sampling: flow-matching bases (Sana): the timestep density and loss weighting of diffusers'
+            ``training_utils`` (:class:`~models.families.TimestepSampling`); None = its defaults (uniform, unweighted,
+            as diffusers' Sana and SD3 scripts).
         prior_preservation: DreamBooth-style prior preservation (class images from the base model, their loss
             weight); None = off. Strategies that cannot use it refuse it.
         ema: keep an exponential moving average of what trains (:mod:`lightning_modules.ema`); None = off.
         seed: seed of the per-step noise.
         keep_vae_fp32: keep the VAE in fp32 under 16-bit mixed precision (fp16 VAEs can overflow).
-        sample_scheduler: sampler for ``generate`` (ddim, pndm, euler, dpm).
+        sample_scheduler: sampler for ``generate`` (ddim, pndm, euler, dpm); None = the family's (ddim for Stable
+            Diffusion, euler for flow-matching bases; those take euler or dpm).
         cache_latents: encode each training image with the frozen VAE once, before training, and draw
             latents from the cached posterior at each step (:mod:`datamodules.latent_cache`); needs a
             datamodule that supports it (MIMIC-CXR does) and no random flips.
@@ -102,11 +107,12 @@ class DiffusionModule(LightningModule):
         lr_scheduler: str = "constant_with_warmup",
         lr_warmup_steps: int = 0,
         snr_gamma: Optional[float] = None,
+        timestep_sampling: Optional[TimestepSampling] = None,
         prior_preservation: Optional[PriorPreservation] = None,
         ema: Optional[EMASettings] = None,
         seed: int = 0,
         keep_vae_fp32: bool = False,
-        sample_scheduler: Literal["ddim", "pndm", "euler", "dpm"] = "ddim",
+        sample_scheduler: Optional[Literal["ddim", "pndm", "euler", "dpm"]] = None,
         cache_latents: bool = True,
         latent_cache_batch_size: int = 16,
         gradient_checkpointing: bool = False,
@@ -123,12 +129,22 @@ class DiffusionModule(LightningModule):
         self.spec = model if isinstance(model, StableDiffusionSpec) else StableDiffusionSpec(**dict(model))
         self.prior_preservation = _as(PriorPreservation, prior_preservation)
         ema = _as(EMASettings, ema)
+        self.timestep_sampling = _as(TimestepSampling, timestep_sampling)
         # hyperparameters stay plain data so checkpoints load with weights_only=True
-        self.save_hyperparameters(ignore=["model", "prior_preservation", "ema"])
+        self.save_hyperparameters(ignore=["model", "prior_preservation", "ema", "timestep_sampling"])
         self.hparams["model"] = dict(vars(self.spec))
         self.hparams["prior_preservation"] = dict(vars(self.prior_preservation)) if self.prior_preservation else None
         self.hparams["ema"] = dict(vars(ema)) if ema else None
+        self.hparams["timestep_sampling"] = dict(vars(self.timestep_sampling)) if self.timestep_sampling else None
         self.sd = load_stable_diffusion(self.spec)
+        self.check_family()
+        objective = self.sd.objective.kind
+        if snr_gamma is not None and objective != "ddpm":
+            raise ModuleConfigError(f"snr_gamma: Min-SNR weighting is for DDPM bases; {self.sd.family} trains by flow matching "
+                                    "(use timestep_sampling.weighting_scheme: logit_normal, mode, sigma_sqrt or cosmap)")
+        if self.timestep_sampling is not None and objective != "flow-matching":
+            raise ModuleConfigError(f"timestep_sampling: applies to flow-matching bases; {self.sd.family} is trained as DDPM "
+                                    "(uniform timesteps; use snr_gamma to weight the loss)")
         self.conditioning: Conditioning = self.configure_trainable()
         self.ema = self._make_ema(ema)
         frozen = [(n, p) for n, p in self.sd.named_parameters() if not p.requires_grad]
@@ -143,9 +159,22 @@ class DiffusionModule(LightningModule):
         self.skipped_nonfinite: list[int] = []  # global steps whose batch was skipped
         self._window_bad = False  # a micro-batch of the current accumulation window had a non-finite loss (skipped)
         if gradient_checkpointing:
-            self.sd.unet.enable_gradient_checkpointing()
+            self.sd.denoiser.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ what a strategy defines
+    #: the base families (models/families.py) this strategy is implemented for; None: every family
+    families: Optional[tuple[str, ...]] = None
+    #: why it is not implemented on the others (one clause, for the refusal)
+    families_note: str = ""
+
+    def check_family(self) -> None:
+        """Refuse, in one line, a base of a family this strategy does not implement."""
+        if self.families is not None and self.sd.family not in self.families:
+            raise ModuleConfigError(
+                f"{type(self).__name__} is not implemented on {self.sd.family} bases ({self.spec.pretrained!r}) yet: "
+                f"{self.families_note}. It runs on {', '.join(self.families)} bases; on {self.sd.family}, train the denoiser "
+                "(UNetFineTuning) or LoRA adapters (LoRAFineTuning), with ema and prior_preservation as settings")
+
     def configure_trainable(self) -> Conditioning:
         """Mark what trains (``requires_grad``) and return how prompts become U-Net conditioning."""
         raise NotImplementedError
@@ -208,7 +237,7 @@ class DiffusionModule(LightningModule):
     # ------------------------------------------------------------------ generation and export
     def generator(self) -> Generator:
         """This model as a plain :class:`~models.generator.Generator` (shares the weights, no copy)."""
-        return Generator(self.sd, self.conditioning, sample_scheduler=self.hparams.sample_scheduler,
+        return Generator(self.sd, self.conditioning, sample_scheduler=self.hparams.sample_scheduler or self.sd.default_sampler,
                          info={"strategy": type(self).__name__}, **self.generator_options())
 
     def generate(self, prompts: Sequence[str], **kwargs) -> torch.Tensor:
@@ -223,7 +252,8 @@ class DiffusionModule(LightningModule):
         ``merge``: adapters merged into a full pipeline (strategies that train adapters only)."""
         with self.sampling_weights():
             out = self.write_merged_export(Path(out_dir)) if merge else self.write_export(Path(out_dir))
-        update_manifest(out, weights=self.weights_in_use, ema=self.hparams.get("ema"))
+        update_manifest(out, weights=self.weights_in_use, ema=self.hparams.get("ema"), base_family=self.sd.family,
+                        pipeline_class=self.sd.pipeline_class, sampling=self.sd.sampling_arguments)
         return out
 
     def write_merged_export(self, out_dir: Path) -> Path:
@@ -338,9 +368,9 @@ class DiffusionModule(LightningModule):
         if hp.flush_denormal:
             torch.set_flush_denormal(True)  # a no-op (returns False) where the CPU does not support it
         if hp.channels_last:
-            self.sd.unet.to(memory_format=torch.channels_last)
+            self.sd.denoiser.to(memory_format=torch.channels_last)
         if hp.compile_unet and not self._compiled:
-            self.sd.unet.compile()  # in place: parameter names (and checkpoints) stay the same
+            self.sd.denoiser.compile()  # in place: parameter names (and checkpoints) stay the same
             self._compiled = True
 
     def on_fit_start(self) -> None:
@@ -352,9 +382,7 @@ class DiffusionModule(LightningModule):
     @torch.no_grad()
     def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of the VAE posterior of images in [-1, 1] (for the latent cache)."""
-        vae_param = next(self.sd.vae.parameters())
-        dist = self.sd.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
-        return dist.mean, dist.logvar
+        return self.sd.encode_posterior(pixels)
 
     # ------------------------------------------------------------------ the step
     def _split_batch(self, batch: dict) -> tuple[str, torch.Tensor, list[str], int]:
@@ -375,35 +403,21 @@ class DiffusionModule(LightningModule):
         """Scaled latents (float32) of a batch of pixels or of cached posteriors, drawn with ``generator``."""
         if kind == "pixel_values":
             return self.sd.encode_images(images, generator).float()
-        from datamodules.latent_cache import sample_latents
-
-        vae_dtype = next(self.sd.vae.parameters()).dtype
-        return sample_latents(images.to(self.device), generator, self.sd.vae.config.scaling_factor, vae_dtype).float()
+        return self.sd.latents_from_posterior(images.to(self.device), generator)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         kind, images, prompts, n_instance = self._split_batch(batch)
         sd = self.sd
         latents = self.latents_of(kind, images, generator)
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        steps = sd.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
-        noisy = sd.noise_scheduler.add_noise(latents, noise, timesteps)
-        cond = self.conditioning(prompts)
-        pred = sd.unet(noisy, timesteps, cond.to(noisy.dtype) if cond.dtype != noisy.dtype else cond).sample
-        prediction_type = sd.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = sd.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction_type {prediction_type!r} (expected epsilon or v_prediction)")
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = torch.ones_like(per_sample)
-        if self.hparams.snr_gamma is not None:
-            weights = self._snr_weights(timesteps, prediction_type)
+        # the family's objective (models/families.py): DDPM ε/v as train_dreambooth.py, or rectified flow as the Sana and
+        # SD3 scripts; the same generator draws noise, then timesteps, so a resumed run draws what the first one would
+        draw = sd.objective.draw(latents, generator, self.timestep_sampling)
+        pred = sd.denoise(draw.noisy, draw.timesteps, self.conditioning(prompts))
+        per_sample = F.mse_loss(pred.float(), draw.target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        weights = sd.objective.weights(draw, self.hparams.snr_gamma, self.timestep_sampling).to(per_sample)
         weighted = per_sample * weights
         out = {"instance": weighted[:n_instance].mean(), "per_sample": per_sample.detach(), "weights": weights,
-               "timesteps": timesteps, "n_instance": n_instance}
+               "timesteps": draw.timesteps, "n_instance": n_instance}
         if per_sample.shape[0] > n_instance:
             out["prior"] = weighted[n_instance:].mean()
             weight = self.prior_preservation.loss_weight if self.prior_preservation is not None else 1.0
@@ -411,12 +425,6 @@ class DiffusionModule(LightningModule):
         else:
             out["loss"] = out["instance"]
         return out
-
-    def _snr_weights(self, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
-        alphas = self.sd.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-        snr = alphas / (1 - alphas)
-        clipped = torch.clamp(snr, max=float(self.hparams.snr_gamma))
-        return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
     def loss_is_usable(self, loss: torch.Tensor) -> bool:
         """False when the batch must be skipped; raises :class:`NonFiniteLossError` under ``stop``.

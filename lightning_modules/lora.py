@@ -59,9 +59,11 @@ def check_targets(model: torch.nn.Module, targets: list[str], where: str) -> Non
 
 
 def fold_scale(weights: dict, scale: float) -> dict:
-    """Adapters in diffusers' naming with ``scale`` multiplied into each up (lora_B) matrix: U-Net keys end in
-    ``lora.up.weight``, CLIP's in ``lora_linear_layer.up.weight``; the down matrices are kept as they are."""
-    kinds = {k: k.rsplit(".", 2)[-2] for k in weights}  # "up" / "down" (the part before ".weight" or ".bias")
+    """Adapters with ``scale`` multiplied into each up (lora_B) matrix: in diffusers' naming U-Net keys end in
+    ``lora.up.weight``, CLIP's in ``lora_linear_layer.up.weight``; in peft's (the DiT families) ``lora_B.weight``. The
+    down (lora_A) matrices are kept as they are."""
+    names = {"lora_B": "up", "lora_A": "down"}
+    kinds = {k: names.get(k.rsplit(".", 2)[-2], k.rsplit(".", 2)[-2]) for k in weights}  # the part before ".weight"
     unknown = sorted(k for k, kind in kinds.items() if kind not in ("up", "down"))
     if unknown or "up" not in kinds.values():  # a naming this does not know: refuse rather than export a wrong scale
         raise RuntimeError(f"LoRA export: adapter keys {unknown[:3] or sorted(weights)[:3]} are neither lora up nor down "
@@ -100,24 +102,28 @@ class LoRAFineTuning(UNetFineTuning):
                                   "set text_encoder_lora: true or remove the rate")
         if not target_modules:
             raise LoRAConfigError("target_modules: at least one U-Net module name is needed")
-        if text_encoder_lora and (why := text_encoder_lora_unavailable()):
-            raise LoRAConfigError(why)
         super().__init__(learning_rate=learning_rate, **kwargs)
 
     def configure_trainable(self) -> ClipConditioning:
         from peft import LoraConfig
 
         hp = self.hparams
-        self.sd.unet.requires_grad_(False)
-        check_targets(self.sd.unet, list(hp.target_modules), "target_modules")
+        if hp.text_encoder_lora and self.sd.family != "stable-diffusion":
+            raise LoRAConfigError(f"text_encoder_lora: adapters on the text encoder are implemented for CLIP (Stable Diffusion); "
+                                  f"{self.sd.family}'s pipeline loads adapters on its transformer only. Set text_encoder_lora: false")
+        if hp.text_encoder_lora and (why := text_encoder_lora_unavailable()):
+            raise LoRAConfigError(why)
+        denoiser = self.sd.denoiser
+        denoiser.requires_grad_(False)
+        check_targets(denoiser, list(hp.target_modules), "target_modules")
         config = dict(r=int(hp.rank), lora_alpha=float(self.lora_alpha), lora_dropout=float(hp.dropout), init_lora_weights="gaussian")
         with torch.random.fork_rng(devices=[]):  # the adapters start the same in every run with this seed
             torch.manual_seed(hp.seed)
-            self.sd.unet.add_adapter(LoraConfig(target_modules=list(hp.target_modules), **config))
+            denoiser.add_adapter(LoraConfig(target_modules=list(hp.target_modules), **config))
             if hp.text_encoder_lora:
                 check_targets(self.sd.text_encoder, list(hp.text_encoder_target_modules), "text_encoder_target_modules")
                 self.sd.text_encoder.add_adapter(LoraConfig(target_modules=list(hp.text_encoder_target_modules), **config))
-        self.sd.unet.train()
+        denoiser.train()
         if hp.text_encoder_lora:
             self.sd.text_encoder.train()
             return ClipConditioning(self.sd)
@@ -140,7 +146,7 @@ class LoRAFineTuning(UNetFineTuning):
                 "text_encoder_target_modules": list(hparams.get("text_encoder_target_modules") or []) if text else []}
 
     def param_groups(self) -> list[dict]:
-        unet = [p for p in self.sd.unet.parameters() if p.requires_grad]
+        unet = [p for p in self.sd.denoiser.parameters() if p.requires_grad]
         text = [p for p in self.sd.text_encoder.parameters() if p.requires_grad]
         groups = [{"params": unet}]
         if text:
@@ -151,7 +157,7 @@ class LoRAFineTuning(UNetFineTuning):
         super().setup(stage)
         # the frozen base weights take the run's 16-bit dtype too; the adapters stay fp32 (diffusers' cast_training_params)
         dtype = self.frozen_dtype
-        for part in (self.sd.unet, self.sd.text_encoder):
+        for part in (self.sd.denoiser, self.sd.text_encoder):
             if dtype != torch.float32 and next(part.parameters()).dtype == torch.float32:
                 trained = [p for p in part.parameters() if p.requires_grad]
                 part.to(dtype)
@@ -159,10 +165,14 @@ class LoRAFineTuning(UNetFineTuning):
                     p.data = p.data.float()
 
     def adapter_state(self) -> dict:
-        """``{"unet": ..., "text_encoder": ...}``: the adapters in diffusers' LoRA naming, float32 on the CPU."""
+        """``{"unet": ..., "text_encoder": ...}``: the adapters in diffusers' LoRA naming, float32 on the CPU (on a DiT
+        family ``{"transformer": ...}`` in peft's naming, as diffusers' Sana and SD3 scripts save them)."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        if self.sd.family != "stable-diffusion":
+            state = get_peft_model_state_dict(self.sd.denoiser)
+            return {self.sd.denoiser_name: {k: v.detach().float().cpu().contiguous() for k, v in state.items()}}
         out = {"unet": convert_state_dict_to_diffusers(get_peft_model_state_dict(self.sd.unet))}
         if self.hparams.text_encoder_lora:
             out["text_encoder"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.sd.text_encoder))
@@ -180,8 +190,12 @@ class LoRAFineTuning(UNetFineTuning):
         # loader gives the trained update ``alpha / rank * B A`` (diffusers' train_dreambooth_lora.py passes the metadata
         # instead, which only loaders reading it honour).
         state = {part: fold_scale(weights, scale) for part, weights in state.items()}
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=state["unet"],
-                                                  text_encoder_lora_layers=state.get("text_encoder"), safe_serialization=True)
+        if self.sd.family != "stable-diffusion":  # the family's pipeline class saves its own layout (SanaPipeline: transformer)
+            type(self.sd.pipeline()).save_lora_weights(out_dir, safe_serialization=True,
+                                                       **{f"{name}_lora_layers": layers for name, layers in state.items()})
+        else:
+            StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=state["unet"],
+                                                      text_encoder_lora_layers=state.get("text_encoder"), safe_serialization=True)
         write_manifest(out_dir, "lora", type(self).__name__, dict(vars(self.spec)), trained=sorted(state),
                        lora={"rank": hp.rank, "alpha": self.lora_alpha, "scale_folded_into_lora_up": scale,
                              "dropout": hp.dropout,
@@ -192,10 +206,10 @@ class LoRAFineTuning(UNetFineTuning):
     def write_merged_export(self, out_dir: Path) -> Path:
         """A full ``StableDiffusionPipeline`` folder with the adapters merged into the base weights (``export.py --merge``).
         The module's own U-Net and text encoder are merged in place: use it for nothing else afterwards."""
-        pipe = self.sd.pipeline(scheduler="pndm")
-        pipe.fuse_lora(components=["unet", "text_encoder"] if self.hparams.text_encoder_lora else ["unet"])
+        pipe = self.sd.export_pipeline()
+        pipe.fuse_lora(components=self.adapter_parts())
         pipe.unload_lora_weights()
-        for part in (pipe.unet, pipe.vae, pipe.text_encoder):  # .float(): diffusers warns on .to(dtype) for nothing
+        for part in (self.sd.denoiser, pipe.vae, pipe.text_encoder):  # .float(): diffusers warns on .to(dtype) for nothing
             part.float()
         pipe.save_pretrained(out_dir, safe_serialization=True)
         write_manifest(out_dir, "pipeline", f"{type(self).__name__} (merged)", dict(vars(self.spec)),
@@ -203,7 +217,7 @@ class LoRAFineTuning(UNetFineTuning):
         return out_dir
 
     def adapter_parts(self) -> list[str]:
-        return ["unet", "text_encoder"] if self.hparams.text_encoder_lora else ["unet"]
+        return [self.sd.denoiser_name, "text_encoder"] if self.hparams.text_encoder_lora else [self.sd.denoiser_name]
 
 
 def load_export(folder: Path, manifest: dict, base: Optional[str] = None) -> Generator:

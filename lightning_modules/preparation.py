@@ -23,6 +23,7 @@ its own ranks (found by each rank looking for the others' probe files in the fol
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import uuid
@@ -50,7 +51,8 @@ class PriorPreservation:
         num_class_images: how many class images to generate once, before training.
         class_images_dir: where they are kept; default ``<cache>/class_images/<key>`` (the key covers the base model,
             the prompt, the sampler settings and the resolution).
-        steps, guidance_scale, scheduler: sampling settings for generating them.
+        steps, guidance_scale, scheduler: sampling settings for generating them (scheduler None: the family's, PNDM
+            for Stable Diffusion as SD v1.4's folder, Euler for flow-matching bases).
         loss_weight: weight of the prior term in the loss.
     """
 
@@ -59,7 +61,7 @@ class PriorPreservation:
     class_images_dir: Optional[str] = None
     steps: int = 50
     guidance_scale: float = 7.5
-    scheduler: str = "pndm"
+    scheduler: Optional[str] = None
     loss_weight: float = 1.0
 
 
@@ -249,6 +251,8 @@ class FitPreparation:
 
     # ------------------------------------------------------------------ class images
     def class_images(self, prior: PriorPreservation, images: Optional[ImageSet]) -> ClassImages:
+        if prior.scheduler is None:  # the family's sampler, named in the cache key
+            prior = dataclasses.replace(prior, scheduler=self.module.sd.default_class_sampler)
         resolution = images.resolution if images is not None else self.module.generator().native_size
         root = images.cache_root if images is not None else cache_root()
         entry = class_image_entry(prior, self.module.spec.cache_key(), resolution, root)

@@ -49,6 +49,9 @@ class TextualProjection(DiffusionModule):
         **kwargs: see :class:`~lightning_modules.base.DiffusionModule` (``model`` names SD, whose CLIP is the target).
     """
 
+    families = ("stable-diffusion",)
+    families_note = "its projection maps into CLIP's 77-token conditioning, and one into another family's text space is still to come"
+
     def __init__(
         self,
         domain_encoder: DomainEncoderSpec = DomainEncoderSpec(),

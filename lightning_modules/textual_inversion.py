@@ -81,6 +81,9 @@ class TextualInversion(DiffusionModule):
         **kwargs: see :class:`~lightning_modules.base.DiffusionModule`.
     """
 
+    families = ("stable-diffusion",)
+    families_note = "its rows are spliced into CLIP's token embedding table, and rows in Gemma-2's or T5's table are still to come"
+
     def __init__(
         self,
         placeholder_tokens: list[PlaceholderToken] = [PlaceholderToken()],

@@ -45,7 +45,7 @@ class CachedClipConditioning(ClipConditioning):
 
 
 class UNetFineTuning(DiffusionModule):
-    """Fine-tune the U-Net of Stable Diffusion on image–prompt pairs.
+    """Fine-tune the denoiser on image–prompt pairs: Stable Diffusion's U-Net, or a DiT family's transformer (Sana).
 
     Args:
         cache_text: keep CLIP's output for each distinct prompt (CLIP is frozen here, so a prompt's
@@ -59,22 +59,28 @@ class UNetFineTuning(DiffusionModule):
         super().__init__(**kwargs)
 
     def configure_trainable(self) -> ClipConditioning:
-        self.sd.unet.requires_grad_(True)
-        self.sd.unet.train()
+        self.sd.denoiser.requires_grad_(True)
+        self.sd.denoiser.train()
         return self.frozen_clip_conditioning()
 
     def frozen_clip_conditioning(self) -> ClipConditioning:
-        """CLIP's conditioning while CLIP is frozen: with ``cache_text``, each distinct prompt's output is kept."""
+        """The text conditioning while the text encoder is frozen: with ``cache_text``, each distinct prompt's output is
+        kept (CLIP's here; another family's own conditioning keeps its own, e.g. Sana's Gemma-2 output and mask)."""
+        if self.sd.family != "stable-diffusion":
+            return self.sd.conditioning(self.hparams.text_cache_size if self.hparams.cache_text else 0)
         if self.hparams.cache_text:
             return CachedClipConditioning(self.sd, self.hparams.text_cache_size)
         return ClipConditioning(self.sd)
 
     def write_export(self, out_dir: Path) -> Path:
-        """A diffusers ``StableDiffusionPipeline`` folder (safetensors, fp32, PNDM as SD v1.4) and ``export.json``."""
+        """The family's diffusers pipeline folder (safetensors, fp32; Stable Diffusion's with PNDM as SD v1.4, Sana's
+        ``SanaPipeline`` with its own sampler) and ``export.json``."""
         out = Path(out_dir)
-        pipe = self.sd.pipeline(scheduler="pndm")
-        pipe.to(torch.float32)
+        pipe = self.sd.export_pipeline()
+        for part in (pipe.vae, pipe.text_encoder, self.sd.denoiser):  # .float(): diffusers warns on .to(dtype) for some
+            part.float()
         pipe.save_pretrained(out, safe_serialization=True)
-        trained = [name for name in ("unet", "text_encoder") if any(p.requires_grad for p in getattr(self.sd, name).parameters())]
+        trained = [name for name in (self.sd.denoiser_name, "text_encoder")
+                   if any(p.requires_grad for p in getattr(self.sd, name).parameters())]
         write_manifest(out, "pipeline", type(self).__name__, dict(vars(self.spec)), trained=trained)
         return out

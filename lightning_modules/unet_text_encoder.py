@@ -29,6 +29,9 @@ class UNetTextEncoderFineTuning(UNetFineTuning):
         **kwargs: see :class:`~lightning_modules.unet.UNetFineTuning` and :class:`~lightning_modules.base.DiffusionModule`.
     """
 
+    families = ("stable-diffusion",)
+    families_note = "it trains CLIP's layers, and training the last layers of Gemma-2 (2.6 B parameters at full size) is still to come"
+
     def __init__(self, text_encoder_learning_rate: Optional[float] = None, text_encoder_layers: Optional[int] = None, **kwargs):
         if text_encoder_learning_rate is not None and text_encoder_learning_rate <= 0:
             raise ModuleConfigError(f"text_encoder_learning_rate: {text_encoder_learning_rate!r}; expected a positive rate "

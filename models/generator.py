@@ -81,22 +81,22 @@ class Generator:
         conditioning: how prompts become U-Net conditioning (default: :class:`ClipConditioning`).
         tokens: placeholder tokens the prompts should contain (textual inversion), for warnings and defaults.
         subject: what stands for "lung xray" in the paper's prompts (textual inversion: its token).
-        sample_scheduler: the default sampler (ddim, pndm, euler, dpm).
+        sample_scheduler: the default sampler (ddim, pndm, euler, dpm; default: the family's).
         info: where it came from: ``kind``, ``strategy``, ``base_model``, ... (recorded by generate.py and the studies).
     """
 
     def __init__(self, sd, conditioning: Optional[Conditioning] = None, tokens: Sequence[str] = (), subject: Optional[str] = None,
-                 sample_scheduler: str = "ddim", info: Optional[dict] = None):
+                 sample_scheduler: Optional[str] = None, info: Optional[dict] = None):
         self.sd = sd
-        self.conditioning = conditioning if conditioning is not None else ClipConditioning(sd)
+        self.conditioning = conditioning if conditioning is not None else sd.conditioning()
         self.tokens = list(tokens)
         self.subject = subject
-        self.sample_scheduler = sample_scheduler
+        self.sample_scheduler = sample_scheduler or sd.default_sampler
         self.info = {"base_model": dict(vars(sd.spec)), **(info or {})}
 
     @property
     def device(self) -> torch.device:
-        return next(self.sd.unet.parameters()).device
+        return next(self.sd.denoiser.parameters()).device
 
     def to(self, device) -> "Generator":
         self.sd.to(device)
@@ -109,7 +109,7 @@ class Generator:
 
     @property
     def native_size(self) -> int:
-        return int(self.sd.unet.config.sample_size * self.sd.vae_scale_factor)
+        return int(self.sd.native_size)
 
     def paper_prompt(self, prompt: str) -> str:
         """A paper prompt as this model is asked it: "lung xray" replaced by the subject token, if any."""

@@ -28,7 +28,8 @@ def model_card(manifest: dict, data: Optional[dict] = None, steps: Optional[int]
     strategy, kind = manifest.get("strategy", "unknown"), manifest.get("kind", "unknown")
     dataset = (data or {}).get("dataset", "unknown")
     mimic = dataset == "MIMIC-CXR-JPG" and not (data or {}).get("synthetic")  # files in MIMIC's layout: patients unless marked
-    tags = ["stable-diffusion", "text-to-image", "chest-x-ray", "radiology", "cxr-diffusion", kind.replace("_", "-")]
+    family = manifest.get("base_family", "stable-diffusion")
+    tags = [family, "text-to-image", "chest-x-ray", "radiology", "cxr-diffusion", kind.replace("_", "-")]
     meta = ["---", "library_name: diffusers", f"base_model: {base_id}", "license: other",
             "tags:", *[f"- {t}" for t in tags], "inference: false", "---", ""]
     lines = [f"# {strategy} on {base_id}", "",
@@ -41,7 +42,7 @@ def model_card(manifest: dict, data: Optional[dict] = None, steps: Optional[int]
              f"| optimizer steps | {steps if steps is not None else 'unknown'} |",
              f"| training data | {_data_line(data)} |", ""]
     lines += [_notice(data, mimic), ""]
-    lines += _how_to_load(kind, base_id)
+    lines += _how_to_load(kind, base_id, manifest.get("pipeline_class", "StableDiffusionPipeline"), manifest.get("sampling") or {})
     if results:
         lines += ["## Evaluation (cxr-diffusion)", ""] + [f"- {name}: {text}" for name, text in results.items()] + [""]
     return "\n".join(meta + lines)
@@ -66,15 +67,18 @@ def _data_line(data: Optional[dict]) -> str:
     return f"{data.get('dataset')}: {len(data.get('train', []))} training images ({findings}); {data.get('selection', '')}"
 
 
-def _how_to_load(kind: str, base_id: str) -> list[str]:
+def _how_to_load(kind: str, base_id: str, pipeline: str = "StableDiffusionPipeline", sampling: Optional[dict] = None) -> list[str]:
     code = {
-        "pipeline": 'pipe = StableDiffusionPipeline.from_pretrained("THIS_FOLDER")',
-        "lora": f'pipe = StableDiffusionPipeline.from_pretrained("{base_id}")\npipe.load_lora_weights("THIS_FOLDER")',
-        "textual_inversion": f'pipe = StableDiffusionPipeline.from_pretrained("{base_id}")\npipe.load_textual_inversion("THIS_FOLDER")',
+        "pipeline": f'pipe = {pipeline}.from_pretrained("THIS_FOLDER")',
+        "lora": f'pipe = {pipeline}.from_pretrained("{base_id}")\npipe.load_lora_weights("THIS_FOLDER")',
+        "textual_inversion": f'pipe = {pipeline}.from_pretrained("{base_id}")\npipe.load_textual_inversion("THIS_FOLDER")',
     }.get(kind)
     if code is None:
         return ["## Loading", "", "`models.exports.load_export(\"THIS_FOLDER\")` in cxr-diffusion.", ""]
-    lines = ["## Loading", "", "```python", "from diffusers import StableDiffusionPipeline", code, "```", ""]
+    if sampling:  # arguments the model was trained with that the pipeline's defaults differ from
+        args = ", ".join(f"{k}={v!r}" for k, v in sampling.items())
+        code += f'\nimage = pipe("a photo of a lung xray", {args}).images[0]  # as it was trained'
+    lines = ["## Loading", "", "```python", f"from diffusers import {pipeline}", code, "```", ""]
     if kind != "pipeline" and _is_preset(base_id):
         lines += [f"`{base_id}` is a cxr-diffusion preset, not a Hub id: write it as a folder first with "
                   f"`models.stable_diffusion.load_stable_diffusion({{\"pretrained\": \"{base_id}\"}}).pipeline().save_pretrained(FOLDER)` "

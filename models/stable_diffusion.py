@@ -24,6 +24,7 @@ from torch import nn
 
 from core import plugins
 from core.errors import UserError
+from models.families import BaseFamily
 
 DEFAULT_PRETRAINED = "CompVis/stable-diffusion-v1-4"
 
@@ -49,13 +50,15 @@ class StableDiffusionPreset:
 
     Either ``folder``, a diffusers pipeline folder shipped with the package that registers it, or ``build``,
     which makes the parts from constructor configs with a seed: ``build(seed) -> (vae, text_encoder, tokenizer,
-    unet, noise_scheduler)``. ``key(seed)`` names the weights for cache keys and provenance.
+    unet, noise_scheduler)`` (another family's ``build`` returns its base whole). ``key(seed)`` names the weights for
+    cache keys and provenance; ``family`` is the base family (:mod:`models.families`).
     """
 
     name: str
     key: Callable[[int], str]
     folder: Optional[Path] = None
     build: Optional[Callable[[int], tuple]] = None
+    family: str = "stable-diffusion"
 
 
 def preset_names() -> tuple[str, ...]:
@@ -77,16 +80,33 @@ class StableDiffusionSpec:
         revision: git revision of a hub id (branch, tag or commit).
         local_files_only: never touch the network; read the Hugging Face cache only.
         seed: seed of a preset built from constructor configs (``tiny-random``, ``sd14-random``; ignored otherwise).
+        family: the base family (``stable-diffusion``, ``sana``; :mod:`models.families`); default: the preset's, or
+            the one the folder's ``model_index.json`` shows.
+        max_sequence_length: the text window in tokens; default: the family's (CLIP 77, Sana's Gemma-2 300). A window
+            longer than the one the text encoder was trained with is refused.
     """
 
     pretrained: str = DEFAULT_PRETRAINED
     revision: Optional[str] = None
     local_files_only: bool = False
     seed: int = 0
+    family: Optional[str] = None
+    max_sequence_length: Optional[int] = None
 
     @property
     def is_preset(self) -> bool:
         return self.pretrained in preset_names()
+
+    def family_name(self) -> str:
+        """The base family: set, the preset's, the one ``model_index.json`` shows, or Stable Diffusion."""
+        from models.families import STABLE_DIFFUSION, family_of_pipeline, get_family, model_index
+
+        if self.family is not None:
+            return get_family(self.family).name
+        if self.is_preset:
+            return get_preset(self.pretrained).family
+        index = model_index(self.pretrained, self.revision, self.local_files_only) or {}
+        return family_of_pipeline(str(index.get("_class_name", ""))) or STABLE_DIFFUSION
 
     def cache_key(self) -> str:
         """A short string identifying these weights (for cache keys and provenance)."""
@@ -117,6 +137,58 @@ class StableDiffusion(nn.Module):
         for part in (self.vae, self.text_encoder, self.unet):
             part.requires_grad_(False)
             part.eval()
+        from models.families import DDPMObjective, check_window, get_family
+
+        check_window(get_family(self.family), spec.max_sequence_length)
+        self.objective = DDPMObjective(noise_scheduler)
+
+    # ------------------------------------------------------------------ the base-family interface (models/families.py)
+    family = "stable-diffusion"
+    denoiser_name = "unet"
+    default_sampler = "ddim"  # generate's default
+    default_class_sampler = "pndm"  # prior preservation's class images (SD v1.4's own sampler)
+    pipeline_class = "StableDiffusionPipeline"
+    sampling_arguments: dict = {}  # pipeline arguments to sample as trained (none: the pipeline's defaults)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
+
+    @property
+    def native_size(self) -> int:
+        return int(self.unet.config.sample_size * self.vae_scale_factor)
+
+    @property
+    def text_window(self) -> int:
+        return self.max_token_length
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The U-Net's prediction for CLIP conditioning ``[B, 77, D]``."""
+        return self.unet(noisy, timesteps, condition.to(noisy.dtype) if condition.dtype != noisy.dtype else condition).sample
+
+    def conditioning(self):
+        """The family's own prompt conditioning (CLIP's ``last_hidden_state``)."""
+        from models.generator import ClipConditioning
+
+        return ClipConditioning(self)
+
+    def export_pipeline(self):
+        """The pipeline ``export.py`` saves (PNDM, as SD v1.4's folder)."""
+        return self.pipeline(scheduler="pndm")
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of the VAE posterior of images in [-1, 1] (for the latent cache)."""
+        vae_param = next(self.vae.parameters())
+        dist = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+        return dist.mean, dist.logvar
+
+    def latents_from_posterior(self, dist: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents drawn from cached posteriors ``[B, 2C, h, w]`` with ``generator`` (float32)."""
+        from models.families import sample_latents
+
+        vae_dtype = next(self.vae.parameters()).dtype
+        return sample_latents(dist, generator, self.vae.config.scaling_factor, vae_dtype).float()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -355,15 +427,37 @@ def load_text_encoder(spec: StableDiffusionSpec | dict | str):
     return tokenizer, text_encoder.requires_grad_(False).eval()
 
 
-def load_stable_diffusion(spec: StableDiffusionSpec | dict | str) -> StableDiffusion:
-    """Load the parts named by ``spec`` (a spec, a dict of its fields, or a bare id/preset string)."""
+def load_stable_diffusion(spec: StableDiffusionSpec | dict | str):
+    """Load the base named by ``spec`` (a spec, a dict of its fields, or a bare id/preset string): a
+    :class:`StableDiffusion`, or the base of another family (:mod:`models.families`), which has the same interface."""
     spec = _as_spec(spec)
+    family = spec.family_name()
+    if family != "stable-diffusion":
+        from models.families import get_family
+
+        if spec.is_preset and get_preset(spec.pretrained).build is not None:
+            with torch.random.fork_rng(devices=[]):
+                return get_preset(spec.pretrained).build(spec.seed, spec)
+        return get_family(family).load(spec, _folder_spec(spec))
     built = _built(spec)
     if built is not None:
         return built
     sd = _load_pretrained(_folder_spec(spec))
     sd.spec = spec
     return sd
+
+
+load_base = load_stable_diffusion
+
+
+def _load_family(spec: StableDiffusionSpec, source_spec: StableDiffusionSpec) -> StableDiffusion:
+    sd = _load_pretrained(source_spec)
+    sd.spec = spec
+    return sd
+
+
+FAMILY = BaseFamily(name="stable-diffusion", pipelines=("StableDiffusionPipeline",), parts=PIPELINE_PARTS, load=_load_family,
+                    text_window=77, objective="ddpm")
 
 
 def precision_to_dtype(precision: str | int | None) -> torch.dtype:

@@ -13,6 +13,10 @@ Stable Diffusion (``cxr_diffusion.stable_diffusion`` entry points):
 * ``tiny-random-sd2`` — ``tiny-random`` shaped like Stable Diffusion 2.x (its diffusers layout): a U-Net with
   ``use_linear_projection`` and per-block attention heads, a GELU text encoder (OpenCLIP's, as diffusers stores SD 2.x),
   v-prediction, as the 768 px SD 2.x checkpoints. Seeded random weights: every strategy runs on it in the tests.
+* ``tiny-random-sana`` — a seeded miniature of the Sana family (:mod:`models.sana`): a 2-layer, 32-wide
+  ``SanaTransformer2DModel`` on an 8-channel ``AutoencoderDC`` (4x down-sampling: 64 px images, 16x16 latents), a
+  2-layer 32-wide ``Gemma2Model`` with a small Gemma tokenizer built in code (:func:`tiny_gemma_tokenizer`), and
+  ``FlowMatchEulerDiscreteScheduler(shift=3.0)``. It draws noise: for plumbing and tests of the flow-matching path.
 * ``sd14-random`` — SD v1.4's full-size architecture (docs/formats.md §7: 860 M U-Net, 84 M VAE, 123 M CLIP) with
   seeded random weights and the small tokenizer padded to CLIP's 49,408 ids: for speed and memory benchmarks on a GPU
   without downloading the weights. It draws noise.
@@ -33,6 +37,7 @@ from pathlib import Path
 import torch
 
 from models.domain_encoder import CXRBertConfig, CXRBertModel, DomainEncoderPreset
+from synthetic.make_tiny_tokenizer import WORDS as PROMPT_WORDS
 from models.stable_diffusion import SD14_SCHEDULER_CONFIG, StableDiffusionPreset
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -139,6 +144,90 @@ sd14_random = StableDiffusionPreset("sd14-random", key=lambda seed: f"sd14-rando
                                     build=lambda seed: build_from_configs(sd14_configs(), seed))
 tiny_phantom = StableDiffusionPreset("tiny-phantom", key=lambda seed: f"tiny-phantom-{tiny_phantom_digest()}",
                                      folder=TINY_PHANTOM_DIR)
+
+
+# ---------------------------------------------------------------------- Sana
+def tiny_sana_configs() -> dict:
+    """Constructor configs of ``tiny-random-sana`` (diffusers' own Sana test components, a little wider)."""
+    return {
+        "transformer": dict(patch_size=1, in_channels=8, out_channels=8, num_layers=2, num_attention_heads=2,
+                            attention_head_dim=16, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                            cross_attention_dim=32, caption_channels=32, mlp_ratio=2.5, sample_size=16),
+        "vae": dict(in_channels=3, latent_channels=8, attention_head_dim=8,
+                    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                    encoder_block_out_channels=(16, 32, 32), decoder_block_out_channels=(16, 32, 32),
+                    encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+                    encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
+                    upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                    scaling_factor=0.41407),
+        "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                             num_hidden_layers=2, max_position_embeddings=512, attn_implementation="eager"),
+        "scheduler": dict(shift=3.0),
+    }
+
+
+def tiny_gemma_tokenizer():
+    """A small Gemma tokenizer (``GemmaTokenizer``: BPE with byte fallback, ``<bos>`` first) built in code: Gemma's
+    special tokens, the 256 byte tokens, printable ASCII, and one merge chain per word of the suite's prompts (each such
+    word one ``▁word`` token; any other text still tokenizes, letter by letter or byte by byte)."""
+    import string
+
+    from transformers import GemmaTokenizer
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in sorted(set("▁" + string.ascii_letters + string.digits + string.punctuation)):
+        vocab.setdefault(c, len(vocab))
+    words = sorted({w for word in PROMPT_WORDS for w in word.replace("<", " ").replace(">", " ").replace("-", " ").split()})
+    pieces, merges = [list("▁" + w) for w in words], []
+    while any(len(w) > 1 for w in pieces):  # greedy BPE until every word is one token (ties broken by the pair itself)
+        counts: dict = {}
+        for w in pieces:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        merged = []
+        for w in pieces:
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    out.append(w[j] + w[j + 1])
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            merged.append(out)
+        pieces = merged
+    return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, model_max_length=TINY_SANA_WINDOW)
+
+
+TINY_SANA_WINDOW = 300
+
+
+def build_tiny_sana(seed: int, spec):
+    """``tiny-random-sana`` with weights drawn from ``seed``."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    from models.sana import Sana
+
+    cfg = tiny_sana_configs()
+    tokenizer = tiny_gemma_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(**cfg["transformer"])
+    vae = AutoencoderDC(**cfg["vae"])
+    text_encoder = Gemma2Model(Gemma2Config(**cfg["text_encoder"], vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2,
+                                            eos_token_id=1))
+    scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
+    return Sana(vae, text_encoder, tokenizer, transformer, scheduler, spec)
+
+
+tiny_random_sana = StableDiffusionPreset("tiny-random-sana", key=lambda seed: f"tiny-random-sana-seed{seed}",
+                                         build=build_tiny_sana, family="sana")
 
 
 def tiny_phantom_scheduler_config() -> dict:

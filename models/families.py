@@ -1,0 +1,242 @@
+"""The base-family layer: what a base model is, whatever its family (plain PyTorch, no Lightning).
+
+A *base* is what a strategy adapts and a study samples from. Every family gives the same five parts and helpers, so
+the strategies (``lightning_modules/``), the studies and ``generate.py`` never ask which family they hold:
+
+* a **denoiser** (``base.denoiser``; the attribute the family's diffusers pipeline uses: ``unet`` for Stable Diffusion,
+  ``transformer`` for the DiT families), called through ``base.denoise(noisy, timesteps, condition)``;
+* an **autoencoder** with its own latent scaling and shift (``base.encode_images``, ``base.decode_latents``,
+  ``base.encode_posterior`` / ``base.latents_from_posterior`` for the latent cache): a KL VAE samples its posterior, a
+  deterministic one (Sana's ``AutoencoderDC``) returns its mean;
+* one or more **text encoders** with their tokenizers and window (``base.conditioning()`` turns prompts into the
+  denoiser's condition; ``base.text_window``, ``base.count_too_long``);
+* a **training objective** (``base.objective``, :class:`DDPMObjective` or :class:`FlowMatchingObjective`): what noise is
+  added at which timestep, what the denoiser must predict and how each sample's loss is weighted;
+* its **sampler**: the family's diffusers pipeline (``base.pipeline()``, ``base.sample``), so exports load in plain
+  diffusers.
+
+A family is registered by name in the ``cxr_diffusion.base_families`` entry points (pyproject.toml; one line per
+family) as a :class:`BaseFamily`: the pipeline classes that show it in a folder's ``model_index.json``, the parts such a
+folder must hold, and its loader. :func:`family_of` tells a spec's family: the preset's, the folder's (or cached hub
+id's) ``model_index.json``, or Stable Diffusion. Adding a family is one module in ``models/`` (its base class and
+loader), one preset in ``synthetic/presets.py``, one test and the registry line.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+
+from core import plugins
+from core.errors import UserError
+
+BASE_FAMILIES = "cxr_diffusion.base_families"
+STABLE_DIFFUSION = "stable-diffusion"
+
+
+class BaseFamilyError(UserError, ValueError):
+    """A base model's family cannot be told, or a setting does not fit it."""
+
+
+@dataclass(frozen=True)
+class BaseFamily:
+    """One family of bases (registered in ``cxr_diffusion.base_families``).
+
+    Args:
+        name: the family's name (``stable-diffusion``, ``sana``).
+        pipelines: diffusers pipeline class names whose ``model_index.json`` shows a folder of this family.
+        parts: what such a folder must hold (checked before loading, so a missing part is named in one line).
+        load: ``load(spec) -> base`` from a folder or hub id (presets are built by their own ``build``).
+        text_window: the window, in tokens, the family's text encoder was trained with (longer windows are refused).
+        objective: ``ddpm`` (ε or v prediction) or ``flow-matching`` (rectified flow).
+    """
+
+    name: str
+    pipelines: tuple[str, ...]
+    parts: tuple[str, ...]
+    load: Callable
+    text_window: int
+    objective: Literal["ddpm", "flow-matching"]
+
+
+def family_names() -> tuple[str, ...]:
+    return plugins.names(BASE_FAMILIES)
+
+
+@functools.lru_cache(maxsize=None)
+def get_family(name: str) -> BaseFamily:
+    if name not in family_names():
+        raise BaseFamilyError(f"base family {name!r} is not installed (known: {', '.join(family_names())})")
+    return plugins.load(BASE_FAMILIES, name)
+
+
+def family_of_pipeline(class_name: str) -> Optional[str]:
+    """The family whose pipelines include ``class_name`` (a ``model_index.json`` ``_class_name``), or None."""
+    for name in family_names():
+        if class_name in get_family(name).pipelines:
+            return name
+    return None
+
+
+def model_index(source: str, revision: Optional[str], local_files_only: bool) -> Optional[dict]:
+    """``model_index.json`` of a folder, or of a hub id found in the Hugging Face cache (or downloaded unless
+    ``local_files_only``); None when there is none to read."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        path = folder / "model_index.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    if source.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(source, "model_index.json", revision=revision, local_files_only=local_files_only)
+    except Exception:  # not cached, no network, not a repository: the family's loader says what is missing
+        return None
+    return json.loads(Path(path).read_text())
+
+
+def check_window(family: BaseFamily, requested: Optional[int], where: str = "model.max_sequence_length") -> int:
+    """The text window to use: ``requested`` or the family's; a window longer than the one the text encoder was trained
+    with is refused (positions it never saw would condition the denoiser)."""
+    if requested is None:
+        return family.text_window
+    if int(requested) < 1:
+        raise BaseFamilyError(f"{where}: {requested}; expected a positive number of tokens")
+    if int(requested) > family.text_window:
+        raise BaseFamilyError(
+            f"{where}: {requested} tokens, but {family.name}'s text encoder was trained with a window of {family.text_window}; "
+            f"use at most {family.text_window} (longer prompts are truncated, and training counts them)")
+    return int(requested)
+
+
+# ---------------------------------------------------------------------- autoencoders
+def sample_latents(dist: torch.Tensor, generator: torch.Generator, scaling_factor: float, dtype: torch.dtype,
+                   shift_factor: float = 0.0) -> torch.Tensor:
+    """Scaled latents ``(z - shift) * scale`` from cached ``[B, 2C, h, w]`` posteriors, drawing ε exactly as diffusers'
+    ``DiagonalGaussianDistribution.sample(generator)`` does (shape ``[B, C, h, w]``, the VAE's dtype, CPU generator)."""
+    mean, logvar = dist.chunk(2, dim=1)
+    logvar = logvar.clamp(-30.0, 20.0)
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn(mean.shape, generator=generator, dtype=dtype).to(mean.device)
+    z = mean.to(dtype) + std.to(dtype) * eps
+    return (z - shift_factor) * scaling_factor if shift_factor else z * scaling_factor
+
+
+# ---------------------------------------------------------------------- training objectives
+@dataclass
+class Draw:
+    """One step's draw: the noisy latents, their timesteps, the denoiser's target, and the flow sigmas (or None)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    sigmas: Optional[torch.Tensor] = None
+
+
+@dataclass
+class TimestepSampling:
+    """How a flow-matching objective draws timesteps and weights the loss: diffusers' ``training_utils``
+    (``compute_density_for_timestep_sampling``, ``compute_loss_weighting_for_sd3``) with the settings of its SD3 and
+    Sana scripts (``--weighting_scheme``, ``--logit_mean``, ``--logit_std``, ``--mode_scale``; their defaults).
+
+    Args:
+        weighting_scheme: ``none`` (uniform timesteps, unweighted), ``logit_normal`` or ``mode`` (timesteps drawn from
+            that density), ``sigma_sqrt`` or ``cosmap`` (uniform timesteps, weighted loss).
+        logit_mean, logit_std: the logit-normal density's parameters.
+        mode_scale: the mode density's scale.
+    """
+
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    def __post_init__(self):
+        schemes = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+        if self.weighting_scheme not in schemes:
+            raise BaseFamilyError(f"timestep_sampling.weighting_scheme: {self.weighting_scheme!r}; expected one of {schemes}")
+        if not float(self.logit_std) > 0:
+            raise BaseFamilyError(f"timestep_sampling.logit_std: {self.logit_std}; expected a positive standard deviation")
+
+
+class DDPMObjective:
+    """ε or v prediction on a DDPM schedule, as diffusers' ``train_dreambooth.py``: noise ~ N(0, I), timesteps uniform on
+    ``[0, num_train_timesteps)``, ``noisy = add_noise(latents, noise, t)``; Min-SNR-γ weights optional."""
+
+    kind = "ddpm"
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator, sampling: Optional[TimestepSampling] = None) -> Draw:
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (expected epsilon or v_prediction)")
+        return Draw(noisy, timesteps, target)
+
+    def weights(self, draw: Draw, snr_gamma: Optional[float], sampling: Optional[TimestepSampling] = None) -> torch.Tensor:
+        """Per-sample loss weights: ones, or Min-SNR-γ (Hang et al. 2023) as diffusers' ``compute_snr`` scripts."""
+        if snr_gamma is None:
+            return torch.ones(draw.timesteps.shape[0], device=draw.noisy.device)
+        alphas = self.scheduler.alphas_cumprod.to(draw.timesteps.device)[draw.timesteps].float()
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=float(snr_gamma))
+        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+
+
+class FlowMatchingObjective:
+    """Rectified-flow matching, as diffusers' ``train_dreambooth_lora_sana.py`` and ``train_dreambooth_sd3.py``:
+    ``u`` from :class:`TimestepSampling`'s density, ``t = scheduler.timesteps[int(u * N)]`` and its sigma,
+    ``noisy = (1 - σ) x + σ ε``, target ``ε - x``, the loss weighted by ``compute_loss_weighting_for_sd3``.
+
+    The schedule is the training scheduler's (``FlowMatchEulerDiscreteScheduler`` with the base's shift), never the one a
+    pipeline samples with (sampling resets its timesteps; the reference scripts keep a copy for the same reason).
+    """
+
+    kind = "flow-matching"
+    prediction_type = "flow"
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self._timesteps = scheduler.timesteps.clone()
+        self._sigmas = scheduler.sigmas.clone()
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator, sampling: Optional[TimestepSampling] = None) -> Draw:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        sampling = sampling or TimestepSampling()
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        u = compute_density_for_timestep_sampling(sampling.weighting_scheme, latents.shape[0], logit_mean=sampling.logit_mean,
+                                                  logit_std=sampling.logit_std, mode_scale=sampling.mode_scale,
+                                                  generator=generator)
+        n = int(self.scheduler.config.num_train_timesteps)
+        # (u * N).long() as the scripts; clamped because a float32 sigmoid can round to 1.0 (index N, out of range there)
+        indices = (u * n).long().clamp(0, len(self._timesteps) - 1)
+        timesteps = self._timesteps[indices].to(latents.device)
+        sigmas = self._sigmas[indices].to(device=latents.device, dtype=latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        return Draw(noisy, timesteps, noise - latents, sigmas)
+
+    def weights(self, draw: Draw, snr_gamma: Optional[float], sampling: Optional[TimestepSampling] = None) -> torch.Tensor:
+        """Per-sample weights from ``compute_loss_weighting_for_sd3`` (constant over a sample, so weighting the
+        per-sample mean equals the scripts' weighting of every element)."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        sampling = sampling or TimestepSampling()
+        return compute_loss_weighting_for_sd3(sampling.weighting_scheme, draw.sigmas).float().reshape(-1)
