@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="first seed, 0 to 2**64-1; image j of every prompt uses seed+j (default 0)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the model's, ddim)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the model's own: ddim "
+                        "for Stable Diffusion, euler for Sana, or the run's sample_scheduler; Sana refuses ddim and pndm)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per sampling batch (default 8)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     parser.add_argument("--out", required=True, help="output folder")
@@ -157,6 +158,16 @@ def default_prompts(generator) -> list[str]:
     return list(dict.fromkeys(generator.paper_prompt(p) for p in PAPER_PROMPTS))
 
 
+def check_scheduler(args, generator, scheduler: str) -> None:
+    """Refuse, before any image, a sampler the model's base cannot sample with, in one line naming the model."""
+    try:
+        generator.sd.inference_scheduler(scheduler)
+    except (UserError, ValueError) as err:
+        model = args.run or args.export or args.pretrained
+        raise GenerateError(f"--scheduler {scheduler}: {model} is a {generator.sd.family} model and cannot sample with it: "
+                            f"{str(err).splitlines()[0]}") from None
+
+
 # ---------------------------------------------------------------------- main
 def generate(args) -> dict:
     """Everything after argument parsing; returns the ``generation.json`` record."""
@@ -182,6 +193,7 @@ def generate(args) -> dict:
             file=sys.stderr,
         )
     scheduler = args.scheduler or generator.sample_scheduler
+    check_scheduler(args, generator, scheduler)
     generator.to(device)
     seeds = [args.seed + j for j in range(args.n)]
     all_prompts = [p for p in prompts for _ in seeds]

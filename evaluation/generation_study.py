@@ -43,7 +43,7 @@ from datamodules.prompts import PAPER_PROMPTS, normal_and_effusion_prompts, prom
 from datamodules.study_images import reference_images
 from evaluation.reader_kit import SUMMARY_FILE, ReaderKitExistsError, check_kit_folder
 from evaluation.report_prompts import ReportEvaluationError, run_report_study
-from evaluation.sources import SourceError, Strategy, load_strategies, study_device
+from evaluation.sources import SourceError, Strategy, choose_samplers, load_strategies, steps_text, study_device
 from metrics.classifiers import finding_probabilities, load_classifier
 from metrics.features import ImageEncoderError, extract, feature_extractor
 from metrics.finding_correctness import finding_correctness
@@ -55,6 +55,9 @@ NORMAL = "No Finding"
 # The paper's strategies (and its base model); any other strategy is marked "beyond the paper" in the tables.
 PAPER_STRATEGIES = ("UNetFineTuning", "TextualInversion", "TextualProjection", "base model")
 STUDY_PACKAGES = ("torch", "diffusers", "transformers", "torchmetrics", "torchxrayvision", "numpy", "pandas")
+# the sampler of a Stable Diffusion model when no --scheduler is given (SD v1.4's own, as before other families existed);
+# a model of another family samples with its own (Sana: euler)
+SD_SAMPLER = "pndm"
 
 
 class GenerationStudyError(UserError, ValueError):
@@ -71,8 +74,8 @@ class StudyConfig:
     n_per_prompt: int = 100
     seed: int = 0
     steps: int = 50
-    guidance: float = 7.5
-    scheduler: str = "pndm"
+    guidance: float = 7.5  # one guidance for every model (comparable), Sana's included (SanaPipeline's own default: 4.5)
+    scheduler: Optional[str] = None  # None: each model's own (SD_SAMPLER for Stable Diffusion; sources.study_sampler)
     resolution: Optional[int] = None  # default: the model's native size
     split: str = "test"
     n_real: Optional[int] = None
@@ -141,6 +144,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Path:
     (out / "grids").mkdir(parents=True, exist_ok=True)
     classifier, extractor = load_networks(cfg, device)  # weights first: a missing file stops the study before any generation
     strategies = load_strategies(cfg.base, cfg.runs, cfg.prompts)
+    choose_samplers(strategies, cfg.scheduler, SD_SAMPLER)  # a sampler a model cannot use: refused before any image
     resolution = cfg.resolution or strategies[0].generator.native_size
     real_features, real_n = encode_references(cfg, extractor, resolution, device, log)
     tables = Tables()
@@ -202,7 +206,7 @@ def generate_prompt(cfg: StudyConfig, strategy: Strategy, asked: str, resolution
     for s in tqdm(range(0, len(seeds), cfg.batch_size), desc=f"{strategy.name}: {asked[:40]}", disable=len(seeds) <= cfg.batch_size):
         chunk = seeds[s:s + cfg.batch_size]
         images.append(strategy.generator.generate([asked] * len(chunk), seeds=chunk, steps=cfg.steps, guidance=cfg.guidance,
-                                                  scheduler=cfg.scheduler, height=resolution, width=resolution,
+                                                  scheduler=strategy.sampler, height=resolution, width=resolution,
                                                   batch_size=cfg.batch_size).cpu())
     return torch.cat(images)
 
@@ -218,7 +222,7 @@ def evaluate_strategy(cfg: StudyConfig, strategy: Strategy, classifier, extracto
         finding = prompt_finding(prompt)
         fake = extract(extractor, gray, device)  # encoded once, for FID and KID
         row = {"strategy": strategy.name, "prompt": prompt, "prompt_used": asked, "reference": finding, "features": cfg.fid_features,
-               **fid_with_ci(real_features[finding], fake, cfg.n_boot, cfg.seed)}
+               "sampler": strategy.sampler, "guidance": cfg.guidance, **fid_with_ci(real_features[finding], fake, cfg.n_boot, cfg.seed)}
         if cfg.kid:
             row.update({k: v for k, v in kid(real_features[finding], fake).items() if k in ("kid", "kid_std", "subset_size")})
         row.update(prdc_or_nan(real_features[finding], fake))
@@ -281,9 +285,18 @@ def write_outputs(cfg: StudyConfig, strategies: list[Strategy], tables: Tables, 
 def write_provenance(cfg: StudyConfig, strategies: list[Strategy], real_n: dict, resolution: int, out: Path, started: float) -> None:
     settings = {**asdict(cfg), "resolution": resolution, "seeds": [cfg.seed + i for i in range(cfg.n_per_prompt)],
                 "seconds": round(time.time() - started, 1)}
+    settings["samplers"] = {s.name: s.sampler for s in strategies}
+    settings["guidance_policy"] = "one guidance for every model"
     inputs = {"reference_counts": real_n,
-              "strategies": [{"name": s.name, "source": s.source, "prompts_used": s.prompts, **s.generator.info} for s in strategies]}
+              "strategies": [{"name": s.name, "source": s.source, "prompts_used": s.prompts, "sampler": s.sampler,
+                              "guidance": cfg.guidance, "family": s.generator.sd.family, **s.generator.info}
+                             for s in strategies]}
     provenance.write(out / "provenance.json", provenance.record("study/generation", settings, inputs, packages=STUDY_PACKAGES))
+
+
+def guidance_note(strategies: Sequence[Strategy]) -> str:
+    """" (the same for every model)" when the models are of more than one family (Sana's pipeline default is 4.5)."""
+    return " (the same for every model)" if len({s.generator.sd.family for s in strategies}) > 1 else ""
 
 
 def _device(name: str) -> torch.device:
@@ -363,8 +376,9 @@ def prdc_markdown(cfg, names: Sequence[str], fid_df: pd.DataFrame) -> list[str]:
 def results_markdown(cfg, strategies, fid_df, div_df, corr_df, real_n, resolution) -> str:
     names = [s.name for s in strategies]
     lines = ["# Generation study", "",
-             f"{cfg.n_per_prompt} images per prompt and strategy (seeds {cfg.seed}..{cfg.seed + cfg.n_per_prompt - 1}), {cfg.steps} "
-             f"{cfg.scheduler} steps, guidance {cfg.guidance}, {resolution} px. References: frontal {cfg.split!r} images, "
+             f"{cfg.n_per_prompt} images per prompt and strategy (seeds {cfg.seed}..{cfg.seed + cfg.n_per_prompt - 1}), "
+             f"{steps_text(cfg.steps, {s.name: s.sampler for s in strategies})}, guidance {cfg.guidance}{guidance_note(strategies)}, "
+             f"{resolution} px. References: frontal {cfg.split!r} images, "
              + ", ".join(f"{k}: N = {v}" for k, v in real_n.items())
              + (f". Intervals (95 %, docs/statistics.md): FID ± t · jackknife SE over the generated images "
                 f"({min(cfg.n_boot, cfg.n_per_prompt)} groups, the reference set fixed); AUROC: Newcombe's score interval; "
@@ -415,8 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_per_prompt", type=int, default=100)
     p.add_argument("--seed", type=seed_value, default=0, help="first seed, 0 to 2**64-1 (default 0)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default="pndm", choices=("pndm", "ddim", "euler", "dpm"))
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance, the same for every model "
+                   "(default 7.5, Stable Diffusion's; SanaPipeline's own is 4.5)")
+    p.add_argument("--scheduler", default=None, choices=("pndm", "ddim", "euler", "dpm"), help="one sampler for every "
+                   f"model (default: each model's own: {SD_SAMPLER} for Stable Diffusion, the base's for other families: "
+                   "Sana euler; Sana refuses pndm and ddim)")
     p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
     p.add_argument("--split", default="test", choices=("train", "validate", "test", "all"))
     p.add_argument("--n_real", type=int, default=None, help="reference images per finding (default: all)")

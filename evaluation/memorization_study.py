@@ -45,7 +45,7 @@ from core.run_folder import RunFolder, RunFolderError
 from datamodules.mimic_cxr import check_patient_disjoint
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.study_images import ImageSelectionError, load_images, select_folder, select_mimic
-from evaluation.sources import SourceError, Strategy, at_least, fraction, load_strategies, study_seed
+from evaluation.sources import SourceError, Strategy, at_least, choose_samplers, fraction, load_strategies, study_seed
 from metrics.memorization import SimilaritySpace, audit, calibrate
 from metrics.scores import MetricInputError, frechet_distance
 
@@ -66,7 +66,7 @@ class AuditConfig:
     generated: Optional[str] = None
     n_per_prompt: int = 16
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float = 7.5  # one guidance for every model, Sana's included (SanaPipeline's own default: 4.5)
     seed: int = 0
     features: str = "classifier"
     classifier: str = "densenet121-res224-all"
@@ -78,6 +78,7 @@ class AuditConfig:
     overwrite: bool = False
     calibrate_only: bool = False
     on_bad_image: str = "fail"
+    scheduler: Optional[str] = None  # None: each model's own sampler (generator.sample_scheduler; Sana: euler)
 
 
 @dataclass
@@ -201,7 +202,9 @@ def generated_sets(cfg: AuditConfig, real: RealSets) -> list[tuple[str, pd.DataF
     prompts = [FINDING_PROMPTS[f] for f in real.findings if f in FINDING_PROMPTS]
     base = base_model(cfg.runs[0]) if cfg.base == "auto" else cfg.base
     sets = []
-    for strategy in load_strategies(None if base in (None, "none") else base, cfg.runs, prompts):
+    strategies = load_strategies(None if base in (None, "none") else base, cfg.runs, prompts)
+    choose_samplers(strategies, cfg.scheduler)  # each model's own unless --scheduler; one it cannot use is refused here
+    for strategy in strategies:
         sets.append(generate_set(cfg, strategy, prompts, real.resolution))
     return sets
 
@@ -249,9 +252,9 @@ def generate_set(cfg: AuditConfig, strategy: Strategy, prompts: Sequence[str], r
     rows, images = [], []
     for asked, prompt in zip(prompts, strategy.prompts):
         out = strategy.generator.generate([prompt] * len(seeds), seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
-                                          height=resolution, width=resolution)
+                                          height=resolution, width=resolution, scheduler=strategy.sampler)
         images.append((out.mean(1) * 255).round().clamp(0, 255).to(torch.uint8).numpy())
-        rows += [{"prompt": asked, "seed": s} for s in seeds]
+        rows += [{"prompt": asked, "seed": s, "sampler": strategy.sampler} for s in seeds]
     return strategy.name, pd.DataFrame(rows), np.concatenate(images)
 
 
@@ -265,7 +268,8 @@ def audit_model(cfg: AuditConfig, space: SimilaritySpace, real: RealSets, feats:
         model=name, nearest_train=real.train["dicom_id"].to_numpy()[result["nearest_train"]],
         train_similarity=result["similarity"], nearest_heldout=real.heldout["dicom_id"].to_numpy()[held_index],
         heldout_similarity=held_sim, copy=result["is_copy"])
-    summary = {"model": name, "n": len(images), **{f"copy_{k}": v for k, v in result["copy_rate"].items()},
+    sampler = rows["sampler"].iloc[0] if "sampler" in rows.columns and len(rows) else None  # None: --generated images
+    summary = {"model": name, "sampler": sampler, "n": len(images), **{f"copy_{k}": v for k, v in result["copy_rate"].items()},
                "mean_train_similarity": float(result["similarity"].mean()),
                "train_images_copied": int((result["copies_per_train_image"] > 0).sum()),
                "subjects_copied": result["subjects_copied"]["copied"], "subjects": result["subjects_copied"]["of"]}
@@ -328,7 +332,7 @@ def run_audit(cfg: AuditConfig, log=print) -> Path:
 
 def summary_csv(rows: list[dict], out: Path) -> None:
     """``summary.csv``: one row per model and training set (copy rate with its interval, mean similarity, FID/MiFID)."""
-    keep = ["training set of", "model", "n", "copy_copies", "copy_rate", "copy_ci_low", "copy_ci_high",
+    keep = ["training set of", "model", "sampler", "n", "copy_copies", "copy_rate", "copy_ci_low", "copy_ci_high",
             "mean_train_similarity", "train_images_copied", "fid", "mifid"]
     table = pd.DataFrame(rows)
     table[[c for c in keep if c in table.columns]].to_csv(out / "summary.csv", index=False)
@@ -372,7 +376,8 @@ def audit_training_set(cfg: AuditConfig, log=print) -> tuple[Path, list[dict]]:
     (out / "memorization.md").write_text(report_markdown(cfg, space.name, real, calibration, summaries))
     summary_csv([{"training set of": Path(cfg.train_data or cfg.runs[0]).name, **s} for s in summaries], out)
     settings = asdict(cfg)
-    inputs = {"runs": cfg.runs, "training_images": len(real.train), "heldout_images": len(real.heldout),
+    inputs = {"runs": cfg.runs, "samplers": {s["model"]: s["sampler"] for s in summaries},
+              "training_images": len(real.train), "heldout_images": len(real.heldout),
               "skipped_images": real.skipped,
               "calibration": calibration.as_dict(), "train_self_sample": sample, "seconds": round(time.time() - started, 1)}
     provenance.write(out / "provenance.json", provenance.record("study/memorization", settings, inputs, packages=STUDY_PACKAGES))
@@ -390,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generated", default=None, help="a folder of generated images to audit instead of generating")
     p.add_argument("--n_per_prompt", type=at_least(1), default=16)
     p.add_argument("--steps", type=at_least(1), default=25)
-    p.add_argument("--guidance", type=at_least(0, float), default=7.5)
+    p.add_argument("--guidance", type=at_least(0, float), default=7.5, help="classifier-free guidance, the same for "
+                   "every model (default 7.5; SanaPipeline's own is 4.5)")
+    p.add_argument("--scheduler", default=None, choices=("pndm", "ddim", "euler", "dpm"), help="one sampler for every "
+                   "model (default: each model's own: ddim for Stable Diffusion, euler for Sana; Sana refuses pndm, ddim)")
     p.add_argument("--seed", type=study_seed, default=0, help="image j of a prompt has seed seed + j; also the "
                    "held-out sample and the calibration's halves (0 to 2**32-1)")
     p.add_argument("--features", default="classifier", choices=["classifier", "pixel", "image_encoder"])

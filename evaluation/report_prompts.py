@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ from core import provenance
 from core.errors import UserError
 from datamodules.mimic_cxr import CHEXPERT_CLASSES, SPLIT_CSV, MIMICDataError, read_csv_checked
 from datamodules.report_corpus import ReportCorpusError, load_corpus
-from evaluation.sources import Strategy, load_strategies, study_device
+from evaluation.sources import Strategy, choose_samplers, load_strategies, steps_text, study_device
 from metrics.classifiers import CHEXPERT_TO_XRV, classifier_targets, finding_probabilities, load_classifier
 from metrics.scores import auroc, auroc_with_ci, bootstrap_ci
 
@@ -107,7 +107,7 @@ def generate_for_reports(strategy: Strategy, prompts: Sequence[str], per_report:
     out = []
     for s in tqdm(range(0, len(asked), cfg.batch_size), desc=f"{strategy.name}: reports", disable=len(asked) <= cfg.batch_size):
         out.append(strategy.generator.generate(asked[s:s + cfg.batch_size], seeds=seeds[s:s + cfg.batch_size], steps=cfg.steps,
-                                               guidance=cfg.guidance, scheduler=cfg.scheduler, height=resolution,
+                                               guidance=cfg.guidance, scheduler=strategy.sampler, height=resolution,
                                                width=resolution, batch_size=cfg.batch_size).cpu())
     return torch.cat(out)
 
@@ -164,12 +164,15 @@ def run_report_study(cfg, log: Callable[[str], None] = print) -> Path:
     log(f"{len(drawn)} impressions ({cfg.n_reports_per_class} per class: {', '.join(classes)}), "
         f"{cfg.images_per_report} image(s) each; scored on {scorable}")
     strategies = load_strategies(cfg.base, cfg.runs, list(drawn["text"]))
+    # the generation study's rule: --scheduler for every model, else Stable Diffusion's pndm and each other family's own
+    samplers = choose_samplers(strategies, cfg.scheduler, "pndm")
     resolution = cfg.resolution or strategies[0].generator.native_size
     labels = drawn.loc[drawn.index.repeat(cfg.images_per_report)].reset_index(drop=True)
     rows, confusion, windows = [], [], []
     for strategy in strategies:
         strategy.generator.to(device)
-        windows.append({"strategy": strategy.name, **strategy.generator.prompt_window(strategy.prompts)})
+        windows.append({"strategy": strategy.name, **strategy.generator.prompt_window(strategy.prompts),
+                        "sampler": strategy.sampler})
         images = generate_for_reports(strategy, strategy.prompts, cfg.images_per_report, cfg, resolution)
         scores = {f: finding_probabilities(classifier, images.to(device), f).numpy() for f in scorable}
         strategy.generator.to("cpu")
@@ -178,17 +181,19 @@ def run_report_study(cfg, log: Callable[[str], None] = print) -> Path:
             mask = (labels["class"] == c).to_numpy()
             confusion.append({"strategy": strategy.name, "asked": c, **{f: float(scores[f][mask].mean()) for f in scorable}})
     write_report_outputs(cfg, out, drawn, pd.DataFrame(rows), pd.DataFrame(confusion), pd.DataFrame(windows), scorable,
-                         classes, resolution)
+                         classes, resolution, samplers)
     provenance.write(out / "provenance.json", provenance.record(
         "study/generation-reports", {k: v for k, v in asdict(cfg).items()},
-        {"strategies": [{"name": s.name, "source": s.source} for s in strategies], "study_ids": drawn["study_id"].tolist(),
+        {"strategies": [{"name": s.name, "source": s.source, "sampler": s.sampler, "guidance": cfg.guidance,
+                         "family": s.generator.sd.family} for s in strategies], "study_ids": drawn["study_id"].tolist(),
          "seconds": round(time.time() - started, 1)}, packages=("torch", "diffusers", "transformers", "torchxrayvision")))
     log(f"wrote {out / 'report_results.md'}")
     return out
 
 
 def write_report_outputs(cfg, out: Path, drawn: pd.DataFrame, table: pd.DataFrame, confusion: pd.DataFrame,
-                         windows: pd.DataFrame, scorable: Sequence[str], classes: Sequence[str], resolution: int) -> None:
+                         windows: pd.DataFrame, scorable: Sequence[str], classes: Sequence[str], resolution: int,
+                         samplers: Optional[dict] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     drawn[["study_id", "subject_id", "class"]].to_csv(out / "report_prompts.csv", index=False)  # ids only, no report text
     table.to_csv(out / "report_auroc.csv", index=False)
@@ -198,7 +203,8 @@ def write_report_outputs(cfg, out: Path, drawn: pd.DataFrame, table: pd.DataFram
     findings = [*scorable, "macro"]
     lines = ["# Report-conditioned evaluation", "",
              f"{len(drawn)} test-split impressions ({cfg.n_reports_per_class} per class: {', '.join(classes)}; seed "
-             f"{cfg.seed}), {cfg.images_per_report} image(s) each at {resolution} px, {cfg.steps} {cfg.scheduler} steps, "
+             f"{cfg.seed}), {cfg.images_per_report} image(s) each at {resolution} px, "
+             f"{steps_text(cfg.steps, samplers) if samplers else f'{cfg.steps} {cfg.scheduler} steps'}, "
              f"guidance {cfg.guidance}. Classifier: {cfg.classifier}. Per finding: AUROC of the classifier's score "
              "against the report's CheXpert label (uncertain labels left out), Newcombe's 95% score interval; macro: "
              f"95% percentile bootstrap over the images ({cfg.n_boot} resamples); 0.5 is chance.", "",

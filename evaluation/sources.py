@@ -108,6 +108,52 @@ class Strategy:
     generator: object  # models.generator.Generator
     source: str
     prompts: list[str]  # the prompts as this strategy is asked (textual inversion: with its token)
+    sampler: Optional[str] = None  # the sampler the study uses for it (:func:`choose_samplers`)
+
+
+STABLE_DIFFUSION = "stable-diffusion"
+
+
+def study_sampler(generator, scheduler: Optional[str], sd_default: Optional[str] = None) -> str:
+    """The sampler a study uses for one model: ``scheduler`` when one is asked (``--scheduler``); else, for a Stable
+    Diffusion model, the study's own ``sd_default`` where it has one (the sampler it used before other families
+    existed, so its Stable Diffusion results stay what they were); else the model's own
+    (``generator.sample_scheduler``: the run's ``sample_scheduler`` or its base's ``default_sampler``; Sana: euler, or
+    dpm for a folder that ships a flow DPM-Solver)."""
+    if scheduler:
+        return scheduler
+    if sd_default and generator.sd.family == STABLE_DIFFUSION:
+        return sd_default
+    return generator.sample_scheduler
+
+
+def check_sampler(name: str, generator, where: str, scheduler: Optional[str]) -> None:
+    """Refuse, in one line naming the model and its family, a sampler the model's base cannot sample with (before any
+    image is generated): Sana samples with flow-matching schedulers only (euler, dpm)."""
+    try:
+        generator.sd.inference_scheduler(name)
+    except (UserError, ValueError) as err:
+        asked = f"--scheduler {name}" if scheduler else f"sampler {name}"
+        raise SourceError(f"{asked}: {where} is a {generator.sd.family} model and cannot sample with it: "
+                          f"{str(err).splitlines()[0]}") from None
+
+
+def choose_samplers(strategies: Sequence[Strategy], scheduler: Optional[str], sd_default: Optional[str] = None) -> dict:
+    """Set each strategy's :attr:`Strategy.sampler` (:func:`study_sampler`), each checked (:func:`check_sampler`);
+    returns ``{strategy name: sampler}`` for the records."""
+    for strategy in strategies:
+        strategy.sampler = study_sampler(strategy.generator, scheduler, sd_default)
+        check_sampler(strategy.sampler, strategy.generator, f"{strategy.name} ({strategy.source})", scheduler)
+    return {s.name: s.sampler for s in strategies}
+
+
+def steps_text(steps: int, samplers: dict) -> str:
+    """``50 pndm steps`` when every model used one sampler, else ``50 steps (samplers: Stable Diffusion (base) pndm,
+    sana_run euler)`` (for the reports)."""
+    names = set(samplers.values())
+    if len(names) == 1:
+        return f"{steps} {next(iter(names))} steps"
+    return f"{steps} steps (samplers: " + ", ".join(f"{model} {sampler}" for model, sampler in samplers.items()) + ")"
 
 
 def load_strategies(base: Optional[str], runs: Sequence[str], prompts: Sequence[str], ckpt: str = "last") -> list[Strategy]:
@@ -120,7 +166,9 @@ def load_strategies(base: Optional[str], runs: Sequence[str], prompts: Sequence[
     out = []
     if base:
         try:
-            out.append(Strategy("Stable Diffusion (base)", Generator(load_stable_diffusion({"pretrained": base})), base, list(prompts)))
+            sd = load_stable_diffusion({"pretrained": base})
+            # "Stable Diffusion (base)", "Sana (base)": the family's name
+            out.append(Strategy(f"{sd.family.replace('-', ' ').title()} (base)", Generator(sd), base, list(prompts)))
         except StableDiffusionLoadError as err:
             raise SourceError(f"--base {base}: {err}") from None
     for run in runs:

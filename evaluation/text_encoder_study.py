@@ -76,8 +76,38 @@ PAPER_ENCODERS = tuple(REGISTRY)
 def offline_presets() -> dict[str, str]:
     """Encoders that need no download (plugins): domain-encoder presets (BERT) and SD presets (their CLIP); the suite's
     own have random or phantom-trained weights and exercise every code path."""
+    from models.stable_diffusion import get_preset
+
     return {**{name: "BERT" for name in plugins.names(plugins.DOMAIN_ENCODERS)},
-            **{name: "CLIP (SD preset)" for name in plugins.names(plugins.STABLE_DIFFUSION)}}
+            **{name: "CLIP (SD preset)" for name in plugins.names(plugins.STABLE_DIFFUSION)
+               if get_preset(name).family == "stable-diffusion"}}
+
+
+def base_family_of(source: str) -> Optional[str]:
+    """The family of a base that ``source`` names (a preset, or a folder with ``model_index.json``), else None."""
+    from models.families import family_of_pipeline
+    from models.stable_diffusion import get_preset, preset_names
+
+    if source in preset_names():
+        return get_preset(source).family
+    index = Path(source).expanduser() / "model_index.json"
+    if index.is_file():
+        try:
+            return family_of_pipeline(str(json.loads(index.read_text()).get("_class_name", "")))
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def refuse_other_families(entry: EncoderEntry) -> None:
+    """The study compares CLIP's and BERT's extractions (CLS, mean, pooler, model-specific); a base of another family
+    (Sana: Gemma-2, a decoder-only language model without a CLS token or pooler) is refused in one line."""
+    family = base_family_of(entry.source)
+    if family not in (None, "stable-diffusion"):
+        raise TextEncoderStudyError(
+            f"encoder {entry.key!r}: a {family} base; its text encoder (Gemma-2 for Sana) is a decoder-only language model "
+            "without a CLS token, pooler or sentence embedding, and the study of such an encoder is not implemented (it "
+            "compares CLIP and BERT encoders; give a Stable Diffusion base for its CLIP)")
 
 
 class TextEncoderStudyError(UserError, ValueError):
@@ -246,6 +276,7 @@ def parse_encoders(specs: Sequence[str]) -> list[EncoderEntry]:
     for spec in specs:
         key, _, source = spec.partition("=")
         key = key.strip()
+        refuse_other_families(EncoderEntry(key, key, key, source.strip() or key))
         if source:
             base = REGISTRY.get(key)
             entries.append(EncoderEntry(key, base.name if base else key, base.short if base else key[:8], source.strip()))

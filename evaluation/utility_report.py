@@ -30,16 +30,27 @@ def differences(cfg, probabilities: dict, labels: np.ndarray) -> pd.DataFrame:
 
 
 def write_outputs(cfg, out: Path, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: int,
-                  native: Optional[dict] = None) -> None:
+                  native: Optional[dict] = None, samplers: Optional[dict] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "utility.csv", index=False)
     diffs.to_csv(out / "differences.csv", index=False)
     plot(table, out / "utility.png")
-    (out / "utility.md").write_text(markdown(cfg, table, diffs, real, resolution, native))
+    (out / "utility.md").write_text(markdown(cfg, table, diffs, real, resolution, native, samplers))
 
 
-def markdown(cfg, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: int, native: Optional[dict] = None) -> str:
-    """``native``: each source's generation size in px (its synthetic images are resized from it to ``resolution``)."""
+def steps_words(steps: int, samplers: Optional[dict], scheduler: Optional[str]) -> str:
+    """``25 ddim steps``, or ``25 steps (samplers: Stable Diffusion (base) ddim, sana euler)`` when the sources differ."""
+    from evaluation.sources import steps_text
+
+    if samplers:
+        return steps_text(steps, samplers)
+    return f"{steps} {scheduler} steps" if scheduler else f"{steps} steps (each model's own sampler)"
+
+
+def markdown(cfg, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: int, native: Optional[dict] = None,
+             samplers: Optional[dict] = None) -> str:
+    """``native``: each source's generation size in px (its synthetic images are resized from it to ``resolution``);
+    ``samplers``: each source's sampler (default: ``cfg.scheduler`` for all)."""
     counts = ", ".join(f"{f}: {int(n)}" for f, n in zip(cfg.findings, real.train_labels.sum(0)))
     test_counts = ", ".join(f"{f}: {int(n)}" for f, n in zip(cfg.findings, real.test_labels.sum(0)))
     sizes = ", ".join(f"{n} px" for n in sorted(set((native or {}).values())))
@@ -47,7 +58,7 @@ def markdown(cfg, table: pd.DataFrame, diffs: pd.DataFrame, real, resolution: in
     lines = ["# Utility of synthetic images", "",
              f"Real training set: {len(real.train_images)} frontal train-split images ({counts} positive; the rest No "
              f"Finding), mirrored one-to-one by each source's synthetic set ({cfg.prompt_source} prompts, "
-             f"{cfg.gen_steps} {cfg.scheduler} steps, guidance {cfg.guidance}). Test: {len(real.test_images)} real "
+             f"{steps_words(cfg.gen_steps, samplers, cfg.scheduler)}, guidance {cfg.guidance}). Test: {len(real.test_images)} real "
              f"test-split images ({test_counts} positive). Classifier: {cfg.classifier} architecture, {cfg.init}, "
              f"{resolution} px{generated}.", ""]
     if real.skipped:

@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import logging
+from contextlib import contextmanager
 import sys
 import time
 import zipfile
@@ -52,8 +53,8 @@ from core.errors import UserError, writable_folder
 from datamodules.mimic_cxr import CHEXPERT_CLASSES, MIMICDataError
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.study_images import ImageSelectionError, load_images, select_mimic
-from evaluation.sources import (SourceError, Strategy, above, at_least, generator_fingerprint, load_strategies, study_device,
-                                study_seed)
+from evaluation.sources import (SourceError, Strategy, above, at_least, choose_samplers, generator_fingerprint, load_strategies,
+                                study_device, study_seed)
 from metrics.classifiers import classifier_weights_file
 from metrics.scores import auroc
 
@@ -65,6 +66,9 @@ PHANTOM_MARKER = "PHANTOMS.json"
 SYNTHETIC_RECORD = "synthetic.json"  # in each synthetic folder: what made its images
 # A synthetic set's generator settings: when one differs, every kept image is made again (each image's prompt is
 # compared on its own: a changed real training set regenerates only the images whose prompt changed)
+# the sampler of a Stable Diffusion model when no --scheduler is given (as before other families existed: kept synthetic
+# sets stay valid); a model of another family samples with its own (Sana: euler)
+SD_SAMPLER = "ddim"
 GENERATOR_SETTINGS = ("generator", "gen_steps", "guidance", "scheduler", "native_px", "seed", "prompt_source")
 # Settings recorded as digests, named in words when they differ (the others are options: "--steps 5, now 7")
 DIGESTS = {"generator": "model weights (fingerprint)", "native_px": "native size",
@@ -94,8 +98,8 @@ class UtilityConfig:
     reports_root: Optional[str] = None
     resolution: Optional[int] = None
     gen_steps: int = 25
-    guidance: float = 7.5
-    scheduler: str = "ddim"
+    guidance: float = 7.5  # one guidance for every model, Sana's included (SanaPipeline's own default: 4.5)
+    scheduler: Optional[str] = None  # None: each model's own (SD_SAMPLER for Stable Diffusion; sources.study_sampler)
     max_real: Optional[int] = None
     n_boot: int = 200
     seed: int = 0
@@ -213,7 +217,7 @@ def synthetic_record(cfg: UtilityConfig, strategy: Strategy, asked: Sequence[str
     """What a synthetic set is made with: the generator's weights fingerprint, its sampler settings and native size, the
     data seed (image ``i`` has seed ``seed + i``), and each image's prompt (a digest each); ``source`` only informs."""
     return {"generator": generator_fingerprint(strategy.generator), "gen_steps": cfg.gen_steps, "guidance": cfg.guidance,
-            "scheduler": cfg.scheduler, "native_px": strategy.generator.native_size, "seed": cfg.seed,
+            "scheduler": strategy.sampler or cfg.scheduler, "native_px": strategy.generator.native_size, "seed": cfg.seed,
             "prompt_source": cfg.prompt_source, "source": strategy.source, "prompts": [digest(p) for p in asked]}
 
 
@@ -282,7 +286,7 @@ def synthetic_set(cfg: UtilityConfig, strategy: Strategy, prompts: Sequence[str]
     for s in tqdm(range(0, len(missing), cfg.batch_size), desc=f"{strategy.name}: synthetic set", disable=not missing):
         chunk = missing[s:s + cfg.batch_size]
         images = strategy.generator.generate([asked[i] for i in chunk], seeds=[cfg.seed + i for i in chunk],
-                                             steps=cfg.gen_steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
+                                             steps=cfg.gen_steps, guidance=cfg.guidance, scheduler=strategy.sampler,
                                              height=native, width=native)
         for i, image in zip(chunk, images.mean(1)):
             png = io.BytesIO()  # written whole or not at all: a kill mid-save leaves no truncated image to keep
@@ -307,12 +311,28 @@ def synthetic_set(cfg: UtilityConfig, strategy: Strategy, prompts: Sequence[str]
 
 def train_arm(cfg: UtilityConfig, arm: str, seed: int, real: RealData, synthetic: np.ndarray, device) -> np.ndarray:
     """Train one arm with one seed; its probabilities ``[N_test, F]`` on the real test split."""
+    with _quiet_lightning():  # no "GPU available" lines for every arm
+        return _fit_arm(cfg, arm, seed, real, synthetic, device)
+
+
+@contextmanager
+def _quiet_lightning():
+    """Lightning's INFO lines off while the arms train, the caller's logging level back afterwards."""
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _fit_arm(cfg: UtilityConfig, arm: str, seed: int, real: RealData, synthetic: np.ndarray, device) -> np.ndarray:
     from lightning.pytorch import Trainer, seed_everything
 
     from datamodules.labelled_images import LabelledImages
     from lightning_modules.classifier_training import ClassifierTraining
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" lines for every arm
     seed_everything(seed, verbose=False)
     model = ClassifierTraining(cfg.classifier, cfg.findings, cfg.init, cfg.learning_rate, xrv_cache_dir=cfg.xrv_cache_dir,
                                seed=seed)
@@ -368,7 +388,9 @@ def run_utility(cfg: UtilityConfig, log=print) -> Path:
         f"{len(real.test_images)} test images; {resolution} px")
     prompts = prompts_for(cfg, real)
     rows, probabilities, native, made = [], {}, {}, {}
-    for strategy in load_strategies(cfg.base, cfg.runs, []):
+    strategies = load_strategies(cfg.base, cfg.runs, [])
+    samplers = choose_samplers(strategies, cfg.scheduler, SD_SAMPLER)  # a sampler a model cannot use: refused here
+    for strategy in strategies:
         native[strategy.name] = strategy.generator.native_size
         synthetic, made[strategy.name] = synthetic_set(cfg, strategy, prompts, resolution, log, device)
         for arm in ARMS:
@@ -388,10 +410,10 @@ def run_utility(cfg: UtilityConfig, log=print) -> Path:
     from evaluation.utility_report import differences, write_outputs
 
     table, diffs = pd.DataFrame(rows), differences(cfg, probabilities, real.test_labels)
-    write_outputs(cfg, out, table, diffs, real, resolution, native)
+    write_outputs(cfg, out, table, diffs, real, resolution, native, samplers)
     provenance.write(out / "provenance.json", provenance.record(
         "study/utility", asdict(cfg), {"training_images": real.train["dicom_id"].tolist(), "test_images": len(real.test_images),
-                                       "generated_px": native, "synthetic": made, "init_saw_test": leak,
+                                       "generated_px": native, "samplers": samplers, "synthetic": made, "init_saw_test": leak,
                                        "skipped_images": real.skipped,
                                        "seconds": round(time.time() - started, 1)}, packages=PACKAGES))
     log(f"wrote {out / 'utility.md'}")
@@ -463,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the real ones are")
     p.add_argument("--gen_steps", type=at_least(1), default=25)
     p.add_argument("--guidance", type=at_least(0, float), default=7.5)
-    p.add_argument("--scheduler", default="ddim", choices=("pndm", "ddim", "euler", "dpm"))
+    p.add_argument("--scheduler", default=None, choices=("pndm", "ddim", "euler", "dpm"), help="one sampler for every "
+                   f"model (default: each model's own: {SD_SAMPLER} for Stable Diffusion, the base's for other families: "
+                   "Sana euler; Sana refuses pndm and ddim)")
     p.add_argument("--max_real", type=at_least(1), default=None, help="at most this many real training images (seeded sample)")
     p.add_argument("--n_boot", type=at_least(1), default=200, help="bootstrap resamples of the test images per interval")
     p.add_argument("--seed", type=study_seed, default=0, help="data seed: the --max_real sample, the synthetic images' "

@@ -111,6 +111,7 @@ class Results:
     originals: Optional[np.ndarray] = None  # uint8 [N, H, W]
     skipped: list = field(default_factory=list)
     vae_key: str = ""
+    reconstruction: str = "VAE posterior mean, decoded, channel mean, rounded to uint8"
     recons: Optional[np.ndarray] = None
     per_image: Optional[pd.DataFrame] = None
     summary: Optional[pd.DataFrame] = None
@@ -141,7 +142,7 @@ def run_study(cfg: StudyConfig, fid_extractor: Optional[nn.Module] = None, log: 
     device = _device(cfg.device)
     classifier, fid_extractor = load_networks(cfg, fid_extractor)  # fail fast on missing weights
     r = load_inputs(cfg, log)
-    r.recons, r.vae_key = reconstruct_all(cfg, r.originals, device)
+    r.recons, r.vae_key, r.reconstruction = reconstruct_all(cfg, r.originals, device)
     image_quality(cfg, r)
     if classifier is not None:
         classify(cfg, classifier.to(device), r, out, device)
@@ -194,16 +195,51 @@ def reconstruct(vae, images_u8: np.ndarray, device) -> np.ndarray:
     return out.add(1).mul(127.5).round().to(torch.uint8).cpu().numpy()
 
 
-def reconstruct_all(cfg: StudyConfig, originals: np.ndarray, device) -> tuple[np.ndarray, str]:
-    """Every image through the VAE (``cfg.batch_size`` at a time); returns the reconstructions and the VAE's key."""
+# Families whose autoencoder is deterministic (no posterior to sample): the study encodes and decodes through the base's
+# interface (encode_images, decode_latents). Sana's DC autoencoder: latent * scaling_factor, decoded / scaling_factor.
+DETERMINISTIC_AUTOENCODERS = ("sana",)
+
+
+def reconstruct_all(cfg: StudyConfig, originals: np.ndarray, device) -> tuple[np.ndarray, str, str]:
+    """Every image through the autoencoder (``cfg.batch_size`` at a time); returns the reconstructions, the weights'
+    key and how they were made (Stable Diffusion: the KL posterior's mean; Sana: its deterministic DC autoencoder)."""
     from tqdm.auto import tqdm
 
-    spec = StableDiffusionSpec(pretrained=cfg.pretrained)
-    vae = load_vae(spec).to(device)
+    spec = StableDiffusionSpec(pretrained=cfg.pretrained, local_files_only=Path(cfg.pretrained).expanduser().is_dir())
+    family = spec.family_name()
+    if family == "stable-diffusion":
+        vae = load_vae(StableDiffusionSpec(pretrained=cfg.pretrained)).to(device)
+        one, how = (lambda batch: reconstruct(vae, batch, device)), "VAE posterior mean, decoded, channel mean, rounded to uint8"
+    else:
+        one, how = base_reconstruction(cfg, spec, family, device)
     recons = np.empty_like(originals)
     for s in tqdm(range(0, len(originals), cfg.batch_size), desc="VAE encode/decode"):
-        recons[s : s + cfg.batch_size] = reconstruct(vae, originals[s : s + cfg.batch_size], device)
-    return recons, spec.cache_key()
+        recons[s : s + cfg.batch_size] = one(originals[s : s + cfg.batch_size])
+    return recons, spec.cache_key(), how
+
+
+def base_reconstruction(cfg: StudyConfig, spec: StableDiffusionSpec, family: str, device) -> tuple[Callable, str]:
+    """A base of another family, reconstructed through its interface (its autoencoder must be deterministic: the
+    study compares one reconstruction per image, never a sample). The whole base is loaded (its text encoder too)."""
+    from models.stable_diffusion import load_stable_diffusion
+
+    if family not in DETERMINISTIC_AUTOENCODERS:
+        raise VAEStudyError(f"--pretrained {cfg.pretrained}: a {family} base; the VAE study on its autoencoder is not "
+                            "implemented (it reconstructs Stable Diffusion's posterior mean or a deterministic autoencoder)")
+    base = load_stable_diffusion(spec)
+    factor = int(base.vae_scale_factor)
+    if cfg.resolution % factor:
+        raise VAEStudyError(f"--resolution {cfg.resolution}: a {family} base's autoencoder downsamples by {factor}; give a "
+                            f"multiple of {factor}")
+    base.vae.to(device)
+
+    @torch.no_grad()
+    def one(images_u8: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images_u8).to(device).float().div(127.5).sub(1.0).unsqueeze(1).expand(-1, 3, -1, -1)
+        out = base.decode_latents(base.encode_images(x)).float().mean(dim=1).clamp(-1, 1)
+        return out.add(1).mul(127.5).round().to(torch.uint8).cpu().numpy()
+
+    return one, f"{family} autoencoder ({type(base.vae).__name__}, deterministic: no posterior), decoded, channel mean, rounded to uint8"
 
 
 def image_quality(cfg: StudyConfig, r: Results) -> None:
@@ -352,7 +388,7 @@ def write_provenance(cfg: StudyConfig, r: Results, out: Path, fid_extractor: Opt
               "fid_features": r.fid["features"] if r.fid else None,
               "inception_weights_file": getattr(fid_extractor, "weights_path", None)}
     settings = {**asdict(cfg), "table1_mapping": TABLE1_MAPPING, "ssim_settings": SSIM_KWARGS, "device": str(device),
-                "reconstruction": "VAE posterior mean, decoded, channel mean, rounded to uint8",
+                "reconstruction": r.reconstruction,
                 "seconds": round(time.time() - started, 1)}
     provenance.write(out / "provenance.json", provenance.record("study/vae", settings, inputs, packages=VAE_STUDY_PACKAGES))
 
@@ -410,6 +446,13 @@ def plot_examples(originals: np.ndarray, recons: np.ndarray, ids: Sequence[str],
     plt.close(fig)
 
 
+def vae_words(res: Results) -> str:
+    """How the reconstructions were made, in the summary's words."""
+    if res.reconstruction.startswith("VAE posterior mean"):
+        return "posterior mean, no sampling"
+    return res.reconstruction.split(", decoded")[0]
+
+
 def write_summary(out, cfg: StudyConfig, res: Results) -> str:
     """summary.md: every table, with N, scales and conventions spelt out."""
     source, n, skipped, pooled = res.source, len(res.records), res.skipped, res.pooled
@@ -418,7 +461,7 @@ def write_summary(out, cfg: StudyConfig, res: Results) -> str:
     s = {r["metric"]: r for r in res.summary.to_dict("records")}
     L = [f"# VAE reconstruction study", "",
          f"- Images: {source}; **N = {n}** used, {len(skipped)} skipped (unreadable)." + (f" Skipped: {[k['path'] for k in skipped]}" if skipped else ""),
-         f"- Resolution: {cfg.resolution} px (shorter side resized, centre crop), VAE: `{cfg.pretrained}` (posterior mean, no sampling).",
+         f"- Resolution: {cfg.resolution} px (shorter side resized, centre crop), VAE: `{cfg.pretrained}` ({vae_words(res)}).",
          f"- Reconstructions are rounded to 8 bits (as a saved image would be); metrics use scikit-image with an explicit data_range.",
          f"- SSIM: Wang et al. settings (Gaussian window, sigma 1.5, population covariance)." ,
          f"- Corners masked for the image metrics: {'no' if not cfg.mask_corners else f'yes, four squares of side {cfg.mask_corners:g} x image size (burnt-in annotations)'}"
