@@ -1,0 +1,393 @@
+"""The SD 3.5 family (Stability AI's Stable Diffusion 3 / 3.5; SD 3.5 medium scores FID 91 on CheXGenBench's RAD-DINO
+features): an MM-DiT (``SD3Transformer2DModel``) trained by rectified-flow matching on a 16-channel ``AutoencoderKL`` with
+a shift and a scale, conditioned by three text encoders: CLIP-L and CLIP-G (``CLIPTextModelWithProjection``) and T5-XXL
+(``T5EncoderModel``).
+
+The training maths follow diffusers' ``examples/dreambooth/train_dreambooth_sd3.py`` and
+``train_dreambooth_lora_sd3.py``:
+
+* latents ``(vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor``, decoded from
+  ``latents / scaling_factor + shift_factor``;
+* the training schedule ``FlowMatchEulerDiscreteScheduler.from_pretrained(<folder>, subfolder="scheduler")`` (SD 3.5's:
+  ``shift=3.0``);
+* the prompt encoding of ``StableDiffusion3Pipeline.encode_prompt``: each CLIP's penultimate hidden state (77 tokens),
+  the two concatenated on the feature axis and their pooled (projected) outputs concatenated; T5's last hidden state;
+  the CLIP part zero-padded to T5's width and put before T5's on the sequence axis;
+* the objective :class:`SD3FlowMatchingObjective`: :class:`~models.families.FlowMatchingObjective`'s draw (the scripts'
+  default ``--weighting_scheme logit_normal`` is the configs' ``timestep_sampling``) with the scripts' default
+  ``--precondition_outputs 1``: the prediction is turned into an estimate of the clean latents
+  (``pred * (-σ) + noisy``) and the target is the latents themselves;
+* the transformer called with ``pooled_projections`` (the two CLIPs' pooled outputs).
+
+Where we differ on purpose: T5's window is ``StableDiffusion3Pipeline``'s default of 256 tokens (the scripts'
+``--max_sequence_length`` defaults to 77), so a model trains with the window it samples with in plain diffusers.
+
+Sampling and exports use ``StableDiffusion3Pipeline`` (its LoRA loader for adapters), so every export loads in plain
+diffusers.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import UserError
+from models.families import BaseFamily, Draw, FlowMatchingObjective, TimestepSampling, check_window, get_family, sample_latents
+
+PARTS = ("model_index.json", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+         "tokenizer_3", "transformer", "scheduler")
+TEXT_WINDOW = 256  # StableDiffusion3Pipeline's max_sequence_length (T5's window); the pipeline takes at most 512
+SAMPLERS = ("euler", "dpm")
+
+
+class SD3LoadError(UserError, RuntimeError):
+    """An SD 3.5 folder or hub id could not be read."""
+
+
+class SD3SettingError(UserError, ValueError):
+    """A setting that does not fit an SD 3.5 base."""
+
+
+class SD3Condition:
+    """SD 3.5's conditioning: ``embeds [B, 77 + T, D]`` (the two CLIPs' penultimate states, padded to T5's width, then T5's)
+    and ``pooled [B, P]`` (the two CLIPs' pooled projections, concatenated)."""
+
+    def __init__(self, embeds: torch.Tensor, pooled: torch.Tensor):
+        self.embeds, self.pooled = embeds, pooled
+
+    @property
+    def shape(self):
+        return self.embeds.shape
+
+    @property
+    def dtype(self):
+        return self.embeds.dtype
+
+    @property
+    def device(self):
+        return self.embeds.device
+
+    def to(self, *args, **kwargs) -> "SD3Condition":
+        return SD3Condition(self.embeds.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+
+class SD3FlowMatchingObjective(FlowMatchingObjective):
+    """:class:`~models.families.FlowMatchingObjective` with the SD3 scripts' output preconditioning.
+
+    diffusers' ``train_dreambooth_sd3.py`` and ``train_dreambooth_lora_sd3.py`` default to ``--precondition_outputs 1``
+    (EDM, Karras et al. 2022, §5): ``model_pred = model_pred * (-sigmas) + noisy_model_input`` and ``target =
+    model_input``. The draw is the parent's (noise, then timesteps, from one generator); only the target changes here, and
+    the base's :meth:`SD3.denoise` applies :meth:`precondition` to the transformer's output, looking σ up by timestep
+    value as the scripts' ``get_sigmas`` does. With ``precondition_outputs=False`` it is the parent's objective (target
+    ``noise - latents``), as the scripts with ``--precondition_outputs 0``.
+    """
+
+    def __init__(self, scheduler, precondition_outputs: bool = True):
+        super().__init__(scheduler)
+        self.precondition_outputs = bool(precondition_outputs)
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator, sampling: Optional[TimestepSampling] = None) -> Draw:
+        draw = super().draw(latents, generator, sampling)
+        if self.precondition_outputs:
+            draw.target = latents  # the scripts' `target = model_input`
+        return draw
+
+    def sigmas_of(self, timesteps: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+        """σ of each timestep, looked up by value in the training schedule (the scripts' ``get_sigmas``)."""
+        schedule = self._timesteps.to(timesteps.device)
+        hits = schedule[None, :] == timesteps.reshape(-1, 1).to(schedule.dtype)
+        if not bool(hits.any(dim=1).all()):
+            raise ValueError("SD3 preconditioning: a timestep is not one of the training schedule's (draw it with the objective)")
+        sigmas = self._sigmas.to(timesteps.device)[hits.float().argmax(dim=1)].to(dtype)
+        return sigmas.view(-1, *([1] * (ndim - 1)))
+
+    def precondition(self, pred: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if not self.precondition_outputs:
+            return pred
+        return pred * (-self.sigmas_of(timesteps, noisy.ndim, noisy.dtype)) + noisy
+
+
+class SD3Conditioning:
+    """SD 3.5's conditioning (:class:`SD3Condition`) of prompts, as ``StableDiffusion3Pipeline.encode_prompt``.
+
+    ``cache_size`` > 0 keeps each distinct prompt's output (only while the three encoders are frozen: it never changes
+    then; at full size T5-XXL alone is 4.7 B parameters), least recently used dropped."""
+
+    def __init__(self, base: "SD3", cache_size: int = 0):
+        self.base = base
+        self.size = max(int(cache_size), 0)
+        self.cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+
+    def __call__(self, prompts: Sequence[str]) -> SD3Condition:
+        prompts = list(prompts)
+        if not self.size:
+            return self.base.encode(prompts)
+        with torch.no_grad():
+            param = next(self.base.text_encoder_3.parameters())
+            first = next(iter(self.cache.values()))[0] if self.cache else None
+            if first is not None and (first.dtype != param.dtype or first.device != param.device):
+                self.cache.clear()  # the encoders moved or changed precision
+            # each missing prompt encoded on its own: a prompt's cached value must not depend on which others were
+            # missing with it (batched matrix products round differently), or a resumed run, whose cache fills in
+            # another order (class images are sampled in the first run only), would not be bit-identical
+            for p in dict.fromkeys(prompts):
+                if p not in self.cache:
+                    made = self.base.encode([p])
+                    self.cache[p] = (made.embeds[0], made.pooled[0])
+            for p in prompts:
+                self.cache.move_to_end(p)
+            out = SD3Condition(torch.stack([self.cache[p][0] for p in prompts]), torch.stack([self.cache[p][1] for p in prompts]))
+            while len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        return out
+
+    def negative(self, prompts: Sequence[str]) -> SD3Condition:
+        return self(prompts)
+
+    def to(self, device) -> None:
+        """Nothing of its own: the three encoders are part of the base."""
+
+    def window(self, prompts: Sequence[str]) -> dict:
+        base = self.base
+        return {"encoder": "CLIP-L + CLIP-G + T5", "window": base.text_window, "too_long": base.count_too_long(prompts),
+                "handling": f"truncated to T5's {base.text_window} tokens (the two CLIPs read the first {base.clip_window})"}
+
+
+class SD3(nn.Module):
+    """Frozen SD 3.5 parts (``vae``, ``text_encoder`` CLIP-L, ``text_encoder_2`` CLIP-G, ``text_encoder_3`` T5,
+    ``transformer``; their tokenizers and the ``noise_scheduler``) with the base-family interface of
+    :mod:`models.families`."""
+
+    family = "sd3"
+    denoiser_name = "transformer"
+    default_sampler = "euler"  # StableDiffusion3Pipeline's FlowMatchEulerDiscreteScheduler
+    default_class_sampler = "euler"
+    pipeline_class = "StableDiffusion3Pipeline"
+
+    def __init__(self, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3, transformer,
+                 noise_scheduler, spec):
+        super().__init__()
+        self.vae = vae
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
+        self.transformer = transformer
+        self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
+        self.noise_scheduler = noise_scheduler
+        self.spec = spec
+        for part in self.parts():
+            part.requires_grad_(False)
+            part.eval()
+        self.text_window = check_window(get_family("sd3"), spec.max_sequence_length)
+        self.objective = SD3FlowMatchingObjective(noise_scheduler)
+
+    def parts(self) -> list[nn.Module]:
+        return [self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.transformer]
+
+    # ------------------------------------------------------------------ the base-family interface
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def sampling_arguments(self) -> dict:
+        """Pipeline arguments that sample as trained: the T5 window when it is not the pipeline's default (256)."""
+        return {} if self.text_window == TEXT_WINDOW else {"max_sequence_length": self.text_window}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        return int(self.transformer.config.sample_size * self.vae_scale_factor)
+
+    @property
+    def max_token_length(self) -> int:
+        return self.text_window
+
+    @property
+    def clip_window(self) -> int:
+        """The CLIPs' window (``StableDiffusion3Pipeline.tokenizer_max_length``: the first tokenizer's, 77)."""
+        return int(self.tokenizer.model_max_length)
+
+    def tokenize(self, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(clip_l_ids, clip_g_ids, t5_ids)``, each padded to its window, as ``StableDiffusion3Pipeline`` tokenizes."""
+        prompts = list(prompts)
+        clip = [tok(prompts, padding="max_length", max_length=self.clip_window, truncation=True, return_tensors="pt").input_ids
+                for tok in (self.tokenizer, self.tokenizer_2)]
+        t5 = self.tokenizer_3(prompts, padding="max_length", max_length=self.text_window, truncation=True,
+                              add_special_tokens=True, return_tensors="pt").input_ids
+        ids = (clip[0], clip[1], t5)
+        return tuple(i.to(device) for i in ids) if device is not None else ids
+
+    def count_too_long(self, prompts: Sequence[str]) -> int:
+        """How many prompts are longer than T5's window (they are truncated; CLIP reads the first 77 tokens anyway)."""
+        lengths = self.tokenizer_3(list(prompts), truncation=False, add_special_tokens=True).input_ids
+        return sum(len(ids) > self.text_window for ids in lengths)
+
+    def encode(self, prompts: Sequence[str]) -> SD3Condition:
+        """``StableDiffusion3Pipeline.encode_prompt`` (the SD3 scripts' ``encode_prompt``), gradients where they train."""
+        ids_l, ids_g, ids_t5 = self.tokenize(prompts)
+        embeds, pooled = [], []
+        for ids, encoder in ((ids_l, self.text_encoder), (ids_g, self.text_encoder_2)):
+            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+            pooled.append(out[0])  # text_embeds: the pooled output through the projection
+            embeds.append(out.hidden_states[-2].to(self.text_encoder.dtype))  # the penultimate layer (clip_skip None)
+        clip = torch.cat(embeds, dim=-1)
+        t5 = self.text_encoder_3(ids_t5.to(next(self.text_encoder_3.parameters()).device))[0]
+        t5 = t5.to(device=clip.device, dtype=self.text_encoder_3.dtype)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return SD3Condition(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1).to(clip.device))
+
+    def conditioning(self, cache_size: int = 0) -> SD3Conditioning:
+        return SD3Conditioning(self, cache_size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> SD3Condition:
+        return self.encode(prompts)
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: SD3Condition) -> torch.Tensor:
+        """The transformer's prediction, called as the SD3 scripts call it, preconditioned as they do
+        (:class:`SD3FlowMatchingObjective`: an estimate of the clean latents by default)."""
+        pred = self.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=condition.embeds.to(noisy.dtype),
+                                pooled_projections=condition.pooled.to(noisy.dtype), return_dict=False)[0]
+        return self.objective.precondition(pred, noisy, timesteps)
+
+    # ------------------------------------------------------------------ the autoencoder
+    @property
+    def shift_factor(self) -> float:
+        return float(self.vae.config.shift_factor or 0.0)
+
+    def encode_images(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Scaled latents ``(z - shift) * scale`` of images in [-1, 1], ``z`` sampled from the posterior with ``generator``."""
+        vae_param = next(self.vae.parameters())
+        with torch.no_grad():
+            dist = self.vae.encode(pixel_values.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+            latents = dist.sample(generator=generator)
+        return (latents - self.shift_factor) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae_param = next(self.vae.parameters())
+        latents = latents.to(device=vae_param.device, dtype=vae_param.dtype) / self.vae.config.scaling_factor + self.shift_factor
+        return self.vae.decode(latents).sample
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of the VAE posterior of images in [-1, 1] (for the latent cache)."""
+        vae_param = next(self.vae.parameters())
+        dist = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+        return dist.mean, dist.logvar
+
+    def latents_from_posterior(self, dist: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae_dtype = next(self.vae.parameters()).dtype
+        return sample_latents(dist, generator, self.vae.config.scaling_factor, vae_dtype, shift_factor=self.shift_factor).float()
+
+    # ------------------------------------------------------------------ sampling
+    def inference_scheduler(self, name: str):
+        from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+        if name == "euler":
+            return FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config)
+        if name == "dpm":
+            return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                               flow_shift=float(self.noise_scheduler.config.shift))
+        raise SD3SettingError(f"scheduler {name!r}: an SD 3.5 base samples with flow-matching schedulers: euler or dpm")
+
+    def pipeline(self, scheduler: Optional[str] = None, transformer: Optional[nn.Module] = None):
+        """A diffusers ``StableDiffusion3Pipeline`` over these parts."""
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer if transformer is not None else self.transformer,
+            scheduler=self.inference_scheduler(scheduler or self.default_sampler), vae=self.vae,
+            text_encoder=self.text_encoder, tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2,
+            tokenizer_2=self.tokenizer_2, text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def export_pipeline(self):
+        """The pipeline ``export.py`` saves (Euler, SD 3.5's own sampler). The strategies cast the VAE, CLIP-L and the
+        denoiser to float32 before saving; CLIP-G and T5 are cast here, so no 16-bit training dtype leaks into it."""
+        for part in (self.text_encoder_2, self.text_encoder_3):
+            part.float()
+        return self.pipeline()
+
+    @torch.no_grad()
+    def sample(self, prompt_embeds: SD3Condition, negative_prompt_embeds: SD3Condition, seeds: Sequence[int], steps: int = 28,
+               guidance: float = 7.0, height: Optional[int] = None, width: Optional[int] = None,
+               scheduler: Optional[str] = None) -> torch.Tensor:
+        """Images in [0, 1], ``[B, 3, H, W]`` float32 on CPU, one seed per image (its starting noise from its own seed)."""
+        if len(seeds) != prompt_embeds.shape[0]:
+            raise ValueError(f"got {prompt_embeds.shape[0]} prompts but {len(seeds)} seeds")
+        pipe = self.pipeline(scheduler)
+        dtype = next(self.transformer.parameters()).dtype
+        height, width = height or self.native_size, width or self.native_size
+        f = self.vae_scale_factor
+        channels = int(self.transformer.config.in_channels)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        latents = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
+        latents = latents.to(device=prompt_embeds.device, dtype=dtype)
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            out = pipe(prompt_embeds=prompt_embeds.embeds.to(dtype), pooled_prompt_embeds=prompt_embeds.pooled.to(dtype),
+                       negative_prompt_embeds=negative_prompt_embeds.embeds.to(dtype),
+                       negative_pooled_prompt_embeds=negative_prompt_embeds.pooled.to(dtype), latents=latents,
+                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="pt",
+                       max_sequence_length=self.text_window).images
+        finally:
+            self.transformer.train(was_training)
+        return out.float().clamp(0, 1).cpu()
+
+    def set_frozen_dtype(self, dtype: torch.dtype, keep_vae_fp32: bool = False) -> None:
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+            part = getattr(self, name)
+            if any(p.requires_grad for p in part.parameters()) or (name == "vae" and keep_vae_fp32):
+                continue
+            if next(part.parameters()).dtype != dtype:
+                part.to(dtype)
+
+
+# ---------------------------------------------------------------------- loading
+def _how_to_get(spec) -> str:
+    return (f"SD 3.5 weights {spec.pretrained!r} could not be loaded. Pass a local folder holding a diffusers "
+            f"StableDiffusion3Pipeline ({', '.join(p + ('' if '.' in p else '/') for p in PARTS)}), e.g. one made with "
+            "`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --local-dir sd35-medium` on a machine with "
+            "internet access (accept the model licence on the Hub first), or make sure the hub id is in your Hugging Face "
+            "cache (HF_HOME)")
+
+
+def load(spec, source_spec) -> SD3:
+    """SD 3.5 from a folder or hub id (``source_spec`` reads the files; ``spec`` is what the base records)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    source = source_spec.pretrained
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        missing = [p for p in PARTS if not (folder / p).exists()]
+        if missing:
+            raise SD3LoadError(f"{folder}: not an SD 3.5 pipeline folder: missing {missing} ({_how_to_get(spec)})")
+        source = str(folder)
+    kwargs = dict(revision=source_spec.revision, local_files_only=source_spec.local_files_only)
+    try:
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+                      CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs),
+                      T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_3", **kwargs)]
+        encoders = [CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder", **kwargs),
+                    CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs),
+                    T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **kwargs)]
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+        transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", **kwargs)
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise SD3LoadError(f"{_how_to_get(spec)}. Underlying error: {str(err).splitlines()[0] if str(err) else err!r}") from None
+    return SD3(vae, *encoders, *tokenizers, transformer, noise_scheduler, spec)
+
+
+FAMILY = BaseFamily(name="sd3", pipelines=("StableDiffusion3Pipeline",), parts=PARTS, load=load, text_window=TEXT_WINDOW,
+                    objective="flow-matching")
