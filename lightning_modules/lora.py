@@ -10,6 +10,11 @@ adapters and their optimizer state only: megabytes, not gigabytes.
 The export is diffusers' LoRA format, which ``StableDiffusionPipeline.load_lora_weights(folder)`` loads in plain
 diffusers on the base model (the scale ``alpha / rank`` folded into the up matrices, so any loader applies it), plus ``export.json`` (kind ``lora``); :func:`load_export` reads it back as a
 :class:`~models.generator.Generator`, and ``export.py --merge`` writes a full pipeline with the adapters merged.
+
+On the DiT families (:mod:`models.families`: Sana, SD 3.5, PixArt-Σ) the adapters go on the transformer's attention
+projections, and are saved as the family's pipeline saves them (``SanaPipeline``/``StableDiffusion3Pipeline``
+``save_lora_weights``), or, for a family whose pipeline has no LoRA loader (PixArt-Σ), through the base's own hooks
+(``add_lora_adapter``, ``save_lora_weights``, ``load_lora_weights``, ``merge_lora``, ``lora_loading_code``).
 """
 from __future__ import annotations
 
@@ -110,7 +115,7 @@ class LoRAFineTuning(UNetFineTuning):
         hp = self.hparams
         if hp.text_encoder_lora and self.sd.family != "stable-diffusion":
             raise LoRAConfigError(f"text_encoder_lora: adapters on the text encoder are implemented for CLIP (Stable Diffusion); "
-                                  f"{self.sd.family}'s pipeline loads adapters on its transformer only. Set text_encoder_lora: false")
+                                  f"on {self.sd.family} bases they are not implemented yet. Set text_encoder_lora: false")
         if hp.text_encoder_lora and (why := text_encoder_lora_unavailable()):
             raise LoRAConfigError(why)
         denoiser = self.sd.denoiser
@@ -119,7 +124,10 @@ class LoRAFineTuning(UNetFineTuning):
         config = dict(r=int(hp.rank), lora_alpha=float(self.lora_alpha), lora_dropout=float(hp.dropout), init_lora_weights="gaussian")
         with torch.random.fork_rng(devices=[]):  # the adapters start the same in every run with this seed
             torch.manual_seed(hp.seed)
-            denoiser.add_adapter(LoraConfig(target_modules=list(hp.target_modules), **config))
+            if hasattr(self.sd, "add_lora_adapter"):  # a denoiser without PeftAdapterMixin (PixArt's): its base adds them
+                self.sd.add_lora_adapter(LoraConfig(target_modules=list(hp.target_modules), **config))
+            else:
+                denoiser.add_adapter(LoraConfig(target_modules=list(hp.target_modules), **config))
             if hp.text_encoder_lora:
                 check_targets(self.sd.text_encoder, list(hp.text_encoder_target_modules), "text_encoder_target_modules")
                 self.sd.text_encoder.add_adapter(LoraConfig(target_modules=list(hp.text_encoder_target_modules), **config))
@@ -190,13 +198,17 @@ class LoRAFineTuning(UNetFineTuning):
         # loader gives the trained update ``alpha / rank * B A`` (diffusers' train_dreambooth_lora.py passes the metadata
         # instead, which only loaders reading it honour).
         state = {part: fold_scale(weights, scale) for part, weights in state.items()}
-        if self.sd.family != "stable-diffusion":  # the family's pipeline class saves its own layout (SanaPipeline: transformer)
+        if hasattr(self.sd, "save_lora_weights"):  # a family without a diffusers LoRA loader says how it saves them
+            self.sd.save_lora_weights(out_dir, state)
+        elif self.sd.family != "stable-diffusion":  # the family's pipeline class saves its own layout (SanaPipeline: transformer)
             type(self.sd.pipeline()).save_lora_weights(out_dir, safe_serialization=True,
                                                        **{f"{name}_lora_layers": layers for name, layers in state.items()})
         else:
             StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=state["unet"],
                                                       text_encoder_lora_layers=state.get("text_encoder"), safe_serialization=True)
-        write_manifest(out_dir, "lora", type(self).__name__, dict(vars(self.spec)), trained=sorted(state),
+        # a family whose pipeline has no load_lora_weights says how its export loads in plain diffusers (the model card's)
+        extra = {"loading_code": self.sd.lora_loading_code()} if hasattr(self.sd, "lora_loading_code") else {}
+        write_manifest(out_dir, "lora", type(self).__name__, dict(vars(self.spec)), trained=sorted(state), **extra,
                        lora={"rank": hp.rank, "alpha": self.lora_alpha, "scale_folded_into_lora_up": scale,
                              "dropout": hp.dropout,
                              "target_modules": list(hp.target_modules),
@@ -207,8 +219,11 @@ class LoRAFineTuning(UNetFineTuning):
         """A full ``StableDiffusionPipeline`` folder with the adapters merged into the base weights (``export.py --merge``).
         The module's own U-Net and text encoder are merged in place: use it for nothing else afterwards."""
         pipe = self.sd.export_pipeline()
-        pipe.fuse_lora(components=self.adapter_parts())
-        pipe.unload_lora_weights()
+        if hasattr(self.sd, "merge_lora"):  # a family without a diffusers LoRA loader merges its own way
+            self.sd.merge_lora()
+        else:
+            pipe.fuse_lora(components=self.adapter_parts())
+            pipe.unload_lora_weights()
         for part in (self.sd.denoiser, pipe.vae, pipe.text_encoder):  # .float(): diffusers warns on .to(dtype) for nothing
             part.float()
         pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -224,11 +239,16 @@ def load_export(folder: Path, manifest: dict, base: Optional[str] = None) -> Gen
     """A LoRA export on its base model (``base`` overrides the one ``export.json`` names): the ``lora`` export kind."""
     from models.stable_diffusion import load_stable_diffusion
 
-    spec = {"pretrained": base, "local_files_only": Path(base).is_dir()} if base else manifest.get("base_model")
+    window = (manifest.get("base_model") or {}).get("max_sequence_length")  # the text window it was trained with
+    spec = ({"pretrained": base, "local_files_only": Path(base).is_dir(), "max_sequence_length": window} if base
+            else manifest.get("base_model"))
     if not spec:
         raise ValueError(f"{folder}: LoRA weights without export.json do not name their base model; give the model they were "
                          "trained on")
     sd = load_stable_diffusion(spec)
-    sd.pipeline().load_lora_weights(str(folder))  # injects the adapters into sd's own U-Net and text encoder
+    if hasattr(sd, "load_lora_weights"):  # a family without a diffusers LoRA loader reads its own
+        sd.load_lora_weights(folder)
+    else:
+        sd.pipeline().load_lora_weights(str(folder))  # injects the adapters into sd's own denoiser and text encoder
     sd.requires_grad_(False)
     return Generator(sd)
