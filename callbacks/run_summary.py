@@ -182,7 +182,7 @@ def next_commands(run: RunFolder, subject: Optional[str] = None) -> list[str]:
     commands = [f"python generate.py --run {folder} --prompt {shlex.quote(prompt)} --n 8 --out {shlex.quote(f'generated/{name}')}",
                 f"python export.py {folder} {shlex.quote(f'exported/{name}')}"]
     out = shlex.quote(f"studies/generation_{name}")
-    if base == PHANTOM_BASE and not subject:
+    if base in (PHANTOM_BASE, "tiny-phantom-sana") and not subject:
         # did it learn to draw an effusion on request? (the demo's own study: the shipped phantom classifier)
         commands.append(f"python -m synthetic.finding_correctness_demo {folder}")
     elif base == PHANTOM_BASE:

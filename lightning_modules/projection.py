@@ -49,8 +49,8 @@ class TextualProjection(DiffusionModule):
         **kwargs: see :class:`~lightning_modules.base.DiffusionModule` (``model`` names SD, whose CLIP is the target).
     """
 
-    families = ("stable-diffusion",)
-    families_note = "its projection maps into CLIP's 77-token conditioning, and one into another family's text space is still to come"
+    families = ("stable-diffusion", "sana")
+    families_note = "its projection maps into CLIP's or Gemma-2's conditioning, and one into T5's (or SD 3.5's three encoders') is still to come"
 
     def __init__(
         self,
@@ -112,6 +112,8 @@ class TextualProjection(DiffusionModule):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
         else:
             captions = list(batch["caption"])
+            if self.conditioning.masked:  # Sana: the positions real in both sequences (models.projection)
+                return self.conditioning.masked_loss(captions)
             inputs, targets = self.conditioning.inputs(captions), self.conditioning.targets(captions)
         return F.mse_loss(self.projection(inputs.float()), targets.float())
 

@@ -81,8 +81,8 @@ class TextualInversion(DiffusionModule):
         **kwargs: see :class:`~lightning_modules.base.DiffusionModule`.
     """
 
-    families = ("stable-diffusion",)
-    families_note = "its rows are spliced into CLIP's token embedding table, and rows in Gemma-2's or T5's table are still to come"
+    families = ("stable-diffusion", "sana")
+    families_note = "its rows are spliced into CLIP's or Gemma-2's token embedding table, and rows in T5's (and SD 3.5's two CLIPs) are still to come"
 
     def __init__(
         self,
@@ -140,7 +140,7 @@ class TextualInversion(DiffusionModule):
         """Add the tokens to the tokenizer and splice their rows into the text encoder (deterministic)."""
         self.placeholders = PlaceholderTokens(self.sd, self._tokens, self._multi_token_initializer)
         self.token_ids = self.placeholders.token_ids
-        return ClipConditioning(self.sd, self.placeholders.expand)
+        return self.sd.conditioning(rewrite=self.placeholders.expand)  # CLIP's, or the family's own (Sana: Gemma-2)
 
     def generator_options(self) -> dict:
         return {"tokens": [t.token for t in self._tokens], "subject": self._subject}
@@ -166,8 +166,11 @@ class TextualInversion(DiffusionModule):
         """
         out = Path(out_dir)
         entries = self.placeholders.save(out)
+        clip = self.sd.family == "stable-diffusion"
         manifest = {
-            "format": "diffusers textual inversion (StableDiffusionPipeline.load_textual_inversion)",
+            "format": ("diffusers textual inversion (StableDiffusionPipeline.load_textual_inversion)" if clip else
+                       f"diffusers' textual-inversion files for {self.sd.family}'s text encoder (rows in the token embedding's "
+                       "own row space; its pipeline has no load_textual_inversion: see the model card)"),
             "base_model": dict(vars(self.spec)),
             "tokens": entries,
             "templates": self._templates,
@@ -175,9 +178,25 @@ class TextualInversion(DiffusionModule):
             "finding_phrases": self._finding_phrases,
         }
         (out / "textual_inversion.json").write_text(json.dumps(manifest, indent=1))
+        extra = {} if clip else {"loading_code": self.plain_loading_code(entries)}
         write_manifest(out, "textual_inversion", type(self).__name__, dict(vars(self.spec)),
-                       files=[e["file"] for e in entries] + ["textual_inversion.json"])
+                       files=[e["file"] for e in entries] + ["textual_inversion.json"], **extra)
         return out
+
+    def plain_loading_code(self, entries: list[dict]) -> str:
+        """How to load the tokens in plain diffusers where the pipeline has no ``load_textual_inversion`` (Sana): add
+        the token names to the tokenizer, grow the embedding table and write the rows."""
+        names = [n for t in self._tokens for n in t.names()]
+        files = [e["file"] for e in entries]
+        return "\n".join([
+            f'pipe = {self.sd.pipeline_class}.from_pretrained("{self.spec.pretrained}")',
+            "from safetensors.torch import load_file",
+            f"rows = torch.cat([load_file(f'THIS_FOLDER/{{f}}')[t].reshape(-1, pipe.text_encoder.config.hidden_size) "
+            f"for f, t in zip({files!r}, {[t.token for t in self._tokens]!r})])",
+            f"pipe.tokenizer.add_tokens({names!r})",
+            "pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))",
+            f"pipe.text_encoder.get_input_embeddings().weight.data[-{len(names)}:] = rows",
+        ])
 
     # ------------------------------------------------------------------ prompts
     def prompt_for(self, finding: str, template_index: int = 0) -> str:

@@ -32,10 +32,9 @@ class CachedClipConditioning(ClipConditioning):
         param = next(self.sd.text_encoder.parameters())
         if cache and (next(iter(cache.values())).device != param.device or next(iter(cache.values())).dtype != param.dtype):
             cache.clear()  # the text encoder moved or changed precision
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if missing:
-            for p, e in zip(missing, self.sd.encode_prompts(missing)):
-                cache[p] = e
+        for p in dict.fromkeys(prompts):  # one by one: a cached value must not depend on the batch it was made in
+            if p not in cache:  # (batched products round otherwise; a resumed run meets its prompts in other batches)
+                cache[p] = self.sd.encode_prompts([p])[0]
         for p in prompts:
             cache.move_to_end(p)
         out = torch.stack([cache[p] for p in prompts])

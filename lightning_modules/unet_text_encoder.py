@@ -29,8 +29,8 @@ class UNetTextEncoderFineTuning(UNetFineTuning):
         **kwargs: see :class:`~lightning_modules.unet.UNetFineTuning` and :class:`~lightning_modules.base.DiffusionModule`.
     """
 
-    families = ("stable-diffusion",)
-    families_note = "it trains CLIP's layers, and training the last layers of Gemma-2 (2.6 B parameters at full size) is still to come"
+    families = ("stable-diffusion", "sana")
+    families_note = "it trains CLIP's or Gemma-2's layers, and T5's (and SD 3.5's three encoders) are still to come"
 
     def __init__(self, text_encoder_learning_rate: Optional[float] = None, text_encoder_layers: Optional[int] = None, **kwargs):
         if text_encoder_learning_rate is not None and text_encoder_learning_rate <= 0:
@@ -45,7 +45,7 @@ class UNetTextEncoderFineTuning(UNetFineTuning):
         self.sd.text_encoder.train()
         if self.hparams.cache_text:
             rank_zero_info("cache_text is off: the text encoder trains, so a prompt's conditioning changes at every step")
-        return ClipConditioning(self.sd)
+        return self.sd.conditioning()  # uncached: CLIP's, or the family's own (Sana: Gemma-2 with its mask)
 
     def text_encoder_parts(self) -> list:
         """The modules of CLIP's text encoder that train."""
@@ -54,15 +54,17 @@ class UNetTextEncoderFineTuning(UNetFineTuning):
         if n is None:
             return [text_encoder]
         text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 nests it; 5 does not
-        layers = text_model.encoder.layers
+        # CLIP: encoder.layers + final_layer_norm; Gemma-2 (Sana): layers + norm
+        layers = text_model.encoder.layers if hasattr(text_model, "encoder") else text_model.layers
+        final_norm = text_model.final_layer_norm if hasattr(text_model, "final_layer_norm") else text_model.norm
         if not 1 <= int(n) <= len(layers):
             raise ModuleConfigError(f"text_encoder_layers: {n!r}; the text encoder of {self.spec.pretrained!r} has "
                                     f"{len(layers)} layers, so expected 1..{len(layers)} (or null: all of it)")
-        return [*layers[len(layers) - int(n):], text_model.final_layer_norm]
+        return [*layers[len(layers) - int(n):], final_norm]
 
     def param_groups(self) -> list[dict]:
         """The U-Net at ``learning_rate``, the text encoder at ``text_encoder_learning_rate``."""
-        unet = [p for p in self.sd.unet.parameters() if p.requires_grad]
+        unet = [p for p in self.sd.denoiser.parameters() if p.requires_grad]
         text = [p for p in self.sd.text_encoder.parameters() if p.requires_grad]
         lr = self.hparams.text_encoder_learning_rate or self.hparams.learning_rate
         return [{"params": unet}, {"params": text, "lr": lr}]

@@ -160,7 +160,9 @@ def load_pipeline(folder: Path, manifest: dict, base: Optional[str] = None) -> G
     if base is not None:
         raise ExportError(f"{folder}: a pipeline export holds its whole model; a base model applies to textual-inversion "
                           "and projection exports only")
-    return Generator(load_stable_diffusion({"pretrained": str(folder), "local_files_only": True}))
+    # the text window it was trained with: export.json's base model records it, the pipeline folder's files do not
+    window = (manifest.get("base_model") or {}).get("max_sequence_length")
+    return Generator(load_stable_diffusion({"pretrained": str(folder), "local_files_only": True, "max_sequence_length": window}))
 
 
 def load_textual_inversion(folder: Path, manifest: dict, base: Optional[str] = None) -> Generator:
@@ -182,7 +184,8 @@ def load_textual_inversion(folder: Path, manifest: dict, base: Optional[str] = N
     placeholders = PlaceholderTokens(sd, tokens, multi_token_initializer="average")
     placeholders.load(rows, where=str(folder))
     subject = details.get("subject") or " ".join(t.token for t in tokens)
-    return Generator(sd, ClipConditioning(sd, placeholders.expand), tokens=[t.token for t in tokens], subject=subject)
+    conditioning = ClipConditioning(sd, placeholders.expand) if sd.family == "stable-diffusion" else sd.conditioning(rewrite=placeholders.expand)
+    return Generator(sd, conditioning, tokens=[t.token for t in tokens], subject=subject)
 
 
 def load_projection(folder: Path, manifest: dict, base: Optional[str] = None) -> Generator:

@@ -42,7 +42,8 @@ def model_card(manifest: dict, data: Optional[dict] = None, steps: Optional[int]
              f"| optimizer steps | {steps if steps is not None else 'unknown'} |",
              f"| training data | {_data_line(data)} |", ""]
     lines += [_notice(data, mimic), ""]
-    lines += _how_to_load(kind, base_id, manifest.get("pipeline_class", "StableDiffusionPipeline"), manifest.get("sampling") or {})
+    lines += _how_to_load(kind, base_id, manifest.get("pipeline_class", "StableDiffusionPipeline"), manifest.get("sampling") or {},
+                          manifest.get("loading_code"))
     if results:
         lines += ["## Evaluation (cxr-diffusion)", ""] + [f"- {name}: {text}" for name, text in results.items()] + [""]
     return "\n".join(meta + lines)
@@ -67,12 +68,15 @@ def _data_line(data: Optional[dict]) -> str:
     return f"{data.get('dataset')}: {len(data.get('train', []))} training images ({findings}); {data.get('selection', '')}"
 
 
-def _how_to_load(kind: str, base_id: str, pipeline: str = "StableDiffusionPipeline", sampling: Optional[dict] = None) -> list[str]:
+def _how_to_load(kind: str, base_id: str, pipeline: str = "StableDiffusionPipeline", sampling: Optional[dict] = None,
+                 loading: Optional[str] = None) -> list[str]:
     code = {
         "pipeline": f'pipe = {pipeline}.from_pretrained("THIS_FOLDER")',
         "lora": f'pipe = {pipeline}.from_pretrained("{base_id}")\npipe.load_lora_weights("THIS_FOLDER")',
         "textual_inversion": f'pipe = {pipeline}.from_pretrained("{base_id}")\npipe.load_textual_inversion("THIS_FOLDER")',
     }.get(kind)
+    if loading:  # a family whose pipeline has no loader for this kind says how to load it
+        code = loading
     if code is None:
         return ["## Loading", "", "`models.exports.load_export(\"THIS_FOLDER\")` in cxr-diffusion.", ""]
     if sampling:  # arguments the model was trained with that the pipeline's defaults differ from

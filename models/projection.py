@@ -16,6 +16,11 @@ CLIP's space (paper §2.5):
 Classifier-free guidance uses CLIP's embedding of the empty (or negative) prompt as the unconditional input, because
 that is what SD was trained with; the domain encoder never sees it.
 
+On a base whose conditioning carries an attention mask (Sana: Gemma-2's 300-token sequence), only ``token`` applies
+(Gemma-2 has no pooled vector): the domain states are aligned to the family's window as above, the denoiser's mask
+marks the positions of the text's own domain states, and the MSE counts the positions real in both sequences (the
+text encoder's padding states are not conditioning the base ever attended to).
+
 Saved as ``projection.safetensors`` (the MLP, float32) and ``projection.json`` (what it connects):
 :func:`save_projection` / :func:`load_projection`.
 """
@@ -99,10 +104,16 @@ class ProjectedConditioning:
 
     def __init__(self, sd, domain: DomainEncoder, projection: nn.Module, level: str):
         self.sd, self.domain, self.projection, self.level = sd, domain, projection, level
+        # a family whose conditioning carries an attention mask (Sana's Gemma-2): token level only, masked (see masked_mse)
+        self.masked = sd.family != "stable-diffusion"
+        if self.masked and level == "document":
+            raise ProjectionConfigError(
+                f"level: document maps the domain vector onto CLIP's pooled vector, and {sd.family}'s text encoder has no "
+                "pooled vector; use level: token (the domain token states onto its conditioning sequence)")
         self.in_features = domain.output_size if level == "document" else domain.hidden_size
         self.out_features = int(sd.text_encoder.config.hidden_size)
         # CLIP's start-token state opens every document-level sequence (the same for any prompt)
-        self._bos = sd.encode_prompts([""])[0, 0].detach().clone()
+        self._bos = sd.encode_prompts([""])[0, 0].detach().clone() if level == "document" else None
 
     @torch.no_grad()
     def inputs(self, texts: Sequence[str]) -> torch.Tensor:
@@ -111,10 +122,40 @@ class ProjectedConditioning:
         return document if self.level == "document" else align_token_states(states, mask, self.sd.max_token_length)
 
     @torch.no_grad()
+    def domain_mask(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[B, window]``: 1 at the positions that hold one of the text's own domain token states (the rest repeat the
+        last one): the attention mask of a masked family's conditioning."""
+        _, mask, _ = self.domain.encode(list(texts))
+        real = mask.sum(dim=1).clamp(min=1).long()
+        positions = torch.arange(self.sd.max_token_length, device=mask.device)[None, :]
+        return (positions < real[:, None]).long()
+
+    @torch.no_grad()
     def targets(self, texts: Sequence[str]) -> torch.Tensor:
-        """CLIP's pooled vectors ``[B, D]`` (document) or conditioning sequences ``[B, 77, D]`` (token)."""
+        """CLIP's pooled vectors ``[B, D]`` (document) or conditioning sequences ``[B, 77, D]`` (token); a masked
+        family's conditioning sequence (Sana: Gemma-2's ``[B, 300, D]``)."""
+        if self.masked:
+            return self.sd.conditioning()(list(texts)).embeds
         out = self.sd.text_encoder(self.sd.tokenize(texts, next(self.sd.text_encoder.parameters()).device))
         return out.pooler_output if self.level == "document" else out.last_hidden_state
+
+    def masked_loss(self, texts: Sequence[str]) -> torch.Tensor:
+        """A masked family's projection loss on ``texts`` (the text encoder runs once): the MSE over the positions real
+        in both the domain sequence and the text encoder's (the denoiser sees only the first, and the second's padding
+        states are not conditioning the base was trained with)."""
+        with torch.no_grad():
+            encoded = self.sd.conditioning()(list(texts))
+            mask = (self.domain_mask(texts).to(encoded.mask.device) * encoded.mask).float()
+            inputs = self.inputs(texts)
+        return self.masked_mse(self.projection(inputs.float()), encoded.embeds, mask)
+
+    def masked_mse(self, projected: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The projection's MSE: over every element (CLIP), or over the positions of ``mask`` (averaged over width)."""
+        if mask is None:
+            return torch.nn.functional.mse_loss(projected.float(), targets.float())
+        per_position = ((projected.float() - targets.float()) ** 2).mean(dim=-1)
+        mask = mask.to(per_position)
+        return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
     def to_conditioning(self, projected: torch.Tensor) -> torch.Tensor:
         """``[B, 77, D]`` U-Net conditioning from projected document vectors or token states."""
@@ -124,12 +165,15 @@ class ProjectedConditioning:
         seq[:, 0] = self._bos.to(projected)
         return seq
 
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.to_conditioning(self.projection(self.inputs(prompts).float()))
+    def __call__(self, prompts: Sequence[str]):
+        projected = self.to_conditioning(self.projection(self.inputs(prompts).float()))
+        if self.masked:  # the family's condition: the projected states with the domain sequence's own positions
+            return self.sd.condition(projected, self.domain_mask(prompts).to(projected.device))
+        return projected
 
     @torch.no_grad()
-    def negative(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP's embedding of the negative (by default empty) prompt, as SD was trained with."""
+    def negative(self, prompts: Sequence[str]):
+        """The base's own embedding of the negative (by default empty) prompt, as the base was trained with."""
         return self.sd.encode_prompts(prompts)
 
     def to(self, device) -> None:
@@ -173,7 +217,8 @@ def save_projection(folder: Path, conditioning: ProjectedConditioning, kind: str
         "depth": depth,
         "in_features": conditioning.in_features,
         "out_features": conditioning.out_features,
-        "unconditional": "CLIP's embedding of the empty prompt",
+        "unconditional": f"the base's own text encoder's embedding of the empty prompt ({conditioning.sd.family})",
+        "loss": "MSE over the positions real in both sequences" if conditioning.masked else "MSE",
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
 

@@ -62,10 +62,11 @@ class GemmaConditioning:
     """Sana's conditioning: Gemma-2's last hidden state of each prompt, right-padded to the window, with its mask.
 
     ``cache_size`` > 0 keeps each distinct prompt's output (only when Gemma-2 is frozen: it never changes then), least
-    recently used dropped."""
+    recently used dropped. ``rewrite`` rewrites each prompt first (textual inversion's multi-vector tokens)."""
 
-    def __init__(self, base: "Sana", cache_size: int = 0):
+    def __init__(self, base: "Sana", cache_size: int = 0, rewrite=None):
         self.base = base
+        self.rewrite = rewrite
         self.size = max(int(cache_size), 0)
         self.cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
 
@@ -77,7 +78,7 @@ class GemmaConditioning:
         return SanaCondition(embeds, mask)
 
     def __call__(self, prompts: Sequence[str]) -> SanaCondition:
-        prompts = list(prompts)
+        prompts = [self.rewrite(p) for p in prompts] if self.rewrite else list(prompts)
         if not self.size:
             return self._encode(prompts)
         with torch.no_grad():
@@ -86,11 +87,10 @@ class GemmaConditioning:
                 self.cache.clear()
             if self.cache and next(iter(self.cache.values()))[0].device != param.device:
                 self.cache.clear()
-            missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-            if missing:
-                made = self._encode(missing)
-                for p, e, m in zip(missing, made.embeds, made.mask):
-                    self.cache[p] = (e, m)
+            for p in dict.fromkeys(prompts):  # one by one: a cached value must not depend on the batch it was made in
+                if p not in self.cache:  # (batched products round otherwise; a resumed run meets its prompts in other batches)
+                    made = self._encode([p])
+                    self.cache[p] = (made.embeds[0], made.mask[0])
             for p in prompts:
                 self.cache.move_to_end(p)
             out = SanaCondition(torch.stack([self.cache[p][0] for p in prompts]), torch.stack([self.cache[p][1] for p in prompts]))
@@ -105,6 +105,7 @@ class GemmaConditioning:
         """Nothing of its own: Gemma-2 is part of the base."""
 
     def window(self, prompts: Sequence[str]) -> dict:
+        prompts = [self.rewrite(p) for p in prompts] if self.rewrite else list(prompts)
         return {"encoder": "Gemma-2", "window": self.base.text_window, "too_long": self.base.count_too_long(prompts),
                 "handling": f"truncated to Sana's {self.base.text_window}-token Gemma-2 window"}
 
@@ -172,8 +173,13 @@ class Sana(nn.Module):
         lengths = self.tokenizer(list(prompts), truncation=False, add_special_tokens=True).input_ids
         return sum(len(ids) > self.text_window for ids in lengths)
 
-    def conditioning(self, cache_size: int = 0) -> GemmaConditioning:
-        return GemmaConditioning(self, cache_size)
+    @staticmethod
+    def condition(embeds: torch.Tensor, mask: torch.Tensor) -> SanaCondition:
+        """The denoiser's condition from a sequence and its mask (the textual projection's output)."""
+        return SanaCondition(embeds, mask)
+
+    def conditioning(self, cache_size: int = 0, rewrite=None) -> GemmaConditioning:
+        return GemmaConditioning(self, cache_size, rewrite)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> SanaCondition:

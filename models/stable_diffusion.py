@@ -166,11 +166,13 @@ class StableDiffusion(nn.Module):
         """The U-Net's prediction for CLIP conditioning ``[B, 77, D]``."""
         return self.unet(noisy, timesteps, condition.to(noisy.dtype) if condition.dtype != noisy.dtype else condition).sample
 
-    def conditioning(self):
-        """The family's own prompt conditioning (CLIP's ``last_hidden_state``)."""
+    def conditioning(self, cache_size: int = 0, rewrite=None):
+        """The family's own prompt conditioning (CLIP's ``last_hidden_state``), each prompt rewritten first by
+        ``rewrite`` (textual inversion's multi-vector tokens); ``cache_size`` is for families that cache here (CLIP's
+        cache is ``lightning_modules.unet.CachedClipConditioning``)."""
         from models.generator import ClipConditioning
 
-        return ClipConditioning(self)
+        return ClipConditioning(self, rewrite)
 
     def export_pipeline(self):
         """The pipeline ``export.py`` saves (PNDM, as SD v1.4's folder)."""
@@ -408,6 +410,8 @@ def load_vae(spec: StableDiffusionSpec | dict | str):
     from diffusers import AutoencoderKL
 
     spec = _as_spec(spec)
+    if spec.family_name() != "stable-diffusion":  # another family's autoencoder (Sana's AutoencoderDC): its own loader
+        return load_stable_diffusion(spec).vae.requires_grad_(False).eval()
     built = _built(spec)
     vae = built.vae if built is not None else _from_pretrained(AutoencoderKL, spec, "vae", ("vae",))
     return vae.requires_grad_(False).eval()
@@ -418,6 +422,9 @@ def load_text_encoder(spec: StableDiffusionSpec | dict | str):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     spec = _as_spec(spec)
+    if spec.family_name() != "stable-diffusion":  # another family's text encoder (Sana's Gemma-2): its own loader
+        base = load_stable_diffusion(spec)
+        return base.tokenizer, base.text_encoder.requires_grad_(False).eval()
     built = _built(spec)
     if built is not None:
         return built.tokenizer, built.text_encoder.requires_grad_(False).eval()

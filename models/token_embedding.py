@@ -3,7 +3,8 @@
 :class:`PlaceholderTokens` adds tokens (``<lung-xray>``, ``<pleural-effusion>``, ...) to a Stable Diffusion's tokenizer
 and splices their rows into the text encoder as an :class:`ExtendedTokenEmbedding`: the original frozen
 ``nn.Embedding`` untouched plus one small ``new_rows`` Parameter ``[n_new, dim]``. The new ids (``len(tokenizer)`` on)
-look up ``new_rows``; every other id looks up the frozen table. The optimizer, its state, weight decay, gradients and
+look up ``new_rows``; every other id looks up the frozen table. A table whose lookup scales its rows (Gemma-2's
+``embed_scale``, Sana's text encoder) scales the new rows alike, so they live in the table's own row space. The optimizer, its state, weight decay, gradients and
 checkpoints see only ``new_rows``: kilobytes instead of the 49408×768 matrix plus ~300 MB of AdamW state that diffusers'
 script carries (it trains the whole matrix and writes the old rows back after every step, diffusers#507/#1176). The
 ordinary tokenizer (extended) and text-encoder forward are used everywhere else.
@@ -114,6 +115,9 @@ class ExtendedTokenEmbedding(nn.Module):
         is_new = (input_ids >= self.first_new_id) & (input_ids < self.end_new_id)
         old = self.base(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
         new = F.embedding((input_ids - self.first_new_id).clamp(0, self.new_rows.shape[0] - 1), self.new_rows)
+        scale = getattr(self.base, "embed_scale", None)  # Gemma's scaled lookup multiplies every row by sqrt(width)
+        if scale is not None:
+            new = new * scale.to(new.dtype)
         return torch.where(is_new.unsqueeze(-1), new.to(old.dtype), old)
 
     def extra_repr(self) -> str:

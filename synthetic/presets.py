@@ -170,7 +170,7 @@ def tiny_sana_configs() -> dict:
 def tiny_gemma_tokenizer():
     """A small Gemma tokenizer (``GemmaTokenizer``: BPE with byte fallback, ``<bos>`` first) built in code: Gemma's
     special tokens, the 256 byte tokens, printable ASCII, and one merge chain per word of the suite's prompts (each such
-    word one ``▁word`` token; any other text still tokenizes, letter by letter or byte by byte)."""
+    word one ``▁word`` token, and one ``word`` token at a prompt's start; any other text still tokenizes, letter by letter or byte by byte)."""
     import string
 
     from transformers import GemmaTokenizer
@@ -181,7 +181,8 @@ def tiny_gemma_tokenizer():
     for c in sorted(set("▁" + string.ascii_letters + string.digits + string.punctuation)):
         vocab.setdefault(c, len(vocab))
     words = sorted({w for word in PROMPT_WORDS for w in word.replace("<", " ").replace(">", " ").replace("-", " ").split()})
-    pieces, merges = [list("▁" + w) for w in words], []
+    # each word with and without the word-start marker: a prompt's first word has none (Gemma adds no prefix space)
+    pieces, merges = [list(prefix + w) for w in words for prefix in ("▁", "")], []
     while any(len(w) > 1 for w in pieces):  # greedy BPE until every word is one token (ties broken by the pair itself)
         counts: dict = {}
         for w in pieces:
@@ -228,6 +229,175 @@ def build_tiny_sana(seed: int, spec):
 
 tiny_random_sana = StableDiffusionPreset("tiny-random-sana", key=lambda seed: f"tiny-random-sana-seed{seed}",
                                          build=build_tiny_sana, family="sana")
+
+
+# tiny-phantom-sana: a Sana trained on phantoms (python -m synthetic.build_tiny_phantom_sana; its MODEL_CARD.md)
+TINY_PHANTOM_SANA_DIR = ASSETS / "tiny_phantom_sana"
+
+
+def tiny_phantom_sana_configs() -> dict:
+    """Constructor configs of ``tiny-phantom-sana``: tiny-random-sana's autoencoder and Gemma-2, a deeper and wider
+    transformer (8 layers, 3 heads of 32, 2x2 patches: 8x8 tokens, our choice to fit a CPU build) with sin-cos position
+    embeddings (``interpolation_scale=1``, as diffusers' Sana 2K/4K configs; the 512/1024 px ones have none and take
+    position from their convolutions only, which we judged too little for a layout in 8 layers), and Sana 512 px's sampling
+    shift (3.0) as the training schedule too."""
+    cfg = tiny_sana_configs()
+    cfg["transformer"].update(patch_size=2, num_layers=8, num_attention_heads=3, attention_head_dim=32, num_cross_attention_heads=3,
+                              cross_attention_head_dim=32, cross_attention_dim=96, interpolation_scale=1.0)
+    return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_phantom_sana_digest() -> str:
+    """First 10 hex digits of the SHA-256 of the shipped transformer and autoencoder weights: a rebuild changes the key."""
+    digest = hashlib.sha256()
+    for part in ("transformer", "vae"):
+        path = TINY_PHANTOM_SANA_DIR / part / "diffusion_pytorch_model.safetensors"
+        if not path.is_file():
+            return "missing"
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+tiny_phantom_sana = StableDiffusionPreset("tiny-phantom-sana", key=lambda seed: f"tiny-phantom-sana-{tiny_phantom_sana_digest()}",
+                                          folder=TINY_PHANTOM_SANA_DIR, family="sana")
+
+
+# ---- tiny-phantom-sana preset (helper H5 writes its block above this line)
+
+# ---------------------------------------------------------------------- SD 3.5
+def tiny_sd3_configs() -> dict:
+    """Constructor configs of ``tiny-random-sd3``: SD 3.5 medium's shape in miniature (diffusers' own SD3 pipeline test
+    components, a little wider): a 2-layer ``SD3Transformer2DModel`` with patch 2, a dual-attention first block and
+    RMS q/k norms (as 3.5 medium), a 16-channel ``AutoencoderKL`` with 4x down-sampling (64 px images, 16x16 latents) and
+    SD 3.5's scale and shift, two CLIPs of different widths (16 and 24, pooled 16 + 24 = 40) and a 48-wide T5 (the
+    CLIP part, 40 wide, is zero-padded to it), ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` as SD 3.5's folders."""
+    clip = dict(intermediate_size=37, layer_norm_eps=1e-5, num_hidden_layers=2, hidden_act="gelu")
+    return {
+        "transformer": dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                            num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=32,
+                            pooled_projection_dim=40, pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm"),
+        "vae": dict(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
+                    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=16,
+                    norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                    shift_factor=0.0609),
+        "text_encoder": dict(clip, hidden_size=16, num_attention_heads=2, projection_dim=16),
+        "text_encoder_2": dict(clip, hidden_size=24, num_attention_heads=2, projection_dim=24),
+        "text_encoder_3": dict(d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                               feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False),
+        "scheduler": dict(shift=3.0),
+    }
+
+
+def sd3_tiny_t5_tokenizer():
+    """A small T5 tokenizer (``T5Tokenizer``: a tokenizers Unigram model, ``</s>`` last) built in code: T5's special
+    tokens, ``▁``, the printable ASCII characters, and each word of the suite's prompts as one ``▁word`` piece (and one
+    ``word`` piece, for words after punctuation such as ``<lung-xray>``); any other text still tokenizes, character by
+    character (characters outside printable ASCII are ``<unk>``)."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -10.0) for c in sorted(set(string.ascii_letters + string.digits + string.punctuation))]
+    words = sorted({w for word in PROMPT_WORDS for w in word.replace("<", " ").replace(">", " ").replace("-", " ").split()})
+    vocab += [(piece, -1.0) for w in words for piece in ("▁" + w, w) if len(piece) > 1]
+    seen: set = set()
+    vocab = [(p, s) for p, s in vocab if not (p in seen or seen.add(p))]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_sd3(seed: int, spec):
+    """``tiny-random-sd3`` with weights drawn from ``seed``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from models.sd3 import SD3
+
+    cfg = tiny_sd3_configs()
+    tokenizer, tokenizer_2, tokenizer_3 = load_tiny_tokenizer(), load_tiny_tokenizer(), sd3_tiny_t5_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**cfg["transformer"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"], **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **ids))
+    text_encoder_3 = T5EncoderModel(T5Config(**cfg["text_encoder_3"], vocab_size=len(tokenizer_3), pad_token_id=0,
+                                             eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
+    return SD3(vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3, transformer, scheduler,
+               spec)
+
+
+tiny_random_sd3 = StableDiffusionPreset("tiny-random-sd3", key=lambda seed: f"tiny-random-sd3-seed{seed}",
+                                        build=build_tiny_sd3, family="sd3")
+
+# ---- SD 3.5 preset (helper H1 writes its block above this line)
+
+# PixArt-Σ (helper H2): ``tiny-random-pixart``, a seeded miniature of the pixart family (models/pixart.py): a 2-layer,
+# 32-wide PixArtTransformer2DModel (patch 2, learned sigma: 8 output channels) on a 4-channel AutoencoderKL with SDXL's
+# scaling factor (4x down-sampling: 64 px images, 16x16 latents), a 2-layer 32-wide T5EncoderModel with a small T5
+# tokenizer built in code (tiny_t5_tokenizer), and the hub folders' DPMSolverMultistepScheduler() as its sampler (the
+# training schedule is DDPMScheduler read from the same config, as diffusers' PixArt script reads it). It draws noise.
+def tiny_pixart_configs() -> dict:
+    """Constructor configs of ``tiny-random-pixart`` (diffusers' own PixArt-Σ pipeline test components, a little wider;
+    PixArt-XL-2's block settings as diffusers' convert_pixart_sigma_to_diffusers.py writes them)."""
+    return {
+        "transformer": dict(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=4,
+                            caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=32, attention_bias=True,
+                            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                            norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False),
+        "vae": dict(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(16, 16, 32), layers_per_block=1,
+                    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                    latent_channels=4, norm_num_groups=16, scaling_factor=0.13025),  # SDXL's VAE scaling factor
+        "text_encoder": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                             relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0),
+    }
+
+
+TINY_PIXART_WINDOW = 300
+
+
+def tiny_t5_tokenizer():
+    """A small T5 tokenizer (``T5Tokenizer``: Unigram, ``</s>`` appended) built in code: T5's special tokens, one
+    ``▁word`` piece per word of the suite's prompts (scored far above letters, so each such word is one token), and
+    the printable ASCII characters (any other text still tokenizes, letter by letter; what is not ASCII is ``<unk>``).
+    It round-trips through ``save_pretrained``/``from_pretrained`` (a ``tokenizer.json``)."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    words = sorted({w for word in PROMPT_WORDS for w in word.replace("<", " ").replace(">", " ").replace("-", " ").split()})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + w, -1.0) for w in words]
+    seen = {piece for piece, _ in vocab}
+    vocab += [(c, -10.0) for c in string.ascii_letters + string.digits + string.punctuation if c not in seen]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_PIXART_WINDOW)
+
+
+def build_tiny_pixart(seed: int, spec):
+    """``tiny-random-pixart`` with weights drawn from ``seed``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from models.pixart import PixArtSigma
+
+    cfg = tiny_pixart_configs()
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(**cfg["transformer"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_encoder = T5EncoderModel(T5Config(**cfg["text_encoder"], vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                                           decoder_start_token_id=0))
+    sampler = DPMSolverMultistepScheduler()  # the hub folders' (diffusers' conversion script writes its defaults)
+    return PixArtSigma(vae, text_encoder, tokenizer, transformer, DDPMScheduler.from_config(sampler.config), spec, sampler)
+
+
+tiny_random_pixart = StableDiffusionPreset("tiny-random-pixart", key=lambda seed: f"tiny-random-pixart-seed{seed}",
+                                           build=build_tiny_pixart, family="pixart")
+
+
+# ---- PixArt-Σ preset (helper H2 writes its block above this line)
 
 
 def tiny_phantom_scheduler_config() -> dict:

@@ -147,12 +147,9 @@ def test_lora_resumes_bit_identically_and_its_export_loads_with_sanas_lora_loade
 def test_what_does_not_fit_a_sana_base_is_refused_in_one_line():
     from lightning_modules.base import ModuleConfigError
     from lightning_modules.lora import LoRAConfigError, LoRAFineTuning
-    from lightning_modules.textual_inversion import TextualInversion
     from lightning_modules.unet import UNetFineTuning
 
     refusals = [
-        (lambda: TextualInversion(model=SANA), ModuleConfigError,
-         r"TextualInversion is not implemented on sana bases \('tiny-random-sana'\) yet: its rows are spliced into CLIP's"),
         (lambda: LoRAFineTuning(model=SANA, text_encoder_lora=True), LoRAConfigError, r"text_encoder_lora: adapters on the text"),
         (lambda: UNetFineTuning(model=SANA, snr_gamma=5.0), ModuleConfigError, r"snr_gamma: Min-SNR weighting is for DDPM bases"),
         (lambda: UNetFineTuning(model={"pretrained": "tiny-random"}, timestep_sampling={"weighting_scheme": "mode"}),
@@ -165,3 +162,100 @@ def test_what_does_not_fit_a_sana_base_is_refused_in_one_line():
         with pytest.raises(error, match=message) as err:
             make()
         assert "\n" not in str(err.value)
+
+
+def test_textual_inversion_trains_gemma_rows_resumes_bit_identically_and_its_export_loads_in_plain_diffusers(
+        phantom_root, sana_folder, tmp_path):
+    """New rows in Gemma-2's (scaled) embedding table: only they train; the export's loading code (SanaPipeline has no
+    load_textual_inversion) run as written gives the image the suite draws."""
+    from diffusers import SanaPipeline
+
+    from lightning_modules.textual_inversion import TextualInversion
+    from models.exports import load_export
+
+    base = {"pretrained": str(sana_folder), "local_files_only": True}
+
+    def fresh():
+        return TextualInversion(model=base, learning_rate=5e-2,
+                                placeholder_tokens=[{"token": "<lung-xray>", "initializer": "lung", "num_vectors": 2}])
+
+    straight, resumed, _ = straight_and_resumed(fresh, phantom_root, tmp_path)
+    assert straight.trained_state_keys() == ["sd.text_encoder.embed_tokens.new_rows"]
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = fresh().state_dict()["sd.text_encoder.embed_tokens.new_rows"]
+    assert not torch.equal(a["sd.text_encoder.embed_tokens.new_rows"], start)
+    out = straight.export(tmp_path / "ti")
+    manifest = json.loads((out / "export.json").read_text())
+    prompt = "a photo of a <lung-xray> with a visible pleural effusion"
+    ours = load_export(out).generate([prompt], seeds=[0], steps=3, guidance=4.5)
+    module = straight.generate([prompt], seeds=[0], steps=3, guidance=4.5)
+    torch.testing.assert_close(ours, module, rtol=0, atol=1e-5)
+    namespace = {"torch": torch, "SanaPipeline": SanaPipeline}
+    exec(manifest["loading_code"].replace("THIS_FOLDER", str(out)), namespace)  # what the model card tells a user to run
+    pipe = namespace["pipe"]
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(prompt.replace("<lung-xray>", "<lung-xray> <lung-xray>_1"), num_inference_steps=3, guidance_scale=4.5,
+                 height=64, width=64, use_resolution_binning=False, complex_human_instruction=None,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(plain.float(), ours, rtol=0, atol=1e-5)
+
+
+def test_the_transformer_and_gemmas_last_layer_train_together(phantom_root, tmp_path):
+    from conftest import phantom_dm, quiet_trainer
+    from lightning_modules.unet_text_encoder import UNetTextEncoderFineTuning
+
+    module = UNetTextEncoderFineTuning(model=SANA, learning_rate=1e-3, text_encoder_layers=1, text_encoder_learning_rate=1e-4)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    fitted = quiet_trainer(2)
+    fitted.fit(module, datamodule=phantom_dm(phantom_root, tmp_path))
+    trained = set(module.trained_state_keys())
+    assert {k.split(".")[1] for k in trained} == {"transformer", "text_encoder"}
+    assert all(k.startswith(("sd.transformer.", "sd.text_encoder.layers.1.", "sd.text_encoder.norm.")) for k in trained)
+    after = module.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in trained if ".text_encoder." in k)
+    assert all(torch.equal(after[k], before[k]) for k in after if k not in trained)
+    assert [g["lr"] for g in fitted.optimizers[0].param_groups] == [pytest.approx(1e-3), pytest.approx(1e-4)]
+    with pytest.raises(Exception, match=r"text_encoder_layers: 3; the text encoder of 'tiny-random-sana' has 2 layers"):
+        UNetTextEncoderFineTuning(model=SANA, text_encoder_layers=3)
+
+
+def test_a_token_projection_into_gemmas_space_trains_resumes_bit_identically_and_reloads(tmp_path):
+    """The domain token states onto Gemma-2's 300-token sequence, masked; the export reloads and draws what the module
+    draws; a projection.json whose widths do not fit its domain encoder is refused in one line naming both."""
+    from callbacks.checkpointing import RunCheckpoint
+    from conftest import quiet_trainer
+    from lightning_modules.projection import TextualProjection
+    from models.exports import load_export
+    from models.projection import ProjectionConfigError
+    from synthetic.laion import SyntheticLAIONDataModule
+
+    def fresh():  # the MLP starts from the global RNG, as train.py's seed_everything leaves it
+        torch.manual_seed(0)
+        return TextualProjection(model=SANA, domain_encoder={"pretrained": "tiny-bert"}, level="token", learning_rate=1e-3)
+
+    def data():
+        return SyntheticLAIONDataModule(root=str(tmp_path / "laion"), n_captions=64, batch_size=8, cache_dir=str(tmp_path / "hf"))
+
+    straight = fresh()
+    quiet_trainer(4).fit(straight, datamodule=data())
+    quiet_trainer(2, callbacks=[RunCheckpoint(tmp_path / "half.ckpt", every_n_steps=0)]).fit(fresh(), datamodule=data())
+    resumed = fresh()
+    quiet_trainer(4).fit(resumed, datamodule=data(), ckpt_path=str(tmp_path / "half.ckpt"))
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(k.startswith("projection.") for k in straight.trained_state_keys())
+    condition = straight.conditioning(["a chest xray with a small left pleural effusion"])
+    assert condition.embeds.shape == (1, 300, 32) and 0 < int(condition.mask.sum()) < 300
+    out = straight.export(tmp_path / "projection")
+    torch.testing.assert_close(load_export(out).generate([PROMPT], seeds=[0], steps=3, guidance=4.5),
+                               straight.generate([PROMPT], seeds=[0], steps=3, guidance=4.5), rtol=0, atol=1e-5)
+    config = json.loads((out / "projection.json").read_text())
+    (out / "projection.json").write_text(json.dumps({**config, "in_features": 48}))
+    with pytest.raises(ProjectionConfigError, match=r"projection.json: its projection maps 48 -> 32 wide vectors, but the "
+                                                    r"domain encoder 'tiny-bert' \(token states\) gives 32") as err:
+        load_export(out)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ProjectionConfigError, match=r"level: document maps the domain vector onto CLIP's pooled vector, and "
+                                                    r"sana's text encoder has no pooled vector; use level: token"):
+        TextualProjection(model=SANA, domain_encoder={"pretrained": "tiny-bert"}, level="document")
