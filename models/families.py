@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
@@ -112,6 +113,223 @@ def check_window(family: BaseFamily, requested: Optional[int], where: str = "mod
             f"{where}: {requested} tokens, but {family.name}'s text encoder was trained with a window of {family.text_window}; "
             f"use at most {family.text_window} (longer prompts are truncated, and training counts them)")
     return int(requested)
+
+
+# ---------------------------------------------------------------------- what the families share
+class TextCondition:
+    """A denoiser's text condition: ``embeds [B, T, D]`` plus, per family, a ``mask [B, T]`` (Sana, PixArt-Σ: 1 for
+    prompt tokens, 0 for padding) or ``pooled [B, P]`` projections (SD 3.5)."""
+
+    def __init__(self, embeds: torch.Tensor, mask: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None):
+        self.embeds, self.mask, self.pooled = embeds, mask, pooled
+
+    @property
+    def shape(self):
+        return self.embeds.shape
+
+    @property
+    def dtype(self):
+        return self.embeds.dtype
+
+    @property
+    def device(self):
+        return self.embeds.device
+
+    def to(self, *args, **kwargs) -> "TextCondition":
+        """Embeddings and pooled projections to a device and dtype; the mask follows the device only."""
+        embeds = self.embeds.to(*args, **kwargs)
+        return type(self)(embeds, None if self.mask is None else self.mask.to(embeds.device),
+                          None if self.pooled is None else self.pooled.to(*args, **kwargs))
+
+    @classmethod
+    def stack(cls, rows: Sequence["TextCondition"]) -> "TextCondition":
+        """One condition of a batch from one-prompt conditions (their first rows)."""
+        def column(name):
+            values = [getattr(r, name) for r in rows]
+            return None if values[0] is None else torch.stack([v[0] for v in values])
+        return cls(column("embeds"), column("mask"), column("pooled"))
+
+
+class PromptCache:
+    """Each distinct prompt's condition while the text encoder is frozen (it never changes then), at most ``size``
+    prompts, least recently used dropped, on the text encoder's device and dtype.
+
+    Prompts are encoded one by one: a cached value must not depend on which other prompts were missing with it (batched
+    matrix products round differently), or a resumed run, which meets its prompts in other batches (class images are
+    sampled in the first run only), would not be bit-identical."""
+
+    def __init__(self, size: int):
+        self.size = max(int(size), 0)
+        self.entries: "OrderedDict[str, TextCondition]" = OrderedDict()
+
+    def __call__(self, prompts: Sequence[str], encode: Callable[[list], TextCondition], like: torch.Tensor) -> TextCondition:
+        with torch.no_grad():
+            first = next(iter(self.entries.values()), None)
+            if first is not None and (first.dtype != like.dtype or first.device != like.device):
+                self.entries.clear()  # the text encoder moved or changed precision
+            for p in dict.fromkeys(prompts):
+                if p not in self.entries:
+                    self.entries[p] = encode([p])
+            for p in prompts:
+                self.entries.move_to_end(p)
+            out = type(self.entries[prompts[0]]).stack([self.entries[p] for p in prompts])
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return out
+
+
+def sample_with_pipeline(base, pipe, seeds: Sequence[int], device, height: Optional[int], width: Optional[int], **call) -> torch.Tensor:
+    """Images in [0, 1], ``[B, 3, H, W]`` float32 on CPU from ``pipe(**call)``, one seed per image: each image's starting
+    latents come from its own seed (so an image does not change with its batch), at the base's native size by default;
+    the denoiser in eval mode meanwhile."""
+    denoiser = base.denoiser
+    dtype = next(denoiser.parameters()).dtype
+    height, width = height or base.native_size, width or base.native_size
+    f, channels = base.vae_scale_factor, int(denoiser.config.in_channels)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    latents = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        out = pipe(latents=latents.to(device=device, dtype=dtype), height=height, width=width, output_type="pt", **call).images
+    finally:
+        denoiser.train(was_training)
+    return out.float().clamp(0, 1).cpu()
+
+
+def cast_frozen(base, names: Sequence[str], dtype: torch.dtype, keep_vae_fp32: bool = False) -> None:
+    """Cast each named part of ``base`` that trains nothing to ``dtype`` (the VAE kept in float32 if asked)."""
+    for name in names:
+        part = getattr(base, name)
+        if any(p.requires_grad for p in part.parameters()) or (name == "vae" and keep_vae_fp32):
+            continue
+        if next(part.parameters()).dtype != dtype:
+            part.to(dtype)
+
+
+def parts_text(parts: Sequence[str]) -> str:
+    """``model_index.json, vae/, ...``: a pipeline folder's parts as a user reads them."""
+    return ", ".join(p + ("" if "." in p else "/") for p in parts)
+
+
+def pipeline_source(source_spec, parts: Sequence[str], error: type, what: str, how: str) -> str:
+    """The folder (checked to hold every part, else ``error`` naming the missing ones in one line) or hub id to read;
+    ``what`` names the family with its article ("a Sana", "an SD 3.5")."""
+    folder = Path(source_spec.pretrained).expanduser()
+    if not folder.is_dir():
+        return source_spec.pretrained
+    missing = [p for p in parts if not (folder / p).exists()]
+    if missing:
+        raise error(f"{folder}: not {what} pipeline folder: missing {missing} ({how})")
+    return str(folder)
+
+
+def load_failure(err: Exception) -> str:
+    """The first line of a loading error (diffusers' and transformers' run over several)."""
+    return str(err).splitlines()[0] if str(err) else repr(err)
+
+
+def folder_sampler(source: str, scheduler_class, **kwargs):
+    """The sampler a folder ships (its ``scheduler/`` config's own class), or None when diffusers has no such class."""
+    import diffusers
+
+    config = scheduler_class.load_config(source, subfolder="scheduler", **kwargs)
+    sampler_class = getattr(diffusers, str(config.get("_class_name", "")), None)
+    return sampler_class.from_config(config) if sampler_class is not None else None
+
+
+class TransformerBase:
+    """What the DiT families (Sana, SD 3.5, PixArt-Σ) share: the denoiser is ``transformer``, the pipeline is the class
+    ``pipeline_class`` names over ``vae``, the ``text_parts`` and the transformer, and a masked family (``TextCondition``
+    with a mask: Sana, PixArt-Σ) samples from its prompt embeddings and masks."""
+
+    denoiser_name = "transformer"
+    text_parts: tuple[str, ...] = ("tokenizer", "text_encoder")
+
+    @property
+    def denoiser(self):
+        return self.transformer
+
+    @property
+    def native_size(self) -> int:
+        return int(self.transformer.config.sample_size * self.vae_scale_factor)
+
+    @property
+    def max_token_length(self) -> int:
+        return self.text_window
+
+    def pipeline(self, scheduler: Optional[str] = None, transformer=None):
+        """The family's diffusers pipeline over these parts (progress bar off)."""
+        import diffusers
+
+        parts = {name: getattr(self, name) for name in ("vae", *self.text_parts)}
+        pipe = getattr(diffusers, self.pipeline_class)(
+            **parts, transformer=transformer if transformer is not None else self.transformer,
+            scheduler=self.inference_scheduler(scheduler or self.default_sampler))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def export_pipeline(self):
+        return self.pipeline()
+
+    def set_frozen_dtype(self, dtype: torch.dtype, keep_vae_fp32: bool = False) -> None:
+        cast_frozen(self, ("vae", *[p for p in self.text_parts if not p.startswith("tokenizer")], "transformer"), dtype,
+                    keep_vae_fp32)
+
+    @torch.no_grad()
+    def sample_masked(self, prompt_embeds: TextCondition, negative_prompt_embeds: TextCondition, seeds: Sequence[int],
+                      steps: int, guidance: float, height: Optional[int], width: Optional[int],
+                      scheduler: Optional[str]) -> torch.Tensor:
+        """Images in [0, 1], ``[B, 3, H, W]`` float32 on CPU, one seed per image, from masked prompt embeddings (the
+        pipeline's ``prompt_attention_mask``), with the family's ``sampling_arguments``."""
+        if len(seeds) != prompt_embeds.shape[0]:
+            raise ValueError(f"got {prompt_embeds.shape[0]} prompts but {len(seeds)} seeds")
+        dtype = next(self.transformer.parameters()).dtype
+        return sample_with_pipeline(
+            self, self.pipeline(scheduler), seeds, prompt_embeds.device, height, width,
+            prompt_embeds=prompt_embeds.embeds.to(dtype), prompt_attention_mask=prompt_embeds.mask, negative_prompt=None,
+            negative_prompt_embeds=negative_prompt_embeds.embeds.to(dtype),
+            negative_prompt_attention_mask=negative_prompt_embeds.mask, num_inference_steps=steps, guidance_scale=guidance,
+            **self.sampling_arguments)
+
+
+class KLAutoencoder:
+    """The helpers of a base whose autoencoder is a KL ``AutoencoderKL`` (Stable Diffusion, SD 3.5, PixArt-Σ): latents
+    ``(z - shift_factor) * scaling_factor`` with ``z`` drawn from the posterior (no shift unless the VAE's config has one,
+    SD 3.5's)."""
+
+    @property
+    def shift_factor(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    def encode_images(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1], sampled from the VAE posterior with ``generator``."""
+        vae_param = next(self.vae.parameters())
+        with torch.no_grad():
+            dist = self.vae.encode(pixel_values.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+            latents = dist.sample(generator=generator)
+        if self.shift_factor:
+            latents = latents - self.shift_factor
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents."""
+        vae_param = next(self.vae.parameters())
+        latents = latents.to(device=vae_param.device, dtype=vae_param.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents + self.shift_factor if self.shift_factor else latents).sample
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of the VAE posterior of images in [-1, 1] (for the latent cache)."""
+        vae_param = next(self.vae.parameters())
+        dist = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+        return dist.mean, dist.logvar
+
+    def latents_from_posterior(self, dist: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents drawn from cached posteriors ``[B, 2C, h, w]`` with ``generator`` (float32)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        return sample_latents(dist, generator, self.vae.config.scaling_factor, vae_dtype, shift_factor=self.shift_factor).float()
 
 
 # ---------------------------------------------------------------------- autoencoders

@@ -29,7 +29,6 @@ pipe.transformer, folder)`` loads onto a plain pipeline.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,7 +36,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from models.families import BaseFamily, DDPMObjective, check_window, get_family
+from models.families import (BaseFamily, DDPMObjective, KLAutoencoder, PromptCache, TextCondition, TransformerBase, check_window,
+                             folder_sampler, get_family, load_failure, parts_text, pipeline_source)
 
 PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "transformer", "scheduler")
 TEXT_WINDOW = 300  # PixArtSigmaPipeline's max_sequence_length, the window PixArt-Σ's T5 conditioning was trained with
@@ -51,27 +51,8 @@ class PixArtLoadError(UserError, RuntimeError):
     """A PixArt-Σ folder or hub id could not be read, or holds what this family does not implement."""
 
 
-class PixArtCondition:
-    """T5 conditioning: ``embeds [B, T, D]`` and its ``mask [B, T]`` (1 for prompt tokens and ``</s>``, 0 for padding)."""
-
-    def __init__(self, embeds: torch.Tensor, mask: torch.Tensor):
-        self.embeds, self.mask = embeds, mask
-
-    @property
-    def shape(self):
-        return self.embeds.shape
-
-    @property
-    def dtype(self):
-        return self.embeds.dtype
-
-    @property
-    def device(self):
-        return self.embeds.device
-
-    def to(self, *args, **kwargs) -> "PixArtCondition":
-        embeds = self.embeds.to(*args, **kwargs)
-        return PixArtCondition(embeds, self.mask.to(embeds.device))
+# T5 conditioning: ``embeds [B, T, D]`` and its ``mask [B, T]`` (1 for prompt tokens and ``</s>``, 0 for padding)
+PixArtCondition = TextCondition
 
 
 class T5Conditioning:
@@ -82,8 +63,7 @@ class T5Conditioning:
 
     def __init__(self, base: "PixArtSigma", cache_size: int = 0):
         self.base = base
-        self.size = max(int(cache_size), 0)
-        self.cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self.cache = PromptCache(cache_size)
 
     def _encode(self, prompts: Sequence[str]) -> PixArtCondition:
         base = self.base
@@ -93,25 +73,9 @@ class T5Conditioning:
 
     def __call__(self, prompts: Sequence[str]) -> PixArtCondition:
         prompts = list(prompts)
-        if not self.size:
+        if not self.cache.size:
             return self._encode(prompts)
-        with torch.no_grad():
-            param = next(self.base.text_encoder.parameters())
-            if self.cache:
-                first = next(iter(self.cache.values()))[0]
-                if first.dtype != param.dtype or first.device != param.device:
-                    self.cache.clear()  # T5 moved or changed precision
-            missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-            if missing:
-                made = self._encode(missing)
-                for p, e, m in zip(missing, made.embeds, made.mask):
-                    self.cache[p] = (e, m)
-            for p in prompts:
-                self.cache.move_to_end(p)
-            out = PixArtCondition(torch.stack([self.cache[p][0] for p in prompts]), torch.stack([self.cache[p][1] for p in prompts]))
-            while len(self.cache) > self.size:
-                self.cache.popitem(last=False)
-        return out
+        return self.cache(prompts, self._encode, like=next(self.base.text_encoder.parameters()))
 
     def negative(self, prompts: Sequence[str]) -> PixArtCondition:
         return self(prompts)
@@ -124,12 +88,11 @@ class T5Conditioning:
                 "handling": f"truncated to PixArt-Σ's {self.base.text_window}-token T5 window"}
 
 
-class PixArtSigma(nn.Module):
+class PixArtSigma(TransformerBase, KLAutoencoder, nn.Module):
     """Frozen PixArt-Σ parts (``vae``, ``text_encoder``, ``transformer``; ``tokenizer``, ``noise_scheduler``) with the
     base-family interface of :mod:`models.families`."""
 
     family = "pixart"
-    denoiser_name = "transformer"
     pipeline_class = "PixArtSigmaPipeline"
     # The suite samples at exactly the size asked for (the trained one). PixArtSigmaPipeline's default resolution
     # binning snaps a size to its aspect-ratio bins, and refuses transformers of other sample sizes than 32, 64, 128 and
@@ -156,24 +119,12 @@ class PixArtSigma(nn.Module):
         self.objective = DDPMObjective(noise_scheduler)
 
     # ------------------------------------------------------------------ the base-family interface
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.transformer
-
     default_sampler = "dpm"  # PixArtSigmaPipeline's (the hub folders' DPMSolverMultistepScheduler)
     default_class_sampler = "dpm"  # prior preservation's class images: the base's own sampler
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        return int(self.transformer.config.sample_size * self.vae_scale_factor)
-
-    @property
-    def max_token_length(self) -> int:
-        return self.text_window
 
     @staticmethod
     def preprocess(prompts: Sequence[str]) -> list[str]:
@@ -208,31 +159,7 @@ class PixArtSigma(nn.Module):
             out = out.chunk(2, dim=1)[0]
         return out
 
-    # ------------------------------------------------------------------ the autoencoder (a KL VAE, as Stable Diffusion's)
-    def encode_images(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Scaled latents of images in [-1, 1], sampled from the VAE posterior with ``generator``."""
-        vae_param = next(self.vae.parameters())
-        with torch.no_grad():
-            dist = self.vae.encode(pixel_values.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
-            latents = dist.sample(generator=generator)
-        return latents * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae_param = next(self.vae.parameters())
-        return self.vae.decode(latents.to(device=vae_param.device, dtype=vae_param.dtype) / self.vae.config.scaling_factor).sample
-
-    @torch.no_grad()
-    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae_param = next(self.vae.parameters())
-        dist = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
-        return dist.mean, dist.logvar
-
-    def latents_from_posterior(self, dist: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from models.families import sample_latents
-
-        vae_dtype = next(self.vae.parameters()).dtype
-        return sample_latents(dist, generator, self.vae.config.scaling_factor, vae_dtype).float()
+    # the autoencoder: a KL VAE, as Stable Diffusion's (models.families.KLAutoencoder: encode_images, decode_latents, ...)
 
     # ------------------------------------------------------------------ sampling
     def inference_scheduler(self, name: str):
@@ -246,53 +173,12 @@ class PixArtSigma(nn.Module):
         own = self._sample_scheduler
         return classes[name].from_config(own.config if own is not None else self.noise_scheduler.config)
 
-    def pipeline(self, scheduler: Optional[str] = None, transformer: Optional[nn.Module] = None):
-        """A diffusers ``PixArtSigmaPipeline`` over these parts."""
-        from diffusers import PixArtSigmaPipeline
-
-        pipe = PixArtSigmaPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                                   transformer=transformer if transformer is not None else self.transformer,
-                                   scheduler=self.inference_scheduler(scheduler or self.default_sampler))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def export_pipeline(self):
-        return self.pipeline()
-
     @torch.no_grad()
     def sample(self, prompt_embeds: PixArtCondition, negative_prompt_embeds: PixArtCondition, seeds: Sequence[int], steps: int = 20,
                guidance: float = 4.5, height: Optional[int] = None, width: Optional[int] = None,
                scheduler: Optional[str] = None) -> torch.Tensor:
         """Images in [0, 1], ``[B, 3, H, W]`` float32 on CPU, one seed per image (its starting noise from its own seed)."""
-        if len(seeds) != prompt_embeds.shape[0]:
-            raise ValueError(f"got {prompt_embeds.shape[0]} prompts but {len(seeds)} seeds")
-        pipe = self.pipeline(scheduler)
-        dtype = next(self.transformer.parameters()).dtype
-        height, width = height or self.native_size, width or self.native_size
-        f = self.vae_scale_factor
-        channels = int(self.transformer.config.in_channels)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        latents = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
-        latents = latents.to(device=prompt_embeds.device, dtype=dtype)
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
-            out = pipe(prompt_embeds=prompt_embeds.embeds.to(dtype), prompt_attention_mask=prompt_embeds.mask,
-                       negative_prompt=None, negative_prompt_embeds=negative_prompt_embeds.embeds.to(dtype),
-                       negative_prompt_attention_mask=negative_prompt_embeds.mask, latents=latents,
-                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="pt",
-                       **self.sampling_arguments).images
-        finally:
-            self.transformer.train(was_training)
-        return out.float().clamp(0, 1).cpu()
-
-    def set_frozen_dtype(self, dtype: torch.dtype, keep_vae_fp32: bool = False) -> None:
-        for name in ("vae", "text_encoder", "transformer"):
-            part = getattr(self, name)
-            if any(p.requires_grad for p in part.parameters()) or (name == "vae" and keep_vae_fp32):
-                continue
-            if next(part.parameters()).dtype != dtype:
-                part.to(dtype)
+        return self.sample_masked(prompt_embeds, negative_prompt_embeds, seeds, steps, guidance, height, width, scheduler)
 
     # ------------------------------------------------------------------ LoRA (the base hooks of lightning_modules/lora.py)
     def add_lora_adapter(self, config) -> None:
@@ -353,7 +239,7 @@ class PixArtSigma(nn.Module):
 # ---------------------------------------------------------------------- loading
 def _how_to_get(spec) -> str:
     return (f"PixArt-Σ weights {spec.pretrained!r} could not be loaded. Pass a local folder holding a diffusers "
-            f"PixArtSigmaPipeline ({', '.join(p + ('' if '.' in p else '/') for p in PARTS)}); for the 512 px model, whose hub "
+            f"PixArtSigmaPipeline ({parts_text(PARTS)}); for the 512 px model, whose hub "
             "repository holds its transformer only, make one on a machine with internet access with `PixArtSigmaPipeline."
             "from_pretrained('PixArt-alpha/PixArt-Sigma-XL-2-1024-MS', transformer=PixArtTransformer2DModel.from_pretrained("
             "'PixArt-alpha/PixArt-Sigma-XL-2-512-MS', subfolder='transformer')).save_pretrained('pixart-sigma-512')`, or "
@@ -362,17 +248,10 @@ def _how_to_get(spec) -> str:
 
 def load(spec, source_spec) -> PixArtSigma:
     """PixArt-Σ from a folder or hub id (``source_spec`` reads the files; ``spec`` is what the base records)."""
-    import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
     from transformers import T5EncoderModel, T5Tokenizer
 
-    source = source_spec.pretrained
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        missing = [p for p in PARTS if not (folder / p).exists()]
-        if missing:
-            raise PixArtLoadError(f"{folder}: not a PixArt-Σ pipeline folder: missing {missing} ({_how_to_get(spec)})")
-        source = str(folder)
+    source = pipeline_source(source_spec, PARTS, PixArtLoadError, "a PixArt-Σ", _how_to_get(spec))
     kwargs = dict(revision=source_spec.revision, local_files_only=source_spec.local_files_only)
     try:
         tokenizer = T5Tokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
@@ -380,11 +259,9 @@ def load(spec, source_spec) -> PixArtSigma:
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
         transformer = PixArtTransformer2DModel.from_pretrained(source, subfolder="transformer", **kwargs)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)  # the script's
-        config = DDPMScheduler.load_config(source, subfolder="scheduler", **kwargs)
-        sampler_class = getattr(diffusers, str(config.get("_class_name", "")), None)
-        sample_scheduler = sampler_class.from_config(config) if sampler_class is not None else None
+        sample_scheduler = folder_sampler(source, DDPMScheduler, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise PixArtLoadError(f"{_how_to_get(spec)}. Underlying error: {str(err).splitlines()[0] if str(err) else err!r}") from None
+        raise PixArtLoadError(f"{_how_to_get(spec)}. Underlying error: {load_failure(err)}") from None
     return PixArtSigma(vae, text_encoder, tokenizer, transformer, noise_scheduler, spec, sample_scheduler)
 
 

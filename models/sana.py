@@ -18,15 +18,14 @@ Sampling and exports use ``SanaPipeline`` (its LoRA loader for adapters), so eve
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from core.errors import UserError
-from models.families import BaseFamily, FlowMatchingObjective, check_window, get_family
+from models.families import (BaseFamily, FlowMatchingObjective, PromptCache, TextCondition, TransformerBase, check_window,
+                             folder_sampler, get_family, load_failure, parts_text, pipeline_source)
 
 PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "transformer", "scheduler")
 TEXT_WINDOW = 300  # SanaPipeline's max_sequence_length, the window Sana's Gemma-2 conditioning was trained with
@@ -36,26 +35,8 @@ class SanaLoadError(UserError, RuntimeError):
     """A Sana folder or hub id could not be read."""
 
 
-class SanaCondition:
-    """Gemma-2 conditioning: ``embeds [B, T, D]`` and its ``mask [B, T]`` (1 for prompt tokens, 0 for padding)."""
-
-    def __init__(self, embeds: torch.Tensor, mask: torch.Tensor):
-        self.embeds, self.mask = embeds, mask
-
-    @property
-    def shape(self):
-        return self.embeds.shape
-
-    @property
-    def dtype(self):
-        return self.embeds.dtype
-
-    @property
-    def device(self):
-        return self.embeds.device
-
-    def to(self, *args, **kwargs) -> "SanaCondition":
-        return SanaCondition(self.embeds.to(*args, **kwargs), self.mask.to(self.embeds.to(*args, **kwargs).device))
+# Gemma-2 conditioning: ``embeds [B, T, D]`` and its ``mask [B, T]`` (1 for prompt tokens, 0 for padding)
+SanaCondition = TextCondition
 
 
 class GemmaConditioning:
@@ -67,8 +48,7 @@ class GemmaConditioning:
     def __init__(self, base: "Sana", cache_size: int = 0, rewrite=None):
         self.base = base
         self.rewrite = rewrite
-        self.size = max(int(cache_size), 0)
-        self.cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self.cache = PromptCache(cache_size)
 
     def _encode(self, prompts: Sequence[str]) -> SanaCondition:
         base = self.base
@@ -79,24 +59,9 @@ class GemmaConditioning:
 
     def __call__(self, prompts: Sequence[str]) -> SanaCondition:
         prompts = [self.rewrite(p) for p in prompts] if self.rewrite else list(prompts)
-        if not self.size:
+        if not self.cache.size:
             return self._encode(prompts)
-        with torch.no_grad():
-            param = next(self.base.text_encoder.parameters())
-            if self.cache and next(iter(self.cache.values()))[0].dtype != param.dtype:
-                self.cache.clear()
-            if self.cache and next(iter(self.cache.values()))[0].device != param.device:
-                self.cache.clear()
-            for p in dict.fromkeys(prompts):  # one by one: a cached value must not depend on the batch it was made in
-                if p not in self.cache:  # (batched products round otherwise; a resumed run meets its prompts in other batches)
-                    made = self._encode([p])
-                    self.cache[p] = (made.embeds[0], made.mask[0])
-            for p in prompts:
-                self.cache.move_to_end(p)
-            out = SanaCondition(torch.stack([self.cache[p][0] for p in prompts]), torch.stack([self.cache[p][1] for p in prompts]))
-            while len(self.cache) > self.size:
-                self.cache.popitem(last=False)
-        return out
+        return self.cache(prompts, self._encode, like=next(self.base.text_encoder.parameters()))
 
     def negative(self, prompts: Sequence[str]) -> SanaCondition:
         return self(prompts)
@@ -110,17 +75,17 @@ class GemmaConditioning:
                 "handling": f"truncated to Sana's {self.base.text_window}-token Gemma-2 window"}
 
 
-class Sana(nn.Module):
+class Sana(TransformerBase, nn.Module):
     """Frozen Sana parts (``vae``, ``text_encoder``, ``transformer``; ``tokenizer``, ``noise_scheduler``) with the
     base-family interface of :mod:`models.families`."""
 
     family = "sana"
-    denoiser_name = "transformer"
     default_class_sampler = "euler"
     pipeline_class = "SanaPipeline"
     # prompts are encoded as diffusers' Sana script trains (no complex-human-instruction prefix); SanaPipeline's default
     # at inference adds one, so exports name the argument that samples them as trained
-    sampling_arguments = {"complex_human_instruction": None}
+    # and its resolution binning refuses transformers of other sample sizes than its bins' (the tiny presets'): off
+    sampling_arguments = {"complex_human_instruction": None, "use_resolution_binning": False}
 
     def __init__(self, vae, text_encoder, tokenizer, transformer, noise_scheduler, spec, sample_scheduler=None):
         super().__init__()
@@ -140,10 +105,6 @@ class Sana(nn.Module):
 
     # ------------------------------------------------------------------ the base-family interface
     @property
-    def denoiser(self) -> nn.Module:
-        return self.transformer
-
-    @property
     def default_sampler(self) -> str:
         from diffusers import DPMSolverMultistepScheduler
 
@@ -152,14 +113,6 @@ class Sana(nn.Module):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.encoder_block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        return int(self.transformer.config.sample_size * self.vae_scale_factor)
-
-    @property
-    def max_token_length(self) -> int:
-        return self.text_window
 
     def tokenize(self, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` right-padded to the window, as ``SanaPipeline._get_gemma_prompt_embeds``."""
@@ -231,76 +184,28 @@ class Sana(nn.Module):
                                                flow_shift=float(self.noise_scheduler.config.shift))
         raise UserError(f"scheduler {name!r}: a Sana base samples with flow-matching schedulers: euler or dpm")
 
-    def pipeline(self, scheduler: Optional[str] = None, transformer: Optional[nn.Module] = None):
-        """A diffusers ``SanaPipeline`` over these parts."""
-        from diffusers import SanaPipeline
-
-        pipe = SanaPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                            transformer=transformer if transformer is not None else self.transformer,
-                            scheduler=self.inference_scheduler(scheduler or self.default_sampler))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def export_pipeline(self):
-        return self.pipeline()
-
     @torch.no_grad()
     def sample(self, prompt_embeds: SanaCondition, negative_prompt_embeds: SanaCondition, seeds: Sequence[int], steps: int = 25,
                guidance: float = 4.5, height: Optional[int] = None, width: Optional[int] = None,
                scheduler: Optional[str] = None) -> torch.Tensor:
         """Images in [0, 1], ``[B, 3, H, W]`` float32 on CPU, one seed per image (its starting noise from its own seed)."""
-        if len(seeds) != prompt_embeds.shape[0]:
-            raise ValueError(f"got {prompt_embeds.shape[0]} prompts but {len(seeds)} seeds")
-        pipe = self.pipeline(scheduler)
-        dtype = next(self.transformer.parameters()).dtype
-        height, width = height or self.native_size, width or self.native_size
-        f = self.vae_scale_factor
-        channels = int(self.transformer.config.in_channels)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        latents = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
-        latents = latents.to(device=prompt_embeds.device, dtype=dtype)
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
-            out = pipe(prompt_embeds=prompt_embeds.embeds.to(dtype), prompt_attention_mask=prompt_embeds.mask,
-                       negative_prompt=None, negative_prompt_embeds=negative_prompt_embeds.embeds.to(dtype),
-                       negative_prompt_attention_mask=negative_prompt_embeds.mask, latents=latents,
-                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="pt",
-                       use_resolution_binning=False, complex_human_instruction=None).images
-        finally:
-            self.transformer.train(was_training)
-        return out.float().clamp(0, 1).cpu()
-
-    def set_frozen_dtype(self, dtype: torch.dtype, keep_vae_fp32: bool = False) -> None:
-        for name in ("vae", "text_encoder", "transformer"):
-            part = getattr(self, name)
-            if any(p.requires_grad for p in part.parameters()) or (name == "vae" and keep_vae_fp32):
-                continue
-            if next(part.parameters()).dtype != dtype:
-                part.to(dtype)
+        return self.sample_masked(prompt_embeds, negative_prompt_embeds, seeds, steps, guidance, height, width, scheduler)
 
 
 # ---------------------------------------------------------------------- loading
 def _how_to_get(spec) -> str:
     return (f"Sana weights {spec.pretrained!r} could not be loaded. Pass a local folder holding a diffusers SanaPipeline "
-            f"({', '.join(p + ('' if '.' in p else '/') for p in PARTS)}), e.g. one made with `huggingface-cli download "
+            f"({parts_text(PARTS)}), e.g. one made with `huggingface-cli download "
             "Efficient-Large-Model/Sana_600M_512px_diffusers --local-dir sana-600m` on a machine with internet access, or "
             "make sure the hub id is in your Hugging Face cache (HF_HOME)")
 
 
 def load(spec, source_spec) -> Sana:
     """Sana from a folder or hub id (``source_spec`` reads the files; ``spec`` is what the base records)."""
-    import diffusers
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
     from transformers import AutoTokenizer, Gemma2Model
 
-    source = source_spec.pretrained
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        missing = [p for p in PARTS if not (folder / p).exists()]
-        if missing:
-            raise SanaLoadError(f"{folder}: not a Sana pipeline folder: missing {missing} ({_how_to_get(spec)})")
-        source = str(folder)
+    source = pipeline_source(source_spec, PARTS, SanaLoadError, "a Sana", _how_to_get(spec))
     kwargs = dict(revision=source_spec.revision, local_files_only=source_spec.local_files_only)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
@@ -308,11 +213,9 @@ def load(spec, source_spec) -> Sana:
         vae = AutoencoderDC.from_pretrained(source, subfolder="vae", **kwargs)
         transformer = SanaTransformer2DModel.from_pretrained(source, subfolder="transformer", **kwargs)
         noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
-        config = FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", **kwargs)
-        sampler_class = getattr(diffusers, str(config.get("_class_name", "")), None)
-        sample_scheduler = sampler_class.from_config(config) if sampler_class is not None else None
+        sample_scheduler = folder_sampler(source, FlowMatchEulerDiscreteScheduler, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise SanaLoadError(f"{_how_to_get(spec)}. Underlying error: {str(err).splitlines()[0] if str(err) else err!r}") from None
+        raise SanaLoadError(f"{_how_to_get(spec)}. Underlying error: {load_failure(err)}") from None
     return Sana(vae, text_encoder, tokenizer, transformer, noise_scheduler, spec, sample_scheduler)
 
 

@@ -27,8 +27,6 @@ diffusers.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -36,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from models.families import BaseFamily, Draw, FlowMatchingObjective, TimestepSampling, check_window, get_family, sample_latents
+from models.families import (BaseFamily, Draw, FlowMatchingObjective, KLAutoencoder, PromptCache, TextCondition, TimestepSampling,
+                             TransformerBase, check_window, get_family, load_failure, parts_text, pipeline_source,
+                             sample_with_pipeline)
 
 PARTS = ("model_index.json", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
          "tokenizer_3", "transformer", "scheduler")
@@ -52,27 +52,9 @@ class SD3SettingError(UserError, ValueError):
     """A setting that does not fit an SD 3.5 base."""
 
 
-class SD3Condition:
-    """SD 3.5's conditioning: ``embeds [B, 77 + T, D]`` (the two CLIPs' penultimate states, padded to T5's width, then T5's)
-    and ``pooled [B, P]`` (the two CLIPs' pooled projections, concatenated)."""
-
-    def __init__(self, embeds: torch.Tensor, pooled: torch.Tensor):
-        self.embeds, self.pooled = embeds, pooled
-
-    @property
-    def shape(self):
-        return self.embeds.shape
-
-    @property
-    def dtype(self):
-        return self.embeds.dtype
-
-    @property
-    def device(self):
-        return self.embeds.device
-
-    def to(self, *args, **kwargs) -> "SD3Condition":
-        return SD3Condition(self.embeds.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+# SD 3.5's conditioning: ``embeds [B, 77 + T, D]`` (the two CLIPs' penultimate states, padded to T5's width, then T5's)
+# and ``pooled [B, P]`` (the two CLIPs' pooled projections, concatenated)
+SD3Condition = TextCondition
 
 
 class SD3FlowMatchingObjective(FlowMatchingObjective):
@@ -119,31 +101,13 @@ class SD3Conditioning:
 
     def __init__(self, base: "SD3", cache_size: int = 0):
         self.base = base
-        self.size = max(int(cache_size), 0)
-        self.cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self.cache = PromptCache(cache_size)
 
     def __call__(self, prompts: Sequence[str]) -> SD3Condition:
         prompts = list(prompts)
-        if not self.size:
+        if not self.cache.size:
             return self.base.encode(prompts)
-        with torch.no_grad():
-            param = next(self.base.text_encoder_3.parameters())
-            first = next(iter(self.cache.values()))[0] if self.cache else None
-            if first is not None and (first.dtype != param.dtype or first.device != param.device):
-                self.cache.clear()  # the encoders moved or changed precision
-            # each missing prompt encoded on its own: a prompt's cached value must not depend on which others were
-            # missing with it (batched matrix products round differently), or a resumed run, whose cache fills in
-            # another order (class images are sampled in the first run only), would not be bit-identical
-            for p in dict.fromkeys(prompts):
-                if p not in self.cache:
-                    made = self.base.encode([p])
-                    self.cache[p] = (made.embeds[0], made.pooled[0])
-            for p in prompts:
-                self.cache.move_to_end(p)
-            out = SD3Condition(torch.stack([self.cache[p][0] for p in prompts]), torch.stack([self.cache[p][1] for p in prompts]))
-            while len(self.cache) > self.size:
-                self.cache.popitem(last=False)
-        return out
+        return self.cache(prompts, self.base.encode, like=next(self.base.text_encoder_3.parameters()))
 
     def negative(self, prompts: Sequence[str]) -> SD3Condition:
         return self(prompts)
@@ -157,13 +121,13 @@ class SD3Conditioning:
                 "handling": f"truncated to T5's {base.text_window} tokens (the two CLIPs read the first {base.clip_window})"}
 
 
-class SD3(nn.Module):
+class SD3(TransformerBase, KLAutoencoder, nn.Module):
     """Frozen SD 3.5 parts (``vae``, ``text_encoder`` CLIP-L, ``text_encoder_2`` CLIP-G, ``text_encoder_3`` T5,
     ``transformer``; their tokenizers and the ``noise_scheduler``) with the base-family interface of
     :mod:`models.families`."""
 
     family = "sd3"
-    denoiser_name = "transformer"
+    text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
     default_sampler = "euler"  # StableDiffusion3Pipeline's FlowMatchEulerDiscreteScheduler
     default_class_sampler = "euler"
     pipeline_class = "StableDiffusion3Pipeline"
@@ -188,10 +152,6 @@ class SD3(nn.Module):
 
     # ------------------------------------------------------------------ the base-family interface
     @property
-    def denoiser(self) -> nn.Module:
-        return self.transformer
-
-    @property
     def sampling_arguments(self) -> dict:
         """Pipeline arguments that sample as trained: the T5 window when it is not the pipeline's default (256)."""
         return {} if self.text_window == TEXT_WINDOW else {"max_sequence_length": self.text_window}
@@ -199,14 +159,6 @@ class SD3(nn.Module):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        return int(self.transformer.config.sample_size * self.vae_scale_factor)
-
-    @property
-    def max_token_length(self) -> int:
-        return self.text_window
 
     @property
     def clip_window(self) -> int:
@@ -240,7 +192,7 @@ class SD3(nn.Module):
         t5 = self.text_encoder_3(ids_t5.to(next(self.text_encoder_3.parameters()).device))[0]
         t5 = t5.to(device=clip.device, dtype=self.text_encoder_3.dtype)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return SD3Condition(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1).to(clip.device))
+        return SD3Condition(torch.cat([clip, t5], dim=-2), pooled=torch.cat(pooled, dim=-1).to(clip.device))
 
     def conditioning(self, cache_size: int = 0) -> SD3Conditioning:
         return SD3Conditioning(self, cache_size)
@@ -256,35 +208,8 @@ class SD3(nn.Module):
                                 pooled_projections=condition.pooled.to(noisy.dtype), return_dict=False)[0]
         return self.objective.precondition(pred, noisy, timesteps)
 
-    # ------------------------------------------------------------------ the autoencoder
-    @property
-    def shift_factor(self) -> float:
-        return float(self.vae.config.shift_factor or 0.0)
-
-    def encode_images(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Scaled latents ``(z - shift) * scale`` of images in [-1, 1], ``z`` sampled from the posterior with ``generator``."""
-        vae_param = next(self.vae.parameters())
-        with torch.no_grad():
-            dist = self.vae.encode(pixel_values.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
-            latents = dist.sample(generator=generator)
-        return (latents - self.shift_factor) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae_param = next(self.vae.parameters())
-        latents = latents.to(device=vae_param.device, dtype=vae_param.dtype) / self.vae.config.scaling_factor + self.shift_factor
-        return self.vae.decode(latents).sample
-
-    @torch.no_grad()
-    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of the VAE posterior of images in [-1, 1] (for the latent cache)."""
-        vae_param = next(self.vae.parameters())
-        dist = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
-        return dist.mean, dist.logvar
-
-    def latents_from_posterior(self, dist: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        vae_dtype = next(self.vae.parameters()).dtype
-        return sample_latents(dist, generator, self.vae.config.scaling_factor, vae_dtype, shift_factor=self.shift_factor).float()
+    # the autoencoder: a KL VAE with SD 3.5's shift and scale (models.families.KLAutoencoder: latents
+    # (z - shift_factor) * scaling_factor, decoded from latents / scaling_factor + shift_factor)
 
     # ------------------------------------------------------------------ sampling
     def inference_scheduler(self, name: str):
@@ -296,18 +221,6 @@ class SD3(nn.Module):
             return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                flow_shift=float(self.noise_scheduler.config.shift))
         raise SD3SettingError(f"scheduler {name!r}: an SD 3.5 base samples with flow-matching schedulers: euler or dpm")
-
-    def pipeline(self, scheduler: Optional[str] = None, transformer: Optional[nn.Module] = None):
-        """A diffusers ``StableDiffusion3Pipeline`` over these parts."""
-        from diffusers import StableDiffusion3Pipeline
-
-        pipe = StableDiffusion3Pipeline(
-            transformer=transformer if transformer is not None else self.transformer,
-            scheduler=self.inference_scheduler(scheduler or self.default_sampler), vae=self.vae,
-            text_encoder=self.text_encoder, tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2, text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     def export_pipeline(self):
         """The pipeline ``export.py`` saves (Euler, SD 3.5's own sampler). The strategies cast the VAE, CLIP-L and the
@@ -323,39 +236,18 @@ class SD3(nn.Module):
         """Images in [0, 1], ``[B, 3, H, W]`` float32 on CPU, one seed per image (its starting noise from its own seed)."""
         if len(seeds) != prompt_embeds.shape[0]:
             raise ValueError(f"got {prompt_embeds.shape[0]} prompts but {len(seeds)} seeds")
-        pipe = self.pipeline(scheduler)
         dtype = next(self.transformer.parameters()).dtype
-        height, width = height or self.native_size, width or self.native_size
-        f = self.vae_scale_factor
-        channels = int(self.transformer.config.in_channels)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        latents = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
-        latents = latents.to(device=prompt_embeds.device, dtype=dtype)
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
-            out = pipe(prompt_embeds=prompt_embeds.embeds.to(dtype), pooled_prompt_embeds=prompt_embeds.pooled.to(dtype),
-                       negative_prompt_embeds=negative_prompt_embeds.embeds.to(dtype),
-                       negative_pooled_prompt_embeds=negative_prompt_embeds.pooled.to(dtype), latents=latents,
-                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="pt",
-                       max_sequence_length=self.text_window).images
-        finally:
-            self.transformer.train(was_training)
-        return out.float().clamp(0, 1).cpu()
-
-    def set_frozen_dtype(self, dtype: torch.dtype, keep_vae_fp32: bool = False) -> None:
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
-            part = getattr(self, name)
-            if any(p.requires_grad for p in part.parameters()) or (name == "vae" and keep_vae_fp32):
-                continue
-            if next(part.parameters()).dtype != dtype:
-                part.to(dtype)
-
+        return sample_with_pipeline(
+            self, self.pipeline(scheduler), seeds, prompt_embeds.device, height, width,
+            prompt_embeds=prompt_embeds.embeds.to(dtype), pooled_prompt_embeds=prompt_embeds.pooled.to(dtype),
+            negative_prompt_embeds=negative_prompt_embeds.embeds.to(dtype),
+            negative_pooled_prompt_embeds=negative_prompt_embeds.pooled.to(dtype), num_inference_steps=steps,
+            guidance_scale=guidance, max_sequence_length=self.text_window)
 
 # ---------------------------------------------------------------------- loading
 def _how_to_get(spec) -> str:
     return (f"SD 3.5 weights {spec.pretrained!r} could not be loaded. Pass a local folder holding a diffusers "
-            f"StableDiffusion3Pipeline ({', '.join(p + ('' if '.' in p else '/') for p in PARTS)}), e.g. one made with "
+            f"StableDiffusion3Pipeline ({parts_text(PARTS)}), e.g. one made with "
             "`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --local-dir sd35-medium` on a machine with "
             "internet access (accept the model licence on the Hub first), or make sure the hub id is in your Hugging Face "
             "cache (HF_HOME)")
@@ -366,13 +258,7 @@ def load(spec, source_spec) -> SD3:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    source = source_spec.pretrained
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        missing = [p for p in PARTS if not (folder / p).exists()]
-        if missing:
-            raise SD3LoadError(f"{folder}: not an SD 3.5 pipeline folder: missing {missing} ({_how_to_get(spec)})")
-        source = str(folder)
+    source = pipeline_source(source_spec, PARTS, SD3LoadError, "an SD 3.5", _how_to_get(spec))
     kwargs = dict(revision=source_spec.revision, local_files_only=source_spec.local_files_only)
     try:
         tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
@@ -385,7 +271,7 @@ def load(spec, source_spec) -> SD3:
         transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", **kwargs)
         noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise SD3LoadError(f"{_how_to_get(spec)}. Underlying error: {str(err).splitlines()[0] if str(err) else err!r}") from None
+        raise SD3LoadError(f"{_how_to_get(spec)}. Underlying error: {load_failure(err)}") from None
     return SD3(vae, *encoders, *tokenizers, transformer, noise_scheduler, spec)
 
 

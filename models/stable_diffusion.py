@@ -24,7 +24,7 @@ from torch import nn
 
 from core import plugins
 from core.errors import UserError
-from models.families import BaseFamily
+from models.families import BaseFamily, KLAutoencoder, cast_frozen, sample_with_pipeline
 
 DEFAULT_PRETRAINED = "CompVis/stable-diffusion-v1-4"
 
@@ -119,7 +119,7 @@ class StableDiffusionLoadError(UserError, RuntimeError):
     """The weights named by a spec could not be found or read."""
 
 
-class StableDiffusion(nn.Module):
+class StableDiffusion(KLAutoencoder, nn.Module):
     """Frozen Stable Diffusion parts plus the helpers that use them.
 
     ``vae``, ``text_encoder`` and ``unet`` are submodules; ``tokenizer`` and ``noise_scheduler``
@@ -178,20 +178,6 @@ class StableDiffusion(nn.Module):
         """The pipeline ``export.py`` saves (PNDM, as SD v1.4's folder)."""
         return self.pipeline(scheduler="pndm")
 
-    @torch.no_grad()
-    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of the VAE posterior of images in [-1, 1] (for the latent cache)."""
-        vae_param = next(self.vae.parameters())
-        dist = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
-        return dist.mean, dist.logvar
-
-    def latents_from_posterior(self, dist: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Scaled latents drawn from cached posteriors ``[B, 2C, h, w]`` with ``generator`` (float32)."""
-        from models.families import sample_latents
-
-        vae_dtype = next(self.vae.parameters()).dtype
-        return sample_latents(dist, generator, self.vae.config.scaling_factor, vae_dtype).float()
-
     # ------------------------------------------------------------------ properties
     @property
     def vae_scale_factor(self) -> int:
@@ -219,20 +205,7 @@ class StableDiffusion(nn.Module):
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(self.tokenize(prompts, device))[0]
 
-    def encode_images(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Scaled latents of images in [-1, 1], sampled from the VAE posterior with ``generator``."""
-        vae_param = next(self.vae.parameters())
-        with torch.no_grad():
-            dist = self.vae.encode(pixel_values.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
-            latents = dist.sample(generator=generator)
-        return latents * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from scaled latents."""
-        vae_param = next(self.vae.parameters())
-        latents = latents.to(device=vae_param.device, dtype=vae_param.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(latents).sample
+    # the autoencoder (encode_images, decode_latents, encode_posterior, latents_from_posterior): models.families.KLAutoencoder
 
     # ------------------------------------------------------------------ sampling
     def inference_scheduler(self, name: str = "ddim"):
@@ -279,44 +252,15 @@ class StableDiffusion(nn.Module):
         """
         if len(seeds) != prompt_embeds.shape[0]:
             raise ValueError(f"got {prompt_embeds.shape[0]} prompts but {len(seeds)} seeds")
-        pipe = self.pipeline(scheduler)
         unet_dtype = next(self.unet.parameters()).dtype
-        size = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or size, width or size
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        latents = torch.stack(
-            [
-                torch.randn((self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor), generator=g)
-                for g in generators
-            ]
-        ).to(device=prompt_embeds.device, dtype=unet_dtype)
-        was_training = self.unet.training
-        self.unet.eval()
-        try:
-            out = pipe(
-                prompt_embeds=prompt_embeds.to(unet_dtype),
-                negative_prompt_embeds=negative_prompt_embeds.to(unet_dtype),
-                latents=latents,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=height,
-                width=width,
-                output_type="pt",
-            ).images
-        finally:
-            self.unet.train(was_training)
-        return out.float().clamp(0, 1).cpu()
+        return sample_with_pipeline(self, self.pipeline(scheduler), seeds, prompt_embeds.device, height, width,
+                                    prompt_embeds=prompt_embeds.to(unet_dtype),
+                                    negative_prompt_embeds=negative_prompt_embeds.to(unet_dtype), num_inference_steps=steps,
+                                    guidance_scale=guidance)
 
     def set_frozen_dtype(self, dtype: torch.dtype, keep_vae_fp32: bool = False) -> None:
         """Cast the frozen parts (every part without trainable parameters) to ``dtype``."""
-        for name in ("vae", "text_encoder", "unet"):
-            part = getattr(self, name)
-            if any(p.requires_grad for p in part.parameters()):
-                continue
-            if name == "vae" and keep_vae_fp32:
-                continue
-            if next(part.parameters()).dtype != dtype:
-                part.to(dtype)
+        cast_frozen(self, ("vae", "text_encoder", "unet"), dtype, keep_vae_fp32)
 
 
 # ---------------------------------------------------------------------- loading

@@ -189,6 +189,51 @@ def straight_and_resumed(fresh, root, tmp_path, steps: int = 4, stop_at: int = 2
     return straight, resumed, half
 
 
+def whole_denoiser_resumes_exactly(model: dict, root, tmp_path, **settings):
+    """The base families' shared check: the whole denoiser of ``model`` with EMA and prior preservation (2 class images)
+    trained straight and stopped-and-resumed gives the same weights and EMA bit for bit; only the transformer trains
+    (the text encoders and the autoencoder stay bit-identical) and it moved. Returns the straight module."""
+    import torch
+
+    from lightning_modules.unet import UNetFineTuning
+
+    def fresh():
+        return UNetFineTuning(model=model, learning_rate=1e-3, ema={"decay": 0.9}, **settings,
+                              prior_preservation={"num_class_images": 2, "steps": 2, "class_images_dir": str(tmp_path / "class")})
+
+    base = {k: v.clone() for k, v in fresh().state_dict().items()}
+    straight, resumed, _ = straight_and_resumed(fresh, root, tmp_path)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(straight.ema.model.shadow_params, resumed.ema.model.shadow_params))
+    trained = straight.trained_state_keys()
+    assert trained and all(k.startswith("sd.transformer.") for k in trained)
+    assert any(not torch.equal(a[k], base[k]) for k in trained)
+    assert all(torch.equal(a[k], base[k]) for k in a if k not in trained)
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    return straight
+
+
+def export_samples_as_the_suite_does(module, out, plain_pipeline, prompt: str, guidance: float, **call):
+    """``module``'s pipeline export in ``out``: plain diffusers (``plain_pipeline`` class) and the suite's ``load_export``
+    sample the image the module samples (seed 0, 3 steps); returns ``export.json``."""
+    import json
+
+    import torch
+
+    from models.exports import load_export
+
+    out = module.export(out)
+    pipe = plain_pipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt, num_inference_steps=3, guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
+                 output_type="pt", **call).images
+    ours = load_export(out).generate([prompt], seeds=[0], steps=3, guidance=guidance)
+    torch.testing.assert_close(ours, image.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(module.generate([prompt], seeds=[0], steps=3, guidance=guidance), ours, rtol=0, atol=1e-5)
+    return json.loads((out / "export.json").read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_dinov2(tmp_path_factory) -> Path:
     """A random 2-layer DINOv2 (RAD-DINO's architecture, microsoft/rad-dino's processor settings) saved as a Hugging

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import straight_and_resumed
+from conftest import export_samples_as_the_suite_does, straight_and_resumed, whole_denoiser_resumes_exactly
 from models.families import BaseFamilyError
 from models.stable_diffusion import load_stable_diffusion
 
@@ -105,34 +105,13 @@ def test_a_window_longer_than_the_one_t5_was_trained_with_is_refused():
 def test_full_fine_tuning_with_ema_and_prior_preservation_resumes_bit_identically_and_exports(phantom_root, tmp_path):
     from diffusers import PixArtSigmaPipeline
 
-    from lightning_modules.unet import UNetFineTuning
-    from models.exports import load_export
     from models.model_card import model_card
 
-    def fresh():
-        return UNetFineTuning(model=PIXART, learning_rate=1e-3, ema={"decay": 0.9}, snr_gamma=5.0,
-                              prior_preservation={"num_class_images": 2, "steps": 2, "class_images_dir": str(tmp_path / "class")})
-
-    base = {k: v.clone() for k, v in fresh().state_dict().items()}
-    straight, resumed, _ = straight_and_resumed(fresh, phantom_root, tmp_path)
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(straight.ema.model.shadow_params, resumed.ema.model.shadow_params))
-    trained = straight.trained_state_keys()
-    assert trained and all(k.startswith("sd.transformer.") for k in trained)
-    assert any(not torch.equal(a[k], base[k]) for k in trained)
-    assert all(torch.equal(a[k], base[k]) for k in a if k not in trained)  # T5 and the VAE stay frozen
-    assert len(list((tmp_path / "class").glob("*.png"))) == 2
-
-    out = straight.export(tmp_path / "export")
-    manifest = json.loads((out / "export.json").read_text())
+    straight = whole_denoiser_resumes_exactly(PIXART, phantom_root, tmp_path, snr_gamma=5.0)
+    manifest = export_samples_as_the_suite_does(straight, tmp_path / "export", PixArtSigmaPipeline, PROMPT, 4.5,
+                                                height=64, width=64, use_resolution_binning=False)
     assert manifest["pipeline_class"] == "PixArtSigmaPipeline" and manifest["trained"] == ["transformer"]
     assert manifest["weights"] == "EMA" and manifest["sampling"] == {"use_resolution_binning": False}
-    image = plain_image(PixArtSigmaPipeline.from_pretrained(out, local_files_only=True))
-    ours = load_export(out).generate([PROMPT], seeds=[0], steps=3, guidance=4.5)
-    module = straight.generate([PROMPT], seeds=[0], steps=3, guidance=4.5)  # with the EMA weights, as exported
-    torch.testing.assert_close(ours, image, rtol=0, atol=1e-5)
-    torch.testing.assert_close(module, ours, rtol=0, atol=1e-5)
     card = model_card(manifest)
     assert "from diffusers import PixArtSigmaPipeline" in card and "use_resolution_binning=False" in card
 

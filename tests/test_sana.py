@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import straight_and_resumed
+from conftest import export_samples_as_the_suite_does, straight_and_resumed, whole_denoiser_resumes_exactly
 from models.families import BaseFamilyError, FlowMatchingObjective, TimestepSampling
 from models.stable_diffusion import load_stable_diffusion
 
@@ -80,38 +80,13 @@ def test_a_window_longer_than_the_one_gemma_was_trained_with_is_refused():
 def test_full_fine_tuning_with_ema_and_prior_preservation_resumes_bit_identically_and_exports(phantom_root, tmp_path):
     from diffusers import SanaPipeline
 
-    from lightning_modules.unet import UNetFineTuning
-    from models.exports import load_export
     from models.model_card import model_card
 
-    def fresh():
-        return UNetFineTuning(model=SANA, learning_rate=1e-3, ema={"decay": 0.9},
-                              timestep_sampling={"weighting_scheme": "logit_normal"},
-                              prior_preservation={"num_class_images": 2, "steps": 2, "class_images_dir": str(tmp_path / "class")})
-
-    base = {k: v.clone() for k, v in fresh().state_dict().items()}
-    straight, resumed, _ = straight_and_resumed(fresh, phantom_root, tmp_path)
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(straight.ema.model.shadow_params, resumed.ema.model.shadow_params))
-    trained = straight.trained_state_keys()
-    assert trained and all(k.startswith("sd.transformer.") for k in trained)
-    assert any(not torch.equal(a[k], base[k]) for k in trained)
-    assert all(torch.equal(a[k], base[k]) for k in a if k not in trained)  # Gemma-2 and the autoencoder stay frozen
-    assert len(list((tmp_path / "class").glob("*.png"))) == 2
-
-    out = straight.export(tmp_path / "export")
-    manifest = json.loads((out / "export.json").read_text())
+    straight = whole_denoiser_resumes_exactly(SANA, phantom_root, tmp_path, timestep_sampling={"weighting_scheme": "logit_normal"})
+    manifest = export_samples_as_the_suite_does(straight, tmp_path / "export", SanaPipeline, PROMPT, 4.5, height=64, width=64,
+                                                use_resolution_binning=False, complex_human_instruction=None)
     assert manifest["pipeline_class"] == "SanaPipeline" and manifest["trained"] == ["transformer"]
-    assert manifest["weights"] == "EMA" and manifest["sampling"] == {"complex_human_instruction": None}
-    plain = SanaPipeline.from_pretrained(out, local_files_only=True)
-    plain.set_progress_bar_config(disable=True)
-    image = plain(PROMPT, num_inference_steps=3, guidance_scale=4.5, height=64, width=64, use_resolution_binning=False,
-                  complex_human_instruction=None, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    ours = load_export(out).generate([PROMPT], seeds=[0], steps=3, guidance=4.5)
-    module = straight.generate([PROMPT], seeds=[0], steps=3, guidance=4.5)  # with the EMA weights, as exported
-    torch.testing.assert_close(ours, image.float(), rtol=0, atol=1e-5)
-    torch.testing.assert_close(module, ours, rtol=0, atol=1e-5)
+    assert manifest["weights"] == "EMA" and manifest["sampling"] == {"complex_human_instruction": None, "use_resolution_binning": False}
     card = model_card(manifest)
     assert "from diffusers import SanaPipeline" in card and "complex_human_instruction=None" in card and "- sana" in card
 

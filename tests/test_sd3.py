@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import straight_and_resumed
+from conftest import export_samples_as_the_suite_does, straight_and_resumed, whole_denoiser_resumes_exactly
 from models.families import BaseFamilyError
 from models.stable_diffusion import load_stable_diffusion
 
@@ -124,36 +124,14 @@ def _plain_image(pipe, **kwargs):
 def test_full_fine_tuning_with_ema_and_prior_preservation_resumes_bit_identically_and_exports(phantom_root, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from lightning_modules.unet import UNetFineTuning
-    from models.exports import load_export
     from models.model_card import model_card
 
-    def fresh():
-        return UNetFineTuning(model=SD3, learning_rate=1e-3, ema={"decay": 0.9},
-                              timestep_sampling={"weighting_scheme": "logit_normal"},
-                              prior_preservation={"num_class_images": 2, "steps": 2, "class_images_dir": str(tmp_path / "class")})
-
-    base = {k: v.clone() for k, v in fresh().state_dict().items()}
-    straight, resumed, _ = straight_and_resumed(fresh, phantom_root, tmp_path)
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(straight.ema.model.shadow_params, resumed.ema.model.shadow_params))
-    trained = straight.trained_state_keys()
-    assert trained and all(k.startswith("sd.transformer.") for k in trained)
-    assert any(not torch.equal(a[k], base[k]) for k in trained)
-    assert all(torch.equal(a[k], base[k]) for k in a if k not in trained)  # the three encoders and the VAE stay frozen
-    assert len(list((tmp_path / "class").glob("*.png"))) == 2
-
-    out = straight.export(tmp_path / "export")
-    manifest = json.loads((out / "export.json").read_text())
+    straight = whole_denoiser_resumes_exactly(SD3, phantom_root, tmp_path, timestep_sampling={"weighting_scheme": "logit_normal"})
+    manifest = export_samples_as_the_suite_does(straight, tmp_path / "export", StableDiffusion3Pipeline, PROMPT, 7.0,
+                                                height=64, width=64)
     assert manifest["pipeline_class"] == "StableDiffusion3Pipeline" and manifest["trained"] == ["transformer"]
     assert manifest["weights"] == "EMA" and manifest["base_family"] == "sd3"
     assert manifest["sampling"] == {}  # the T5 window is the pipeline's default: nothing to pass
-    image = _plain_image(StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True))
-    ours = load_export(out).generate([PROMPT], seeds=[0], steps=3, guidance=7.0)
-    module = straight.generate([PROMPT], seeds=[0], steps=3, guidance=7.0)  # with the EMA weights, as exported
-    torch.testing.assert_close(ours, image, rtol=0, atol=1e-5)
-    torch.testing.assert_close(module, ours, rtol=0, atol=1e-5)
     assert "from diffusers import StableDiffusion3Pipeline" in model_card(manifest)
 
 
