@@ -54,7 +54,7 @@ from datamodules.mimic_cxr import CHEXPERT_CLASSES, MIMICDataError
 from datamodules.prompts import FINDING_PROMPTS
 from datamodules.study_images import ImageSelectionError, load_images, select_mimic
 from evaluation.sources import (SourceError, Strategy, above, at_least, choose_samplers, generator_fingerprint, load_strategies,
-                                study_device, study_seed)
+                                study_device, study_sampler, study_seed)
 from metrics.classifiers import classifier_weights_file
 from metrics.scores import auroc
 
@@ -217,7 +217,8 @@ def synthetic_record(cfg: UtilityConfig, strategy: Strategy, asked: Sequence[str
     """What a synthetic set is made with: the generator's weights fingerprint, its sampler settings and native size, the
     data seed (image ``i`` has seed ``seed + i``), and each image's prompt (a digest each); ``source`` only informs."""
     return {"generator": generator_fingerprint(strategy.generator), "gen_steps": cfg.gen_steps, "guidance": cfg.guidance,
-            "scheduler": strategy.sampler or cfg.scheduler, "native_px": strategy.generator.native_size, "seed": cfg.seed,
+            "scheduler": strategy.sampler or study_sampler(strategy.generator, cfg.scheduler, SD_SAMPLER),
+            "native_px": strategy.generator.native_size, "seed": cfg.seed,
             "prompt_source": cfg.prompt_source, "source": strategy.source, "prompts": [digest(p) for p in asked]}
 
 
