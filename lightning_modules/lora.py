@@ -239,9 +239,9 @@ def load_export(folder: Path, manifest: dict, base: Optional[str] = None) -> Gen
     """A LoRA export on its base model (``base`` overrides the one ``export.json`` names): the ``lora`` export kind."""
     from models.stable_diffusion import load_stable_diffusion
 
-    window = (manifest.get("base_model") or {}).get("max_sequence_length")  # the text window it was trained with
-    spec = ({"pretrained": base, "local_files_only": Path(base).is_dir(), "max_sequence_length": window} if base
-            else manifest.get("base_model"))
+    trained = manifest.get("base_model") or {}  # the text window it was trained with
+    spec = ({"pretrained": base, "local_files_only": Path(base).is_dir(), "max_sequence_length": trained.get("max_sequence_length"),
+             "long_prompts": trained.get("long_prompts", "truncate")} if base else manifest.get("base_model"))
     if not spec:
         raise ValueError(f"{folder}: LoRA weights without export.json do not name their base model; give the model they were "
                          "trained on")

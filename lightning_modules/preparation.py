@@ -354,7 +354,7 @@ def warn_long_prompts(sd, prompts: Sequence[str]) -> None:
         example = next(iter(too_long))
         rank_zero_warn(
             f"{n} of {len(prompts)} training prompts ({len(too_long)} distinct) are longer than the text encoder's "
-            f"{sd.max_token_length} tokens and will be truncated, e.g. {example[:120]!r}"
+            f"{sd.text_window} tokens and will be truncated, e.g. {example[:120]!r}"
         )
 
 

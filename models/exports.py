@@ -161,8 +161,10 @@ def load_pipeline(folder: Path, manifest: dict, base: Optional[str] = None) -> G
         raise ExportError(f"{folder}: a pipeline export holds its whole model; a base model applies to textual-inversion "
                           "and projection exports only")
     # the text window it was trained with: export.json's base model records it, the pipeline folder's files do not
-    window = (manifest.get("base_model") or {}).get("max_sequence_length")
-    return Generator(load_stable_diffusion({"pretrained": str(folder), "local_files_only": True, "max_sequence_length": window}))
+    base_model = manifest.get("base_model") or {}
+    return Generator(load_stable_diffusion({"pretrained": str(folder), "local_files_only": True,
+                                            "max_sequence_length": base_model.get("max_sequence_length"),
+                                            "long_prompts": base_model.get("long_prompts", "truncate")}))
 
 
 def load_textual_inversion(folder: Path, manifest: dict, base: Optional[str] = None) -> Generator:

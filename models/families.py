@@ -101,7 +101,7 @@ def model_index(source: str, revision: Optional[str], local_files_only: bool) ->
     return json.loads(Path(path).read_text())
 
 
-def check_window(family: BaseFamily, requested: Optional[int], where: str = "model.max_sequence_length") -> int:
+def check_window(family: BaseFamily, requested: Optional[int], where: str = "model.max_sequence_length", hint: str = "") -> int:
     """The text window to use: ``requested`` or the family's; a window longer than the one the text encoder was trained
     with is refused (positions it never saw would condition the denoiser)."""
     if requested is None:
@@ -111,7 +111,7 @@ def check_window(family: BaseFamily, requested: Optional[int], where: str = "mod
     if int(requested) > family.text_window:
         raise BaseFamilyError(
             f"{where}: {requested} tokens, but {family.name}'s text encoder was trained with a window of {family.text_window}; "
-            f"use at most {family.text_window} (longer prompts are truncated, and training counts them)")
+            f"use at most {family.text_window} (longer prompts are truncated, and training counts them){hint}")
     return int(requested)
 
 

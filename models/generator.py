@@ -58,8 +58,7 @@ class ClipConditioning:
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         prompts = [self.rewrite(p) for p in prompts] if self.rewrite else list(prompts)
-        text_encoder = self.sd.text_encoder
-        return text_encoder(self.sd.tokenize(prompts, next(text_encoder.parameters()).device))[0]
+        return self.sd.clip_states(prompts)
 
     def negative(self, prompts: Sequence[str]) -> torch.Tensor:
         return self(prompts)
@@ -69,8 +68,10 @@ class ClipConditioning:
 
     def window(self, prompts: Sequence[str]) -> dict:
         prompts = [self.rewrite(p) for p in prompts] if self.rewrite else list(prompts)
-        return {"encoder": "CLIP", "window": self.sd.max_token_length, "too_long": self.sd.count_too_long(prompts),
-                "handling": f"truncated to CLIP's {self.sd.max_token_length} tokens"}
+        chunks = getattr(self.sd, "clip_chunks", 1)
+        handling = (f"truncated to CLIP's {self.sd.max_token_length} tokens" if chunks == 1 else
+                    f"chunked: {chunks} CLIP windows of 75 tokens, truncated after {self.sd.text_window}")
+        return {"encoder": "CLIP", "window": self.sd.text_window, "too_long": self.sd.count_too_long(prompts), "handling": handling}
 
 
 class Generator:

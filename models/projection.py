@@ -106,6 +106,9 @@ class ProjectedConditioning:
         self.sd, self.domain, self.projection, self.level = sd, domain, projection, level
         # a family whose conditioning carries an attention mask (Sana's Gemma-2): token level only, masked (see masked_mse)
         self.masked = sd.family != "stable-diffusion"
+        if getattr(sd, "clip_chunks", 1) > 1:
+            raise ProjectionConfigError("model.long_prompts: chunked: the projection is trained against CLIP's own 77-token "
+                                        "conditioning (its pooled vector or its 77 states); train it with long_prompts: truncate")
         if self.masked and level == "document":
             raise ProjectionConfigError(
                 f"level: document maps the domain vector onto CLIP's pooled vector, and {sd.family}'s text encoder has no "

@@ -42,6 +42,20 @@ SD14_SCHEDULER_CONFIG = {
 }
 
 INFERENCE_SCHEDULERS = ("pndm", "ddim", "euler", "dpm")
+CHUNK_TOKENS = 75  # a chunked long prompt's window: CLIP's 77 less its start and end tokens
+LONG_PROMPTS = ("truncate", "chunked")
+
+
+def chunk_count(spec) -> int:
+    """CLIP windows per prompt: 1 (``truncate``), or ``ceil(max_sequence_length / 75)`` for ``chunked`` (default 3)."""
+    if spec.long_prompts not in LONG_PROMPTS:
+        raise UserError(f"model.long_prompts: {spec.long_prompts!r}; expected one of {', '.join(LONG_PROMPTS)}")
+    if spec.long_prompts == "truncate":
+        return 1
+    window = 3 * CHUNK_TOKENS if spec.max_sequence_length is None else int(spec.max_sequence_length)
+    if window < 1:
+        raise UserError(f"model.max_sequence_length: {window}; expected a positive number of tokens")
+    return -(-window // CHUNK_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,12 @@ class StableDiffusionSpec:
         family: the base family (``stable-diffusion``, ``sana``; :mod:`models.families`); default: the preset's, or
             the one the folder's ``model_index.json`` shows.
         max_sequence_length: the text window in tokens; default: the family's (CLIP 77, Sana's Gemma-2 300). A window
-            longer than the one the text encoder was trained with is refused.
+            longer than the one the text encoder was trained with is refused (on Stable Diffusion, unless chunked).
+        long_prompts: Stable Diffusion only: ``truncate`` (CLIP's 77 tokens, SD's own conditioning) or ``chunked``:
+            the prompt's tokens in windows of 75, each encoded by CLIP as a prompt of its own (start and end tokens
+            added) and the states concatenated, as common UIs condition on long prompts; ``max_sequence_length`` then
+            counts the prompt's tokens (default 225: three windows, ``[B, 3 x 77, D]``; shorter prompts get empty
+            windows, so a prompt's conditioning does not depend on its batch). Off by default: SD was trained on 77.
     """
 
     pretrained: str = DEFAULT_PRETRAINED
@@ -92,6 +111,7 @@ class StableDiffusionSpec:
     seed: int = 0
     family: Optional[str] = None
     max_sequence_length: Optional[int] = None
+    long_prompts: str = "truncate"
 
     @property
     def is_preset(self) -> bool:
@@ -139,7 +159,10 @@ class StableDiffusion(KLAutoencoder, nn.Module):
             part.eval()
         from models.families import DDPMObjective, check_window, get_family
 
-        check_window(get_family(self.family), spec.max_sequence_length)
+        self.clip_chunks = chunk_count(spec)
+        if self.clip_chunks == 1:
+            check_window(get_family(self.family), spec.max_sequence_length,
+                         hint="; or set model.long_prompts: chunked to read longer prompts in CLIP windows of 75 tokens")
         self.objective = DDPMObjective(noise_scheduler)
 
     # ------------------------------------------------------------------ the base-family interface (models/families.py)
@@ -160,7 +183,8 @@ class StableDiffusion(KLAutoencoder, nn.Module):
 
     @property
     def text_window(self) -> int:
-        return self.max_token_length
+        """Tokens of a prompt that condition the U-Net: CLIP's 77, or the chunked windows' ``chunks x 75``."""
+        return self.max_token_length if self.clip_chunks == 1 else CHUNK_TOKENS * self.clip_chunks
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """The U-Net's prediction for CLIP conditioning ``[B, 77, D]``."""
@@ -195,15 +219,38 @@ class StableDiffusion(KLAutoencoder, nn.Module):
         return ids.to(device) if device is not None else ids
 
     def count_too_long(self, prompts: Sequence[str]) -> int:
-        """How many prompts are longer than the text encoder's window (they would be truncated)."""
+        """How many prompts are longer than the text window (they would be truncated)."""
+        if self.clip_chunks > 1:
+            lengths = self.tokenizer(list(prompts), add_special_tokens=False, truncation=False).input_ids
+            return sum(len(ids) > self.text_window for ids in lengths)
         lengths = self.tokenizer(list(prompts), truncation=False).input_ids
         return sum(len(ids) > self.max_token_length for ids in lengths)
 
+    def chunk_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[B * chunks, 77]``: each prompt's tokens (at most ``chunks x 75``) in windows of 75, each written as CLIP
+        tokenizes a prompt (start token, the window, end token, padding); windows past a prompt's end are empty ones."""
+        tok = self.tokenizer
+        rows = []
+        for ids in tok(list(prompts), add_special_tokens=False, truncation=False).input_ids:
+            ids = ids[: self.text_window]
+            for c in range(self.clip_chunks):
+                part = ids[c * CHUNK_TOKENS:(c + 1) * CHUNK_TOKENS]
+                rows.append([tok.bos_token_id, *part, tok.eos_token_id] + [tok.pad_token_id] * (CHUNK_TOKENS - len(part)))
+        return torch.tensor(rows)
+
+    def clip_states(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP's ``last_hidden_state`` of prompts (with gradients where CLIP trains): ``[B, 77, D]``, or with chunked
+        long prompts the windows' states concatenated, ``[B, chunks x 77, D]``."""
+        device = next(self.text_encoder.parameters()).device
+        if self.clip_chunks == 1:
+            return self.text_encoder(self.tokenize(prompts, device))[0]
+        states = self.text_encoder(self.chunk_ids(prompts).to(device))[0]
+        return states.reshape(len(prompts), -1, states.shape[-1])
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP conditioning ``[B, 77, D]``: ``last_hidden_state`` after the final layer norm."""
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(self.tokenize(prompts, device))[0]
+        """CLIP conditioning ``[B, 77, D]`` (``last_hidden_state`` after the final layer norm); chunked: ``[B, k x 77, D]``."""
+        return self.clip_states(prompts)
 
     # the autoencoder (encode_images, decode_latents, encode_posterior, latents_from_posterior): models.families.KLAutoencoder
 
@@ -383,6 +430,9 @@ def load_stable_diffusion(spec: StableDiffusionSpec | dict | str):
     :class:`StableDiffusion`, or the base of another family (:mod:`models.families`), which has the same interface."""
     spec = _as_spec(spec)
     family = spec.family_name()
+    if spec.long_prompts != "truncate" and family != "stable-diffusion":
+        raise UserError(f"model.long_prompts: {spec.long_prompts!r} chunks CLIP's 77-token window (Stable Diffusion); "
+                        f"{family} bases read long prompts in their own window: remove long_prompts")
     if family != "stable-diffusion":
         from models.families import get_family
 

@@ -73,3 +73,42 @@ def test_frozen_parts_take_the_run_dtype_trainable_stay_fp32():
     assert next(sd.text_encoder.parameters()).dtype == torch.bfloat16
     assert next(sd.unet.parameters()).dtype == torch.float32
     assert precision_to_dtype("16-mixed") == torch.float16 and precision_to_dtype("32-true") == torch.float32
+
+
+def test_chunked_long_prompts_read_every_window_and_train_and_sample(phantom_root, tmp_path):
+    """long_prompts: chunked reads a long prompt in CLIP windows of 75 tokens (each written as CLIP tokenizes a prompt)
+    and concatenates their states: a short prompt's first window is today's conditioning, the rest empty windows; the
+    U-Net trains and samples on it; it is off by default, and refused in one line where it does not apply."""
+    from conftest import phantom_dm, quiet_trainer
+    from lightning_modules.unet import UNetFineTuning
+    from models.families import BaseFamilyError
+
+    plain = load_stable_diffusion({"pretrained": "tiny-random"})
+    chunked = load_stable_diffusion({"pretrained": "tiny-random", "long_prompts": "chunked"})
+    long = " ".join(["a small left pleural effusion"] * 25)  # ~125 tokens
+    short = "a photo of a lung xray"
+    states = chunked.encode_prompts([short, long])
+    assert states.shape == (2, 3 * 77, 32) and chunked.text_window == 225
+    assert torch.equal(chunked.chunk_ids([short])[0], plain.tokenize([short])[0])  # its first window is SD's own tokens
+    torch.testing.assert_close(states[0, :77], plain.encode_prompts([short])[0], rtol=0, atol=1e-5)
+    empty = plain.encode_prompts([""])[0]
+    assert torch.allclose(states[0, 77:154], empty, atol=1e-5) and not torch.allclose(states[1, 77:154], empty, atol=1e-3)
+    assert chunked.count_too_long([long]) == 0 and plain.count_too_long([long]) == 1
+    assert torch.equal(chunked.chunk_ids([short, long])[:3], chunked.chunk_ids([short]))  # its windows do not depend on its batch
+
+    module = UNetFineTuning(model={"pretrained": "tiny-random", "long_prompts": "chunked", "max_sequence_length": 150})
+    quiet_trainer(2).fit(module, datamodule=phantom_dm(phantom_root, tmp_path))
+    assert module.conditioning([long]).shape == (1, 2 * 77, 32)
+    assert module.generate([long], seeds=[0], steps=2).shape == (1, 3, 64, 64)
+    assert module.generator().prompt_window([long])["handling"].startswith("chunked: 2 CLIP windows of 75 tokens")
+    from models.exports import load_export
+
+    reloaded = load_export(module.export(tmp_path / "export"))  # export.json's base model carries the chunking back
+    torch.testing.assert_close(reloaded.conditioning([long]), module.conditioning([long]), rtol=0, atol=1e-5)
+    with pytest.raises(BaseFamilyError, match=r"max_sequence_length: 150 tokens, .* or set model.long_prompts: chunked"):
+        load_stable_diffusion({"pretrained": "tiny-random", "max_sequence_length": 150})
+    with pytest.raises(Exception, match=r"model.long_prompts: 'chunked' chunks CLIP's 77-token window \(Stable Diffusion\); "
+                                         r"sana bases read long prompts in their own window"):
+        load_stable_diffusion({"pretrained": "tiny-random-sana", "long_prompts": "chunked"})
+    with pytest.raises(Exception, match=r"model.long_prompts: 'split'; expected one of truncate, chunked"):
+        load_stable_diffusion({"pretrained": "tiny-random", "long_prompts": "split"})
