@@ -289,11 +289,11 @@ def tiny_sd3_configs() -> dict:
     }
 
 
-def sd3_tiny_t5_tokenizer():
+def tiny_t5_tokenizer(model_max_length: int = 512):
     """A small T5 tokenizer (``T5Tokenizer``: a tokenizers Unigram model, ``</s>`` last) built in code: T5's special
     tokens, ``▁``, the printable ASCII characters, and each word of the suite's prompts as one ``▁word`` piece (and one
     ``word`` piece, for words after punctuation such as ``<lung-xray>``); any other text still tokenizes, character by
-    character (characters outside printable ASCII are ``<unk>``)."""
+    character (characters outside printable ASCII are ``<unk>``). SD 3.5's and PixArt-Σ's tiny presets share it."""
     import string
 
     from transformers import T5Tokenizer
@@ -304,7 +304,7 @@ def sd3_tiny_t5_tokenizer():
     vocab += [(piece, -1.0) for w in words for piece in ("▁" + w, w) if len(piece) > 1]
     seen: set = set()
     vocab = [(p, s) for p, s in vocab if not (p in seen or seen.add(p))]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
 def build_tiny_sd3(seed: int, spec):
@@ -315,7 +315,7 @@ def build_tiny_sd3(seed: int, spec):
     from models.sd3 import SD3
 
     cfg = tiny_sd3_configs()
-    tokenizer, tokenizer_2, tokenizer_3 = load_tiny_tokenizer(), load_tiny_tokenizer(), sd3_tiny_t5_tokenizer()
+    tokenizer, tokenizer_2, tokenizer_3 = load_tiny_tokenizer(), load_tiny_tokenizer(), tiny_t5_tokenizer()
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
@@ -359,22 +359,6 @@ def tiny_pixart_configs() -> dict:
 TINY_PIXART_WINDOW = 300
 
 
-def tiny_t5_tokenizer():
-    """A small T5 tokenizer (``T5Tokenizer``: Unigram, ``</s>`` appended) built in code: T5's special tokens, one
-    ``▁word`` piece per word of the suite's prompts (scored far above letters, so each such word is one token), and
-    the printable ASCII characters (any other text still tokenizes, letter by letter; what is not ASCII is ``<unk>``).
-    It round-trips through ``save_pretrained``/``from_pretrained`` (a ``tokenizer.json``)."""
-    import string
-
-    from transformers import T5Tokenizer
-
-    words = sorted({w for word in PROMPT_WORDS for w in word.replace("<", " ").replace(">", " ").replace("-", " ").split()})
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + w, -1.0) for w in words]
-    seen = {piece for piece, _ in vocab}
-    vocab += [(c, -10.0) for c in string.ascii_letters + string.digits + string.punctuation if c not in seen]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_PIXART_WINDOW)
-
-
 def build_tiny_pixart(seed: int, spec):
     """``tiny-random-pixart`` with weights drawn from ``seed``."""
     from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PixArtTransformer2DModel
@@ -383,7 +367,7 @@ def build_tiny_pixart(seed: int, spec):
     from models.pixart import PixArtSigma
 
     cfg = tiny_pixart_configs()
-    tokenizer = tiny_t5_tokenizer()
+    tokenizer = tiny_t5_tokenizer(TINY_PIXART_WINDOW)
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(**cfg["transformer"])
     vae = AutoencoderKL(**cfg["vae"])
