@@ -158,6 +158,42 @@ def check_numbers(cfg) -> None:
             raise UserError(f"{flag} {value}: must be {expected}")
 
 
+# Lightning's own FSDP names and class: its FSDPStrategy shards the whole module (frozen parts too), refuses CPUs and
+# gathers checkpoints the suite does not read back; the denoiser's FSDP is lightning_modules/sharding.py's
+LIGHTNING_FSDP = ("fsdp_cpu_offload", "lightning.pytorch.strategies.FSDPStrategy", "lightning.pytorch.strategies.fsdp.FSDPStrategy",
+                  "pytorch_lightning.strategies.FSDPStrategy")
+
+
+def strategy_choice(value):
+    """``--trainer.strategy``: ``fsdp`` means the denoiser's FSDP (``fsdp_denoiser``, SHARD_GRAD_OP); Lightning's own FSDP
+    strategy (by name or class path) is refused in one line, naming ours."""
+    from lightning_modules.sharding import NAME
+
+    if isinstance(value, str) and value == "fsdp":
+        return NAME
+    class_path = value if isinstance(value, str) else getattr(value, "class_path", None) if value is not None else None
+    if class_path in LIGHTNING_FSDP:
+        raise UserError(f"--trainer.strategy {class_path}: Lightning's own FSDP shards the frozen parts too and is not "
+                        f"supported here; use --trainer.strategy {NAME} (or fsdp), which shards the denoiser (SHARD_GRAD_OP)")
+    return value
+
+
+def check_config(cfg) -> None:
+    """What train.py checks in the parsed config before any class is built: the numbers, and the strategy's name."""
+    check_numbers(cfg)
+    if cfg.get("trainer") is not None:
+        cfg.trainer.strategy = strategy_choice(cfg.trainer.get("strategy"))
+
+
+def check_strategy(cli) -> None:
+    """Under the denoiser's FSDP: the strategy trains the whole denoiser, no EMA, no callback that samples during
+    training, fp32 master weights (:func:`lightning_modules.sharding.check_run`), before anything is written."""
+    from lightning_modules.sharding import DenoiserFSDP, check_run
+
+    if isinstance(cli.trainer.strategy, DenoiserFSDP):
+        check_run(cli.model, cli.trainer)
+
+
 def check_wandb_reachable(timeout: float = 5.0) -> None:
     """Online W&B on a machine without network would wait ~2 minutes and end in a traceback: say so at once."""
     import socket
@@ -276,7 +312,7 @@ def end_wandb_run() -> bool:
 def make_cli(argv: list[str], start: Start):
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_modules.base import DiffusionModule
+    from lightning_modules.base import DiffusionModule  # (lightning_modules.sharding registers fsdp_denoiser)
 
     class TrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -295,7 +331,7 @@ def make_cli(argv: list[str], start: Start):
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config
-            check_numbers(cfg)
+            check_config(cfg)
             cfg.run_name = cfg.run_name or config_stem(argv) or datetime.now().strftime("run-%Y%m%d-%H%M%S")
             self.run = RunFolder.named(cfg.runs_dir, cfg.run_name)  # a name that leaves --runs_dir is refused here
             writable_folder(cfg.runs_dir, "--runs_dir")
@@ -383,7 +419,7 @@ def check_resume(cli) -> None:
     checkpoint = read_checkpoint(cli.ckpt_path)
     # the processes this start will run (the strategy's own world size is only set once they are launched)
     processes = int(cli.trainer.num_nodes) * int(cli.trainer.num_devices)
-    cli.model.check_resumable(checkpoint, cli.datamodule, processes)
+    cli.model.check_resumable(checkpoint, cli.datamodule, processes, strategy=cli.trainer.strategy)
     stop = monitor_stop(checkpoint)
     if stop is not None and not cli.config.ignore_monitor_stop:
         raise UserError(f"{cli.ckpt_path}: the MemorizationMonitor stopped this run at step {stop['stopped_at']} (copy rate "
@@ -489,6 +525,7 @@ def train(argv: list[str]) -> int:
     start = Start(original_argv)
     try:
         cli = make_cli_or_explain(argv, start)
+        check_strategy(cli)
         check_resume(cli)
         return fit(cli)
     except KeyboardInterrupt:

@@ -34,6 +34,7 @@ from datamodules.contract import Prepared, TrainingData, require
 from lightning_modules.ema import EMASettings, ParameterEMA
 from lightning_modules.preparation import FitPreparation, Needs, PriorPreservation
 from lightning_modules.resume import base_model_mismatch, data_identity, data_mismatch, world_size_mismatch
+from lightning_modules.sharding import sharding_mismatch, sharding_of
 from models.exports import update_manifest
 from models.families import TimestepSampling
 from models.generator import Conditioning, Generator
@@ -155,6 +156,8 @@ class DiffusionModule(LightningModule):
         # the trained part is checked in on_load_checkpoint instead.
         self.strict_loading = False
         self._compiled = False
+        # under FSDP (lightning_modules/sharding.py): the trained tensors' names and full shapes, recorded before wrapping
+        self._sharded_shapes: Optional[dict[str, tuple]] = None
         self.prepared = Prepared()
         self.skipped_nonfinite: list[int] = []  # global steps whose batch was skipped
         self._window_bad = False  # a micro-batch of the current accumulation window had a non-finite loss (skipped)
@@ -262,6 +265,8 @@ class DiffusionModule(LightningModule):
 
     # ------------------------------------------------------------------ trained state
     def trained_state_keys(self) -> list[str]:
+        if self._sharded_shapes is not None:  # FSDP: state_dict() would gather every shard (a collective)
+            return list(self._sharded_shapes)
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return [k for k in self.state_dict(keep_vars=True) if k in names]
 
@@ -281,6 +286,8 @@ class DiffusionModule(LightningModule):
         checkpoint["base_model"] = dict(self.base_model)
         if self._trainer is not None:
             checkpoint["world_size"] = int(self.trainer.world_size)
+            if sharding_of(self.trainer.strategy):  # FSDP's optimizer state resumes only under FSDP
+                checkpoint["sharding"] = sharding_of(self.trainer.strategy)
         data = self.data_identity()
         if data is not None:
             checkpoint["data"] = data
@@ -298,11 +305,12 @@ class DiffusionModule(LightningModule):
         hyperparameters (this one's, or those a checkpoint saved): none here; LoRA's rank, alpha, dropout and targets."""
         return {}
 
-    def check_resumable(self, checkpoint: dict, datamodule=None, world_size: Optional[int] = None) -> None:
+    def check_resumable(self, checkpoint: dict, datamodule=None, world_size: Optional[int] = None, strategy=None) -> None:
         """Refuse a checkpoint this configuration cannot continue: other strategy settings (:meth:`resume_settings`),
         other trained tensors or shapes, EMA or not, another base model, other data or batch size, another number of
-        processes (:mod:`lightning_modules.resume`; the data of ``datamodule``, else of the attached one; ``world_size``,
-        else the attached trainer's). Raises :class:`TrainedStateMismatch`."""
+        processes or another sharding (:mod:`lightning_modules.resume`, :mod:`lightning_modules.sharding`; the data of
+        ``datamodule``, else of the attached one; ``world_size`` and ``strategy``, else the attached trainer's). Raises
+        :class:`TrainedStateMismatch`."""
         saved, current = self.resume_settings(checkpoint.get("hyper_parameters") or {}), self.resume_settings(self.hparams)
         changed = [f"{key} {saved[key]!r} → {current[key]!r}" for key in current if key in saved and saved[key] != current[key]]
         if changed:
@@ -332,14 +340,17 @@ class DiffusionModule(LightningModule):
             if world_size is None and self._trainer is not None:
                 world_size = self.trainer.world_size
             why = world_size_mismatch(checkpoint.get("world_size"), world_size)
+        strategy = strategy if strategy is not None else (self.trainer.strategy if self._trainer is not None else None)
+        if why is None and "trained_keys" in checkpoint and strategy is not None:  # a resume, not an export's load
+            why = sharding_mismatch(checkpoint.get("sharding"), sharding_of(strategy))
         if why:
             raise TrainedStateMismatch(why)
 
     def _check_shapes(self, saved: Mapping[str, torch.Tensor]) -> None:
         """The saved trained tensors must have this configuration's shapes (loading them would fail deep inside torch)."""
-        current = self.state_dict(keep_vars=True)
-        differ = [f"{key} {list(saved[key].shape)} → {list(current[key].shape)}" for key in self.trained_state_keys()
-                  if key in saved and saved[key].shape != current[key].shape]
+        current = self._sharded_shapes or {k: tuple(v.shape) for k, v in self.state_dict(keep_vars=True).items()}
+        differ = [f"{key} {list(saved[key].shape)} → {list(current[key])}" for key in self.trained_state_keys()
+                  if key in saved and tuple(saved[key].shape) != tuple(current[key])]
         if differ:
             raise TrainedStateMismatch(
                 f"the checkpoint's trained tensors have other shapes than this configuration's ({len(differ)} differ, e.g. "
@@ -347,7 +358,8 @@ class DiffusionModule(LightningModule):
                 "with, or start a new run")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.check_resumable(checkpoint)  # the attached datamodule's data identity
+        if self._sharded_shapes is None:  # under FSDP the strategy checked it before loading (DenoiserFSDP.load_checkpoint)
+            self.check_resumable(checkpoint)  # the attached datamodule's data identity
         if self.ema is not None:
             try:
                 self.ema.load_state_dict(checkpoint["ema"])
@@ -526,7 +538,8 @@ class DiffusionModule(LightningModule):
         itself (fused AdamW), although under bf16 nothing is scaled; there the gradients are clipped here.
         """
         inner = getattr(optimizer, "optimizer", optimizer)
-        if gradient_clip_val and getattr(inner, "_step_supports_amp_scaling", False) and str(self.trainer.precision).startswith("bf16"):
+        fused_bf16 = getattr(inner, "_step_supports_amp_scaling", False) and str(self.trainer.precision).startswith("bf16")
+        if gradient_clip_val and fused_bf16 and self._sharded_shapes is None:  # FSDP: its precision clips over the shards
             params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
