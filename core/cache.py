@@ -1,5 +1,5 @@
 """One cache for everything the suite computes once and reuses: resized images, VAE posteriors, class images,
-document embeddings.
+document embeddings, text-encoder outputs (one file per prompt: :class:`GrowingEntry`).
 
 * **One root**: ``$CXR_DIFFUSION_CACHE``, default ``~/.cache/cxr-diffusion`` (:func:`cache_root`); every datamodule and
   strategy takes an optional ``cache_dir`` that replaces it.
@@ -372,3 +372,50 @@ class CacheEntry:
                 self.abort()
             raise
         self.commit(**extra)
+
+
+class GrowingEntry:
+    """An entry that grows one file per item (text conditions: one file per prompt), never "complete" as a whole.
+
+    ``<root>/<kind>/<key of parts>/`` holds ``ENTRY.json`` (its kind and parts, written atomically when the folder is
+    made: a folder made from other parts is refused by :meth:`CacheEntry.is_complete`) and one file per item, named by
+    the SHA-1 of the item's name (``<40 hex digits><suffix>``), each written whole through a temporary name and a
+    rename (:func:`atomic_write`), as the resized-image cache grows: a reader sees a file whole or not at all, a build
+    killed half-way leaves only whole files, and two processes writing one item write the same bytes, the last rename
+    wins. No lock is needed: nothing is ever rewritten in place."""
+
+    def __init__(self, kind: str, parts: dict, root: Optional[str | Path] = None):
+        self.entry = CacheEntry(kind, parts, root=cache_root(root))
+        self._ready = False
+
+    @property
+    def path(self) -> Path:
+        return self.entry.path
+
+    def file(self, name: str, suffix: str = "") -> Path:
+        """The file of item ``name`` (named by its SHA-1: any text, any length, is a valid file name)."""
+        return self.path / f"{hashlib.sha1(name.encode()).hexdigest()}{suffix}"
+
+    def open(self) -> "GrowingEntry":
+        """Make the folder and its ``ENTRY.json`` if they are not there; a folder of other parts raises CacheError."""
+        if self._ready:
+            return self
+        if not self.entry.is_complete():
+            self.path.mkdir(parents=True, exist_ok=True)
+            record = {"kind": self.entry.kind, "parts": self.entry.parts, "grows": "one file per item, each written whole"}
+            atomic_write(self.path / ENTRY_FILE, json.dumps(record, indent=1, default=str).encode())
+        self._ready = True
+        return self
+
+    def read(self, name: str, suffix: str = "") -> Optional[Path]:
+        """The file of ``name`` if it was written, else None."""
+        if not (self.path / ENTRY_FILE).is_file():
+            return None
+        self.open()
+        path = self.file(name, suffix)
+        return path if path.is_file() else None
+
+    def write(self, name: str, data: bytes, suffix: str = "") -> Path:
+        path = self.open().file(name, suffix)
+        atomic_write(path, data)
+        return path

@@ -107,6 +107,9 @@ class LoRAFineTuning(UNetFineTuning):
                                   "set text_encoder_lora: true or remove the rate")
         if not target_modules:
             raise LoRAConfigError("target_modules: at least one U-Net module name is needed")
+        if text_encoder_lora and kwargs.get("text_cache") == "disk":
+            raise LoRAConfigError("text_cache: disk caches a frozen text encoder's outputs, but text_encoder_lora trains "
+                                  "adapters on it (its outputs change at every step); set text_cache: memory")
         super().__init__(learning_rate=learning_rate, **kwargs)
 
     def configure_trainable(self) -> ClipConditioning:

@@ -20,6 +20,10 @@ its own ranks (found by each rank looking for the others' probe files in the fol
   base model, so missing class images are then an error, not something to fill in.
 * **Latents**: each training (and class) image's posterior mean and log-variance (:mod:`datamodules.latent_cache`).
 * **Document embeddings**: both encoders' vectors of every caption, memory-mapped (:class:`DocumentEmbeddings`).
+* **Text conditions** (``text_cache: disk``, :class:`TextConditions`): every training prompt's condition encoded once
+  into ``text_conditions/<key>`` (one file per prompt, :class:`models.families.PromptCache`), then the frozen text
+  encoders moved to the CPU; a prompt met later that is not there is encoded on the CPU (and written to the entry of
+  CPU encodings).
 """
 from __future__ import annotations
 
@@ -78,6 +82,17 @@ class DocumentEncoder:
     batch_size: int = 256
 
 
+@dataclass(frozen=True)
+class TextConditions:
+    """The text-condition cache on disk (``text_cache: disk``): ``conditioning`` (a family's, whose ``cache`` has a disk
+    layer) encodes every training prompt once at fit start, then the frozen ``encoders`` (the base's attribute names)
+    move to ``offload_device``, off the GPU: the prompts are read from the cache from then on."""
+
+    conditioning: Any
+    encoders: tuple[str, ...]
+    offload_device: str = "cpu"
+
+
 @dataclass
 class Needs:
     """What a strategy wants prepared before training."""
@@ -86,6 +101,7 @@ class Needs:
     latents: bool = False
     prior: Optional[PriorPreservation] = None
     documents: Optional[DocumentEncoder] = None
+    text: Optional[TextConditions] = None
 
 
 class DocumentEmbeddings:
@@ -245,6 +261,9 @@ class FitPreparation:
         class_images = self.class_images(needs.prior, images) if needs.prior else None
         latents = self.latents(images, class_images) if needs.latents and images is not None else None
         documents = self.documents(needs.documents, data.training_captions()) if needs.documents else None
+        if needs.text is not None:  # after the class images, which need the text encoders where the denoiser is
+            prompts = list(needs.prompts) + ([needs.prior.class_prompt] if needs.prior else []) + [""]  # "": guidance's
+            self.module.text_offload = self.text_conditions(needs.text, prompts)
         prepared = Prepared(latents=latents, class_images=class_images, documents=documents)
         data.use_prepared(prepared)
         return prepared
@@ -334,6 +353,61 @@ class FitPreparation:
         if not built:
             rank_zero_info(f"document embeddings: reusing {entry.path} ({captions.count} captions)")
         return DocumentEmbeddings(entry.path)
+
+
+    # ------------------------------------------------------------------ text conditions
+    def text_conditions(self, text: TextConditions, prompts: Sequence[str]) -> dict:
+        """Encode every distinct prompt once into the disk cache (each rank a contiguous block of them, among the ranks
+        that share the cache folder; the others' are read from disk when met), then move the text encoders off the GPU.
+        Returns what was done (also said in one info line)."""
+        import time
+
+        sd, cache = self.module.sd, text.conditioning.cache
+        encoders = {name: getattr(sd, name) for name in text.encoders}
+        trained = [name for name, module in encoders.items() if any(p.requires_grad for p in module.parameters())]
+        if trained or cache.disk is None:
+            raise RuntimeError(f"the text-condition cache on disk needs frozen text encoders and a disk layer ({trained} train)")
+        distinct = sorted(set(prompts))
+        like = next(encoders[text.encoders[-1]].parameters())
+        before, start_time = dict(cache.counts), time.perf_counter()
+        with Ranks(self.trainer) as ranks:
+            folder = cache.disk.entry(like.dtype, like.device.type).path
+            members = ranks.sharing(folder.parent)
+            first, stop = block_bounds(len(distinct), len(members), members.index(ranks.rank))
+            ranks.agree("filling the text-condition cache", lambda: [text.conditioning([p]) for p in distinct[first:stop]])
+        seconds = time.perf_counter() - start_time
+        record = {"prompts": len(distinct), "mine": stop - first, "encoded": cache.counts["encoded"] - before["encoded"],
+                  "read": cache.counts["read"] - before["read"], "seconds": seconds, "folder": str(folder),
+                  **offload_text_encoders(self.trainer, encoders, text.offload_device)}
+        rank_zero_info(
+            f"text conditions: {len(distinct)} distinct prompts in {folder} ({record['encoded']} encoded, {record['read']} read "
+            f"by this rank, {seconds:.1f} s); {', '.join(encoders)} {record['how']}")
+        return record
+
+
+def offload_text_encoders(trainer, encoders: dict, device: str) -> dict:
+    """Move frozen text encoders to ``device`` (a real ``Module.to``; a no-op where they are there already) and say what
+    it freed. Under DDP their buffers are taken out of DDP's buffer broadcast (frozen: nothing to keep in step; a CPU
+    tensor cannot go through NCCL). Under other strategies (FSDP, DeepSpeed: sharded or wrapped parameters) they stay."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    origin = str(next(next(iter(encoders.values())).parameters()).device)
+    size = sum(p.numel() * p.element_size() for m in encoders.values() for p in m.parameters())
+    record = {"from": origin, "to": origin, "parameter_bytes": size, "moved": False}
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or "DeepSpeed" in type(strategy).__name__:
+        return {**record, "how": f"stay on {origin}: moving them off is implemented for single-device and DDP runs, not "
+                                 f"{type(strategy).__name__}"}
+    for module in encoders.values():
+        module.to(device)
+    wrapped = getattr(strategy, "model", None)
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        mine = {id(b) for m in encoders.values() for b in m.buffers()}
+        wrapped.parameters_to_ignore.update(n for n, b in wrapped.module.named_buffers() if id(b) in mine)
+    if origin.startswith("cuda"):
+        torch.cuda.empty_cache()
+    freed = f", freeing {size / 2**30:.2f} GiB of {origin}" if origin != str(torch.device(device)) else " (already there)"
+    return {**record, "to": device, "moved": True, "how": f"moved to {device}{freed}"}
 
 
 def decode_workers(n_images: int, trainer) -> int:

@@ -36,6 +36,9 @@ class UNetTextEncoderFineTuning(UNetFineTuning):
         if text_encoder_learning_rate is not None and text_encoder_learning_rate <= 0:
             raise ModuleConfigError(f"text_encoder_learning_rate: {text_encoder_learning_rate!r}; expected a positive rate "
                                     "(or null: the U-Net's)")
+        if kwargs.get("text_cache") == "disk":
+            raise ModuleConfigError("text_cache: disk caches a frozen text encoder's outputs, but UNetTextEncoderFineTuning "
+                                    "trains the text encoder (its outputs change at every step); remove text_cache")
         super().__init__(**kwargs)
 
     def configure_trainable(self) -> ClipConditioning:

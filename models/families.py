@@ -150,26 +150,151 @@ class TextCondition:
         return cls(column("embeds"), column("mask"), column("pooled"))
 
 
+TEXT_CONDITIONS = "text_conditions"  # the cache kind (core/cache.py): <root>/text_conditions/<key>/<sha1 of prompt>.safetensors
+TEXT_CONDITION_FORMAT = "cxr-diffusion text condition 1"
+CONDITION_FIELDS = ("embeds", "mask", "pooled")
+
+
+def condition_bytes(prompt: str, condition: TextCondition) -> bytes:
+    """One prompt's condition as safetensors bytes: its tensors as they are (dtype kept, so reading gives the same bits)
+    and the prompt itself in the metadata (checked when read)."""
+    from safetensors.torch import save
+
+    tensors = {name: getattr(condition, name).detach().cpu().contiguous() for name in CONDITION_FIELDS
+               if getattr(condition, name) is not None}
+    return save(tensors, metadata={"format": TEXT_CONDITION_FORMAT, "prompt": prompt})
+
+
+def read_condition(path: Path, prompt: str) -> TextCondition:
+    """The condition in ``path`` (CPU), which must be ``prompt``'s; anything else, or a file that cannot be read, raises :class:`core.cache.CacheError` naming the file in one line."""
+    from safetensors import safe_open
+
+    from core.cache import CacheError
+
+    def refuse(why: str):
+        return CacheError(f"{path}: {why}; this text-condition cache file is damaged or foreign: delete it (the prompt is "
+                          "encoded again)")
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = f.metadata() or {}, set(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names}
+    except Exception as err:  # safetensors raises its own error types (header, size) and OSError
+        raise refuse(f"not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if meta.get("format") != TEXT_CONDITION_FORMAT:
+        raise refuse(f"format {meta.get('format')!r}, expected {TEXT_CONDITION_FORMAT!r}")
+    if meta.get("prompt") != prompt:
+        raise refuse(f"holds the condition of another prompt ({str(meta.get('prompt'))[:60]!r}, not {prompt[:60]!r})")
+    if "embeds" not in names or not names <= set(CONDITION_FIELDS):
+        raise refuse(f"tensors {sorted(names)}, expected embeds and optionally mask, pooled")
+    return TextCondition(tensors["embeds"], tensors.get("mask"), tensors.get("pooled"))
+
+
+def text_cache_parts(base, encoders: Sequence[str], tokenizers: Sequence[str], **extra) -> dict:
+    """What a family's text conditions depend on, besides the dtype and device type the cache adds: the base's weights
+    (its spec's cache key, as the latent cache keys its entries), the family, each text encoder's class, config,
+    dtype and a fingerprint of its weights, each tokenizer, the window and long-prompt handling, and ``extra`` (a
+    family's prompt preprocessing or instruction prefix)."""
+    from models.stable_diffusion import weights_fingerprint
+
+    def encoder(name):
+        module = getattr(base, name)
+        config = {k: v for k, v in module.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        return {"class": type(module).__name__, "config": json.dumps(config, sort_keys=True, default=str),
+                "dtype": str(next(module.parameters()).dtype).removeprefix("torch."),
+                "weights": weights_fingerprint(list(module.named_parameters()))}
+
+    def tokenizer(name):
+        tok = getattr(base, name)
+        return {"class": type(tok).__name__, "vocabulary": len(tok), "model_max_length": int(tok.model_max_length)}
+
+    return {"model": base.spec.cache_key(), "family": base.family, "window": int(base.text_window),
+            "long_prompts": getattr(base.spec, "long_prompts", "truncate"), "encoders": {n: encoder(n) for n in encoders},
+            "tokenizers": {n: tokenizer(n) for n in tokenizers}, "format": TEXT_CONDITION_FORMAT, **extra}
+
+
+class TextConditionDisk:
+    """The disk layer of a :class:`PromptCache`: one :class:`core.cache.GrowingEntry` ``text_conditions/<key>`` per
+    encoding dtype and device type (a prompt encoded on a CPU rounds otherwise than on a GPU, and in bf16 otherwise than
+    in fp32), the key of ``parts()`` (:func:`text_cache_parts`) plus those two; one safetensors file per prompt."""
+
+    def __init__(self, root, parts: Callable[[], dict]):
+        from core.cache import cache_root
+
+        self.root = cache_root(root)
+        self.parts = parts
+        self.entries: dict = {}
+
+    def entry(self, dtype: torch.dtype, device_type: str):
+        from core.cache import GrowingEntry
+
+        key = (str(dtype), device_type)
+        if key not in self.entries:
+            parts = {**self.parts(), "dtype": str(dtype).removeprefix("torch."), "device_type": device_type}
+            self.entries[key] = GrowingEntry(TEXT_CONDITIONS, parts, self.root)
+        return self.entries[key]
+
+    def read(self, prompt: str, dtype: torch.dtype, device_type: str) -> Optional[TextCondition]:
+        path = self.entry(dtype, device_type).read(prompt, ".safetensors")
+        return None if path is None else read_condition(path, prompt)
+
+    def write(self, prompt: str, condition: TextCondition, dtype: torch.dtype, device_type: str) -> Path:
+        return self.entry(dtype, device_type).write(prompt, condition_bytes(prompt, condition), ".safetensors")
+
+
 class PromptCache:
-    """Each distinct prompt's condition while the text encoder is frozen (it never changes then), at most ``size``
-    prompts, least recently used dropped, on the text encoder's device and dtype.
+    """Each distinct prompt's condition while the text encoder is frozen (it never changes then): at most ``size``
+    prompts in memory, least recently used dropped, and with a disk layer (:meth:`use_disk`) every prompt on disk too:
+    memory, then disk, then the encoder (whose output is written to disk).
 
     Prompts are encoded one by one: a cached value must not depend on which other prompts were missing with it (batched
     matrix products round differently), or a resumed run, which meets its prompts in other batches (class images are
-    sampled in the first run only), would not be bit-identical."""
+    sampled in the first run only), would not be bit-identical. Values are kept on ``device`` (where the denoiser reads
+    them; by default the encoder's) in the encoder's dtype; when either changes, memory is emptied. When the encoder is
+    elsewhere than ``device`` (moved off the GPU once the training prompts are on disk), disk is read for both device
+    types (the GPU's values first) and a prompt still missing is encoded where the encoder is and written to that
+    device type's entry. ``counts`` says how many prompts were encoded and how many read from disk."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, disk: Optional[TextConditionDisk] = None):
         self.size = max(int(size), 0)
         self.entries: "OrderedDict[str, TextCondition]" = OrderedDict()
+        self.disk = disk
+        self.state: Optional[tuple] = None
+        self.counts = {"encoded": 0, "read": 0}
 
-    def __call__(self, prompts: Sequence[str], encode: Callable[[list], TextCondition], like: torch.Tensor) -> TextCondition:
+    @property
+    def active(self) -> bool:
+        """True when anything is cached (memory or disk); otherwise the conditioning encodes its batches whole."""
+        return bool(self.size) or self.disk is not None
+
+    def use_disk(self, root, parts: Callable[[], dict]) -> None:
+        """Keep every prompt's condition on disk under ``root`` (``core.cache.cache_root`` rules) too."""
+        self.disk = TextConditionDisk(root, parts)
+
+    def fetch(self, prompt: str, encode: Callable[[list], TextCondition], like: torch.Tensor, device: torch.device) -> TextCondition:
+        """One prompt's condition from disk, else encoded (and written to disk)."""
+        if self.disk is not None:
+            for where in dict.fromkeys((device.type, like.device.type)):
+                found = self.disk.read(prompt, like.dtype, where)
+                if found is not None:
+                    self.counts["read"] += 1
+                    return found
+        value = encode([prompt])
+        self.counts["encoded"] += 1
+        if self.disk is not None:
+            self.disk.write(prompt, value, like.dtype, like.device.type)
+        return value
+
+    def __call__(self, prompts: Sequence[str], encode: Callable[[list], TextCondition], like: torch.Tensor,
+                 device=None) -> TextCondition:
+        device = like.device if device is None else torch.device(device)
         with torch.no_grad():
-            first = next(iter(self.entries.values()), None)
-            if first is not None and (first.dtype != like.dtype or first.device != like.device):
-                self.entries.clear()  # the text encoder moved or changed precision
+            if self.state != (device, like.dtype):
+                self.entries.clear()  # the model moved or changed precision
+                self.state = (device, like.dtype)
             for p in dict.fromkeys(prompts):
                 if p not in self.entries:
-                    self.entries[p] = encode([p])
+                    self.entries[p] = self.fetch(p, encode, like, device).to(device)
             for p in prompts:
                 self.entries.move_to_end(p)
             out = type(self.entries[prompts[0]]).stack([self.entries[p] for p in prompts])

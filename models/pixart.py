@@ -37,7 +37,7 @@ from torch import nn
 
 from core.errors import UserError
 from models.families import (BaseFamily, DDPMObjective, KLAutoencoder, PromptCache, TextCondition, TransformerBase, check_window,
-                             folder_sampler, get_family, load_failure, parts_text, pipeline_source)
+                             folder_sampler, get_family, load_failure, parts_text, pipeline_source, text_cache_parts)
 
 PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "transformer", "scheduler")
 TEXT_WINDOW = 300  # PixArtSigmaPipeline's max_sequence_length, the window PixArt-Σ's T5 conditioning was trained with
@@ -59,7 +59,7 @@ class T5Conditioning:
     """PixArt-Σ's conditioning: T5's last hidden state of each prompt, right-padded to the window, with its mask.
 
     ``cache_size`` > 0 keeps each distinct prompt's output (T5 is frozen on every strategy that runs on PixArt-Σ, so
-    it never changes), least recently used dropped."""
+    it never changes), least recently used dropped; :meth:`use_disk` keeps every prompt's on disk too."""
 
     def __init__(self, base: "PixArtSigma", cache_size: int = 0):
         self.base = base
@@ -73,9 +73,20 @@ class T5Conditioning:
 
     def __call__(self, prompts: Sequence[str]) -> PixArtCondition:
         prompts = list(prompts)
-        if not self.cache.size:
+        if not self.cache.active:
             return self._encode(prompts)
-        return self.cache(prompts, self._encode, like=next(self.base.text_encoder.parameters()))
+        return self.cache(prompts, self._encode, like=next(self.base.text_encoder.parameters()),
+                          device=next(self.base.transformer.parameters()).device)
+
+    def cache_parts(self) -> dict:
+        """What a cached condition depends on (:func:`~models.families.text_cache_parts`): T5, its tokenizer, the window,
+        the pipeline's preprocessing (lower-cased, stripped) and right padding."""
+        return text_cache_parts(self.base, ("text_encoder",), ("tokenizer",), preprocessing="lower-cased and stripped",
+                                padding="right, to the window")
+
+    def use_disk(self, root) -> None:
+        """Keep every prompt's condition on disk under ``root`` too (``text_cache: disk``)."""
+        self.cache.use_disk(root, self.cache_parts)
 
     def negative(self, prompts: Sequence[str]) -> PixArtCondition:
         return self(prompts)

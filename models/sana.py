@@ -25,7 +25,7 @@ from torch import nn
 
 from core.errors import UserError
 from models.families import (BaseFamily, FlowMatchingObjective, PromptCache, TextCondition, TransformerBase, check_window,
-                             folder_sampler, get_family, load_failure, parts_text, pipeline_source)
+                             folder_sampler, get_family, load_failure, parts_text, pipeline_source, text_cache_parts)
 
 PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "transformer", "scheduler")
 TEXT_WINDOW = 300  # SanaPipeline's max_sequence_length, the window Sana's Gemma-2 conditioning was trained with
@@ -43,7 +43,8 @@ class GemmaConditioning:
     """Sana's conditioning: Gemma-2's last hidden state of each prompt, right-padded to the window, with its mask.
 
     ``cache_size`` > 0 keeps each distinct prompt's output (only when Gemma-2 is frozen: it never changes then), least
-    recently used dropped. ``rewrite`` rewrites each prompt first (textual inversion's multi-vector tokens)."""
+    recently used dropped; :meth:`use_disk` keeps every prompt's on disk too (``text_cache: disk``). ``rewrite`` rewrites
+    each prompt first (textual inversion's multi-vector tokens: their rows train, so nothing of theirs is cached)."""
 
     def __init__(self, base: "Sana", cache_size: int = 0, rewrite=None):
         self.base = base
@@ -59,9 +60,24 @@ class GemmaConditioning:
 
     def __call__(self, prompts: Sequence[str]) -> SanaCondition:
         prompts = [self.rewrite(p) for p in prompts] if self.rewrite else list(prompts)
-        if not self.cache.size:
+        if not self.cache.active:
             return self._encode(prompts)
-        return self.cache(prompts, self._encode, like=next(self.base.text_encoder.parameters()))
+        return self.cache(prompts, self._encode, like=next(self.base.text_encoder.parameters()),
+                          device=next(self.base.transformer.parameters()).device)
+
+    def cache_parts(self) -> dict:
+        """What a cached condition depends on (:func:`~models.families.text_cache_parts`): Gemma-2, its tokenizer, the
+        window, right padding, no complex-human-instruction prefix (as diffusers' Sana script encodes)."""
+        return text_cache_parts(self.base, ("text_encoder",), ("tokenizer",), padding="right, to the window",
+                                complex_human_instruction=None)
+
+    def use_disk(self, root) -> None:
+        """Keep every prompt's condition on disk under ``root`` (``text_cache: disk``); refused with a rewrite, whose
+        token rows train."""
+        if self.rewrite is not None:
+            raise UserError("text_cache: disk caches a frozen text encoder's outputs, but this conditioning rewrites prompts "
+                            "into trained token rows (textual inversion); use the memory cache or none")
+        self.cache.use_disk(root, self.cache_parts)
 
     def negative(self, prompts: Sequence[str]) -> SanaCondition:
         return self(prompts)

@@ -36,7 +36,7 @@ from torch import nn
 from core.errors import UserError
 from models.families import (BaseFamily, Draw, FlowMatchingObjective, KLAutoencoder, PromptCache, TextCondition, TimestepSampling,
                              TransformerBase, check_window, get_family, load_failure, parts_text, pipeline_source,
-                             sample_with_pipeline)
+                             sample_with_pipeline, text_cache_parts)
 
 PARTS = ("model_index.json", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
          "tokenizer_3", "transformer", "scheduler")
@@ -97,7 +97,8 @@ class SD3Conditioning:
     """SD 3.5's conditioning (:class:`SD3Condition`) of prompts, as ``StableDiffusion3Pipeline.encode_prompt``.
 
     ``cache_size`` > 0 keeps each distinct prompt's output (only while the three encoders are frozen: it never changes
-    then; at full size T5-XXL alone is 4.7 B parameters), least recently used dropped."""
+    then; at full size T5-XXL alone is 4.7 B parameters), least recently used dropped; :meth:`use_disk` keeps every
+    prompt's on disk too."""
 
     def __init__(self, base: "SD3", cache_size: int = 0):
         self.base = base
@@ -105,9 +106,21 @@ class SD3Conditioning:
 
     def __call__(self, prompts: Sequence[str]) -> SD3Condition:
         prompts = list(prompts)
-        if not self.cache.size:
+        if not self.cache.active:
             return self.base.encode(prompts)
-        return self.cache(prompts, self.base.encode, like=next(self.base.text_encoder_3.parameters()))
+        return self.cache(prompts, self.base.encode, like=next(self.base.text_encoder_3.parameters()),
+                          device=next(self.base.transformer.parameters()).device)
+
+    def cache_parts(self) -> dict:
+        """What a cached condition depends on (:func:`~models.families.text_cache_parts`): the three encoders and
+        tokenizers, T5's window and the CLIPs' (``StableDiffusion3Pipeline.encode_prompt``: penultimate CLIP states)."""
+        return text_cache_parts(self.base, ("text_encoder", "text_encoder_2", "text_encoder_3"),
+                                ("tokenizer", "tokenizer_2", "tokenizer_3"), clip_window=self.base.clip_window,
+                                clip_states="penultimate (clip_skip None)")
+
+    def use_disk(self, root) -> None:
+        """Keep every prompt's condition on disk under ``root`` too (``text_cache: disk``)."""
+        self.cache.use_disk(root, self.cache_parts)
 
     def negative(self, prompts: Sequence[str]) -> SD3Condition:
         return self(prompts)
