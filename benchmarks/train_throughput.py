@@ -41,8 +41,36 @@ the model FLOP utilisation (MFU). The reference rows use the same FLOPs (the use
   state, activations and temporaries (any device), and on CUDA a ``torch.cuda.memory`` snapshot per loop
   (``DIR/<loop>-unet.pickle``, open at https://pytorch.org/memory_viz).
 * ``--pretrained FOLDER``: load the model from a diffusers folder instead of the size's preset (the real loading
-  path, and much faster than drawing SD-size random weights in every worker); ``--save_model FOLDER`` writes the
-  size's preset there first.
+  path, and much faster than drawing SD-size random weights on a CPU in every worker); ``--save_model FOLDER`` writes the
+  size's preset there first. A preset is built on the run's device (``with torch.device(...)``), so on a GPU the
+  family sizes below draw their billions of random weights in seconds, in every worker, without a folder.
+
+The DiT families (``models/families.py``) have sizes of their own, each with the two strategies they run, the
+full denoiser (``unet``: ``UNetFineTuning`` trains the transformer) and LoRA:
+
+* ``--size sana-tiny`` (``tiny-random-sana``, 64 px, batch 4, CPU) and ``--size sana-0.6b`` (``sana-0.6b-random``: Sana
+  0.6B's transformer, DC-AE f32c32 and Gemma-2 2B with random weights, 512 px, batch 8, bf16; GPU only). The reference is
+  ``train_dreambooth_lora_sana.py``'s step: its dataset transforms every image once when it is built (bilinear Resize,
+  RandomCrop, ToTensor, Normalize), then per step ``SanaPipeline.encode_prompt`` of the batch's captions (Gemma-2 in
+  bf16, as the script casts it; the negative prompt too, as the script calls it), the DC-AE encode in fp32 times its
+  scaling factor, noise and timesteps from ``training_utils.compute_density_for_timestep_sampling`` (the script's
+  default ``--weighting_scheme none``), ``noisy = (1 - σ) x + σ ε``, the transformer (bf16 autocast on a GPU, as
+  accelerate wraps the forward), target ``ε - x`` weighted by ``compute_loss_weighting_for_sd3``, clipping at 1.0 and
+  AdamW (lr 1e-4, weight decay 1e-4). LoRA: the script's ``to_k, to_q, to_v`` at rank 4, alpha 4, the transformer's
+  base weights in the run's dtype. Full: diffusers has no full fine-tuning script for Sana, so that reference is the
+  same step with the whole transformer training in fp32 under autocast, as ``train_dreambooth_sd3.py`` trains its own.
+* ``--size sd3-tiny`` (``tiny-random-sd3``) and ``--size sd35-medium`` (``sd35-medium-random``: SD 3.5 medium's
+  transformer, 16-channel VAE, CLIP-L, CLIP-G and T5-XXL, 512 px, batch 8, bf16; GPU only). The reference is
+  ``train_dreambooth_sd3.py`` (full) / ``train_dreambooth_lora_sd3.py`` (LoRA): the same dataset, per step the scripts'
+  ``encode_prompt`` (both CLIPs' penultimate states and pooled outputs at 77 tokens, T5's last state, padded and
+  concatenated), ``vae.encode(x).latent_dist.sample()`` in fp32, ``(z - shift) * scale``, ``--weighting_scheme
+  logit_normal`` (their default; ours is given the same), ``--precondition_outputs 1`` (``pred * (-σ) + noisy`` against
+  the latents), clipping and AdamW as above. LoRA: the script's targets (``attn.to_q/k/v``, ``attn.to_out.0`` and the
+  context stream's ``attn.add_q/k/v_proj``, ``attn.to_add_out``) at rank 4. Where we differ on purpose: both loops use
+  the base's T5 window (256 tokens, ``models/sd3.py``), not the scripts' ``--max_sequence_length 77``, so the two
+  loops do the same work.
+
+The family sizes refuse the SD-only strategies and the U-Net ladder in one line; the large sizes refuse a CPU.
 """
 from __future__ import annotations
 
@@ -72,9 +100,25 @@ BF16_PEAK_TFLOPS = (("H200", 989.4), ("GH200", 989.4), ("H100 PCIe", 756.0), ("H
                     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0))
 LORA_RANK = 4
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# the LoRA targets of each family's diffusers script (train_dreambooth_lora.py, _sana.py, _sd3.py defaults)
+FAMILY_LORA_TARGETS = {"stable-diffusion": LORA_TARGETS, "sana": ["to_k", "to_q", "to_v"],
+                       "sd3": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                               "attn.to_out.0", "attn.to_q", "attn.to_v"]}
+# the scripts' default --weighting_scheme: none in the Sana script, logit_normal in the SD3 ones (ours is given the same)
+FAMILY_WEIGHTING = {"sana": "none", "sd3": "logit_normal"}
+FAMILY_STRATEGIES = ("unet", "lora")  # what the DiT families run: the full denoiser and LoRA
+_COMMON = dict(domain="tiny-bert", caption_batch=64)
+# gpu: what the size trains, for the one-line refusal on a CPU; tiny: the CPU size of its family
 SIZES = {
-    "tiny": dict(pretrained="tiny-random", resolution=64, batch=4, domain="tiny-bert", caption_batch=64),
-    "sd14": dict(pretrained="sd14-random", resolution=512, batch=8, domain="tiny-bert", caption_batch=64),
+    "tiny": dict(pretrained="tiny-random", resolution=64, batch=4, steps=40, **_COMMON),
+    "sd14": dict(pretrained="sd14-random", resolution=512, batch=8, steps=20, gpu="SD v1.4's full U-Net at 512 px", tiny="tiny",
+                 **_COMMON),
+    "sana-tiny": dict(pretrained="tiny-random-sana", resolution=64, batch=4, steps=40, family="sana", **_COMMON),
+    "sd3-tiny": dict(pretrained="tiny-random-sd3", resolution=64, batch=4, steps=40, family="sd3", **_COMMON),
+    "sana-0.6b": dict(pretrained="sana-0.6b-random", resolution=512, batch=8, steps=20, family="sana", tiny="sana-tiny",
+                      gpu="Sana 0.6B (a 0.59 B transformer, Gemma-2 2B, DC-AE) at 512 px", **_COMMON),
+    "sd35-medium": dict(pretrained="sd35-medium-random", resolution=512, batch=8, steps=20, family="sd3", tiny="sd3-tiny",
+                        gpu="SD 3.5 medium (a 2.5 B transformer, T5-XXL, CLIP-L, CLIP-G) at 512 px", **_COMMON),
 }
 FINDINGS = ["No Finding", "Pleural Effusion"]
 TI_TOKEN, TI_INIT = "<lung-xray>", "lung"
@@ -305,6 +349,157 @@ def reference_unet(args, data_root: Path, device: torch.device, text_encoder: bo
     return clock.result(args.batch)
 
 
+def building(args, device: torch.device):
+    """Where a preset's weights are drawn: on the run's device (a GPU draws billions in seconds; a folder loads as it is)."""
+    from contextlib import nullcontext
+
+    from models.stable_diffusion import preset_names
+
+    return torch.device(device) if args.pretrained in preset_names() else nullcontext()
+
+
+class PreprocessedDataset(torch.utils.data.Dataset):
+    """As the ``DreamBoothDataset`` of diffusers' Sana and SD3 scripts: every image decoded, exif-transposed, resized
+    (bilinear), cropped at random (their default without ``--center_crop``), ToTensor and Normalize once, when the dataset
+    is built; an item is its tensor and its own caption (the scripts' ``custom_instance_prompts``)."""
+
+    def __init__(self, paths, prompts, size: int):
+        from PIL import Image, ImageOps
+        from torchvision import transforms
+
+        resize = transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR)
+        crop, tensor = transforms.RandomCrop(size), transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+        self.pixels, self.prompts = [], list(prompts)
+        for path in paths:
+            with Image.open(path) as img:
+                self.pixels.append(tensor(crop(resize(ImageOps.exif_transpose(img).convert("RGB")))))
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixels[i], "prompts": self.prompts[i]}
+
+
+def dit_text_encoder(sd, device: torch.device):
+    """The scripts' per-step text encoding of a batch's captions (frozen encoders, no gradients): the Sana script's
+    ``compute_text_embeddings`` (``SanaPipeline.encode_prompt`` with its defaults, the negative prompt included, no
+    complex-human-instruction prefix), or the SD3 scripts' ``encode_prompt`` (T5 at the base's window: see the docstring)."""
+    import torch.nn.functional as F
+
+    if sd.family == "sana":
+        from diffusers import SanaPipeline
+
+        pipe = SanaPipeline(tokenizer=sd.tokenizer, text_encoder=sd.text_encoder, vae=None, transformer=None,
+                            scheduler=sd.noise_scheduler)
+
+        @torch.no_grad()
+        def encode(prompts):
+            embeds, mask, _, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=sd.text_window,
+                                                    complex_human_instruction=None)
+            return {"encoder_hidden_states": embeds.to(sd.transformer.dtype), "encoder_attention_mask": mask}
+        return encode
+
+    @torch.no_grad()
+    def encode(prompts):
+        embeds, pooled = [], []
+        for tokenizer, encoder in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids.to(device), output_hidden_states=True)
+            pooled.append(out[0])
+            embeds.append(out.hidden_states[-2].to(dtype=encoder.dtype))
+        ids = sd.tokenizer_3(prompts, padding="max_length", max_length=sd.text_window, truncation=True, add_special_tokens=True,
+                             return_tensors="pt").input_ids
+        t5 = sd.text_encoder_3(ids.to(device))[0].to(dtype=sd.text_encoder_3.dtype)
+        clip = torch.cat(embeds, dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, dim=-1)}
+    return encode
+
+
+def dit_parts(args, device: torch.device, lora: bool):
+    """The base with the scripts' dtypes and devices: VAE fp32; Sana's Gemma-2 bf16 (the script casts it so always), the
+    SD3 encoders in the run's dtype; the transformer fp32 when it trains whole, in the run's dtype under LoRA adapters."""
+    from models.stable_diffusion import load_stable_diffusion
+
+    with building(args, device):
+        sd = load_stable_diffusion(args.pretrained)
+    weight_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sd.vae.to(device, torch.float32)
+    for name in sd.text_parts:
+        if not name.startswith("tokenizer"):
+            getattr(sd, name).to(device, torch.bfloat16 if sd.family == "sana" else weight_dtype)
+    transformer = sd.transformer.to(device).train().requires_grad_(not lora)
+    if lora:
+        from peft import LoraConfig
+
+        transformer.to(weight_dtype)
+        # (the scripts upcast the adapters with cast_training_params under fp16 only; bf16 runs leave them as peft makes them)
+        transformer.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                           target_modules=FAMILY_LORA_TARGETS[sd.family]))
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return sd, transformer, weight_dtype
+
+
+def script_sigmas(scheduler, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The scripts' ``get_sigmas``: σ of each timestep, looked up one by one in the training schedule."""
+    sigmas = scheduler.sigmas.to(device=timesteps.device, dtype=dtype)
+    schedule = scheduler.timesteps.to(timesteps.device)
+    sigma = sigmas[[(schedule == t).nonzero().item() for t in timesteps]].flatten()
+    return sigma.view(-1, *([1] * (n_dim - 1)))
+
+
+def reference_dit(args, data_root: Path, device: torch.device, lora: bool) -> dict:
+    """``train_dreambooth_lora_sana.py`` (Sana) or ``train_dreambooth_sd3.py`` / ``train_dreambooth_lora_sd3.py`` (SD 3.5),
+    one step as the script takes it (the module docstring says what each does)."""
+    import copy
+
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    sd, transformer, weight_dtype = dit_parts(args, device, lora)
+    sana, mixed = sd.family == "sana", device.type == "cuda"
+    paths, prompts, _ = image_records(args, data_root)
+    loader = torch.utils.data.DataLoader(PreprocessedDataset(paths, prompts, args.resolution), batch_size=args.batch, shuffle=True,
+                                         num_workers=args.workers, drop_last=True)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    sched, scheme, encode = copy.deepcopy(sd.noise_scheduler), FAMILY_WEIGHTING[sd.family], dit_text_encoder(sd, device)
+    vae, scale, shift = sd.vae, sd.vae.config.scaling_factor, getattr(sd.vae.config, "shift_factor", None) or 0.0
+    clock = Clock(args.warmup, args.steps, device, args.memory_profile, "reference-" + args.worker.split(":")[1])
+    data = _cycle(loader)
+    for step in range(args.warmup + args.steps):
+        clock.tick(step, lambda: (transformer, sd, opt))
+        batch = next(data)
+        condition = encode(batch["prompts"])
+        pixel_values = batch["pixel_values"].to(device, dtype=vae.dtype)
+        if sana:
+            model_input = vae.encode(pixel_values).latent * scale
+        else:
+            model_input = (vae.encode(pixel_values).latent_dist.sample() - shift) * scale
+        model_input = model_input.to(dtype=weight_dtype)
+        noise = torch.randn_like(model_input)
+        u = compute_density_for_timestep_sampling(weighting_scheme=scheme, batch_size=model_input.shape[0], logit_mean=0.0,
+                                                  logit_std=1.0, mode_scale=1.29)
+        timesteps = sched.timesteps[(u * sched.config.num_train_timesteps).long()].to(device=device)
+        sigmas = script_sigmas(sched, timesteps, model_input.ndim, model_input.dtype)
+        noisy = (1.0 - sigmas) * model_input + sigmas * noise
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=mixed):  # accelerate's autocast of the forward
+            pred = transformer(hidden_states=noisy, timestep=timesteps, return_dict=False, **condition)[0]
+        if sana:
+            target = noise - model_input
+        else:  # --precondition_outputs 1
+            pred, target = pred * (-sigmas) + noisy, model_input
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+        loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    clock.tick(args.warmup + args.steps)
+    return clock.result(args.batch)
+
+
 def reference_textual_inversion(args, data_root: Path, device: torch.device) -> dict:
     import random
 
@@ -399,6 +594,29 @@ def reference_projection(args, device: torch.device, level: str) -> dict:
 
 # ============================================================================================ ours
 
+def grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                               _output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode's count of ``aten.convolution_backward``, with the weight gradient of a grouped convolution
+    counted right. torch's formula counts that gradient as if the convolution were ungrouped: ``groups`` times too many
+    (5,760x for the depthwise 3x3 convolutions of Sana 0.6B's blocks, which made a full step of it count ~6x its
+    FLOPs). The weight gradient does the forward's multiply-adds, so a grouped one counts as the forward; the input
+    gradient and ungrouped convolutions count as torch counts them."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    def t(shape):
+        return [shape[1], shape[0]] + list(shape[2:])
+
+    flops = conv_flop_count(grad_out_shape, w_shape, x_shape, not transposed) if output_mask[0] else 0
+    if output_mask[1]:
+        if groups > 1:
+            flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+        elif transposed:
+            flops += conv_flop_count(t(grad_out_shape), t(x_shape), t(w_shape), transposed=False)
+        else:
+            flops += conv_flop_count(t(x_shape), t(grad_out_shape), t(w_shape), transposed=False)
+    return flops
+
+
 def step_flops(module, strategy: str, batch, device: torch.device) -> float:
     """FLOPs of one training step (forward and backward) of ``module`` on ``batch``: matrix products, convolutions and
     attention as ``torch.utils.flop_counter`` counts them (2 per multiply-add). Gradient checkpointing is switched off
@@ -407,11 +625,11 @@ def step_flops(module, strategy: str, batch, device: torch.device) -> float:
 
     from lightning_modules.base import step_generator
 
-    unet = module.sd.unet
+    unet = module.sd.denoiser
     recompute = getattr(unet, "is_gradient_checkpointing", False)
     if recompute:
         unet.disable_gradient_checkpointing()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: grouped_conv_backward_flop})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     try:
         with autocast, counter:
@@ -454,9 +672,13 @@ def ours(args, strategy: str, data_root: Path, device: torch.device) -> dict:
         from lightning_modules.unet import UNetFineTuning
         from lightning_modules.unet_text_encoder import UNetTextEncoderFineTuning
 
-        extra = {"lora": dict(rank=LORA_RANK, target_modules=LORA_TARGETS)}.get(strategy, {})
+        family = SIZES[args.size].get("family", "stable-diffusion")
+        extra = {"lora": dict(rank=LORA_RANK, target_modules=FAMILY_LORA_TARGETS[family])}.get(strategy, {})
+        if family in FAMILY_WEIGHTING:  # the family script's default timestep density and weighting
+            extra["timestep_sampling"] = {"weighting_scheme": FAMILY_WEIGHTING[family]}
         cls = {"unet": UNetFineTuning, "unet_text_encoder": UNetTextEncoderFineTuning, "lora": LoRAFineTuning}[strategy]
-        module = cls(model={"pretrained": args.pretrained}, **speed, **extra)
+        with building(args, device):
+            module = cls(model={"pretrained": args.pretrained}, **speed, **extra)
         dm = datamodule(args, data_root, args.workers)
         batch = args.batch
     elif strategy == "textual_inversion":
@@ -500,6 +722,8 @@ def worker(args) -> dict:
     variant, strategy = args.worker.split(":")
     data_root = Path(args.work) / "phantoms"
     if variant == "reference":
+        if "family" in SIZES[args.size]:
+            return reference_dit(args, data_root, device, lora=strategy == "lora")
         if strategy in UNET_LIKE:
             return reference_unet(args, data_root, device, text_encoder=strategy == "unet_text_encoder", lora=strategy == "lora")
         if strategy == "textual_inversion":
@@ -599,6 +823,13 @@ def print_row(row: dict) -> None:
     print(text + f" ({row['memory_kind']})", flush=True)
 
 
+def strategy_name(strategy: str, family: str) -> str:
+    """The table's name of a strategy: the full denoiser is the U-Net of Stable Diffusion, the transformer elsewhere."""
+    if strategy == "unet" and family != "stable-diffusion":
+        return "transformer (full)"
+    return STRATEGY_NAMES.get(strategy, strategy)
+
+
 def markdown(report: dict) -> str:
     """The rows as the benchmark table of docs/speed.md, headed by machine, versions and date."""
     m = report["machine"]
@@ -609,7 +840,7 @@ def markdown(report: dict) -> str:
              "| speed | memory | GFLOP/sample | ours TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         our, ref = row["ours"], row["reference"]
-        name = STRATEGY_NAMES.get(row["strategy"], row["strategy"])
+        name = strategy_name(row["strategy"], report.get("family", "stable-diffusion"))
         lines.append("| " + " | ".join([
             name + (f", {row['world_size']} GPUs" if row["world_size"] > 1 else ""), row["label"], str(row["batch"]),
             _fmt(ref["samples_per_s"] if ref else None, ".1f"), _size(ref["peak_mem_mib"]) if ref else "—",
@@ -655,12 +886,13 @@ def _count(minimum: int):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=tuple(SIZES), default="tiny")
-    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), help="default: all six")
-    p.add_argument("--steps", type=_count(1), default=None, help="timed steps (default: 40 tiny, 20 sd14)")
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=None,
+                   help="default: all six (Stable Diffusion sizes), unet and lora (the DiT family sizes)")
+    p.add_argument("--steps", type=_count(1), default=None, help="timed steps (default: 40 on the CPU sizes, 20 on the GPU ones)")
     p.add_argument("--warmup", type=_count(0), default=None, help="untimed steps first (default: 5)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=_count(0), default=None, help="dataloader workers for both loops (default: 0 on CPU, 4 on GPU)")
-    p.add_argument("--batch", type=_count(1), default=None, help="images per step (default: 4 tiny, 8 sd14)")
+    p.add_argument("--batch", type=_count(1), default=None, help="images per step (default: 4 on the CPU sizes, 8 on the GPU ones)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="both loops: recompute U-Net activations (memory for speed)")
     p.add_argument("--channels_last", action="store_true", help="ours: U-Net in channels-last memory format")
     p.add_argument("--compile_unet", action="store_true", help="ours: torch.compile the U-Net")
@@ -669,6 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", action="store_true",
                    help="every strategy, the ladder (so --ladder is implied) and DDP scaling (benchmarks/gpu_suite.sh)")
     p.add_argument("--no_compile", action="store_true", help="leave the ladder's torch.compile row out (it compiles for minutes)")
+    p.add_argument("--no_baseline", action="store_true",
+                   help="--suite without unet in --strategies: leave the ladder's baseline row out (an earlier run measured it)")
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--memory_profile", default=None, metavar="DIR",
                    help="also profile the U-Net loops' memory (MemTracker categories; CUDA snapshots into DIR)")
@@ -696,12 +930,16 @@ def machine(device: torch.device, peak: float | None) -> dict:
             "cuda": torch.version.cuda, "peak_tflops": peak}
 
 
-def save_model(size: str, folder: Path) -> str:
-    """The size's preset written as a diffusers folder, which every worker then loads with ``from_pretrained``."""
+def save_model(size: str, folder: Path, device: torch.device) -> str:
+    """The size's preset written as a diffusers folder (fp32), which every worker then loads with ``from_pretrained``;
+    its weights are drawn on ``device``."""
     from models.stable_diffusion import load_stable_diffusion
 
     if not (folder / "model_index.json").is_file():
-        load_stable_diffusion(SIZES[size]["pretrained"]).pipeline().save_pretrained(folder, safe_serialization=True)
+        with torch.device(device):
+            base = load_stable_diffusion(SIZES[size]["pretrained"])
+        base.pipeline().save_pretrained(folder, safe_serialization=True)
+        del base
     return str(folder)
 
 
@@ -713,7 +951,7 @@ class Run:
         self.args, self.work, self.device = args, work, device
         self.peak = peak_tflops(device, args.peak_tflops)
         self.flops: dict[str, float] = {}
-        self.report = {"size": args.size, "model": args.pretrained, "resolution": args.resolution,
+        self.report = {"size": args.size, "family": SIZES[args.size].get("family", "stable-diffusion"), "model": args.pretrained, "resolution": args.resolution,
                        "precision": _precision(device), "warmup": args.warmup, "steps": args.steps,
                        "date": datetime.date.today().isoformat(), "machine": machine(device, self.peak), "rows": [], "notes": []}
         if self.peak is None and device.type == "cuda":
@@ -725,9 +963,11 @@ class Run:
 
     def write(self) -> None:
         for path, text in ((self.args.json, lambda: json.dumps(self.report, indent=1)), (self.args.markdown, lambda: markdown(self.report))):
-            if path:
+            if path:  # whole or not at all: a time limit may kill the run at any moment
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(text())
+                partial = Path(path).with_name(Path(path).name + ".partial")
+                partial.write_text(text())
+                os.replace(partial, path)
 
     def add(self, strategy: str, row: dict, with_reference: bool) -> dict:
         ref = run_worker(self.args, "reference", strategy, row, self.work) if with_reference else None
@@ -796,7 +1036,10 @@ def measure(args, work: Path, device: torch.device) -> dict:
         run.strategies([s for s in args.strategies if s == "unet"])
         if args.memory_profile:
             run.memory_profile()
-        run.ladder(with_baseline="unet" not in args.strategies)
+        if "family" in SIZES[args.size]:
+            run.note(f"U-Net ladder: not measured ({args.size} is a {SIZES[args.size]['family']} size; the ladder is Stable Diffusion's)")
+        else:
+            run.ladder(with_baseline="unet" not in args.strategies and not args.no_baseline)
         run.strategies([s for s in args.strategies if s != "unet"])
         run.scaling()
         return run.report
@@ -830,6 +1073,25 @@ def check_paths(args) -> None:
                         "write one with --save_model FOLDER, or leave --pretrained out to use the size's preset")
 
 
+def check_size(parser, args, device: torch.device) -> None:
+    """What the size can run, refused in one line: a GPU size on a CPU, a strategy or the ladder its family does not run."""
+    size = SIZES[args.size]
+    if "gpu" in size and device.type != "cuda" and not args.worker:
+        parser.error(f"--size {args.size} trains {size['gpu']}: on {device.type} one step takes minutes. Run it on a GPU "
+                     f"(--device cuda), use --size {size['tiny']} here"
+                     + (", or estimate its memory without a GPU with python benchmarks/memory_estimate.py" if args.size == "sd14" else ""))
+    family = size.get("family")
+    allowed = FAMILY_STRATEGIES if family else STRATEGIES
+    args.strategies = args.strategies or list(allowed)
+    refused = [s for s in args.strategies if s not in allowed]
+    if refused:
+        parser.error(f"--strategies {' '.join(refused)}: not run on {family} bases (--size {args.size}); its strategies are "
+                     f"{', '.join(allowed)} (the full transformer and LoRA)")
+    if family and args.ladder:
+        parser.error(f"--ladder: the U-Net settings ladder is Stable Diffusion's (--size tiny or sd14); --size {args.size} is "
+                     f"a {family} size: leave --ladder out")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -837,13 +1099,10 @@ def main(argv=None) -> int:
     args.resolution, args.domain, args.caption_batch = size["resolution"], size["domain"], size["caption_batch"]
     args.batch = args.batch or size["batch"]
     device = args.device_obj = _device(args.device)
-    args.steps = args.steps or (40 if args.size == "tiny" else 20)
+    args.steps = args.steps or size["steps"]
     args.warmup = 5 if args.warmup is None else args.warmup
     args.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    if args.size == "sd14" and device.type != "cuda" and not args.worker:
-        parser.error(f"--size sd14 trains SD v1.4's full U-Net at 512 px: on {device.type} one step takes minutes. Run it "
-                     "on a GPU (--device cuda), use --size tiny here, or estimate its memory without a GPU with "
-                     "python benchmarks/memory_estimate.py")
+    check_size(parser, args, device)
     if args.worker:
         args.pretrained = args.pretrained or size["pretrained"]
         result = worker(args)
@@ -852,13 +1111,13 @@ def main(argv=None) -> int:
         return 0
     check_paths(args)
     if args.steps < 10:
-        print(f"note: {args.steps} timed step(s): the rates are noisy (a smoke test); the defaults are 40 tiny, 20 sd14",
-              flush=True)
+        print(f"note: {args.steps} timed step(s): the rates are noisy (a smoke test); the defaults are 40 on the CPU sizes, "
+              "20 on the GPU ones", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         if args.save_model:
-            args.pretrained = save_model(args.size, Path(args.save_model))
+            args.pretrained = save_model(args.size, Path(args.save_model), device)
         args.pretrained = args.pretrained or size["pretrained"]
         write_images(work, args.resolution)
         measure(args, work, device)

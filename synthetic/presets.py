@@ -381,7 +381,133 @@ tiny_random_pixart = StableDiffusionPreset("tiny-random-pixart", key=lambda seed
                                            build=build_tiny_pixart, family="pixart")
 
 
-# ---- PixArt-Σ preset (helper H2 writes its block above this line)
+# ---------------------------------------------------------------------- size presets (helper H2)
+# ``sana-0.6b-random`` and ``sd35-medium-random``: the published architectures with seeded random weights, for speed and
+# memory benchmarks on a GPU without downloading anything (benchmarks/train_throughput.py --size sana-0.6b / sd35-medium).
+# They draw noise. Every part is built on the default device in effect (the benchmark builds under
+# ``with torch.device("cuda")``: drawing billions of random weights on a CPU takes minutes); the schedulers and the base
+# wrapper on the CPU, as the loaders make them. Tokenizers with the real vocabularies cannot be built offline, so each
+# text encoder's embedding table has its real vocabulary's size and the tiny tokenizers give ids in their own range
+# (cost per step: the same, an embedding lookup reads one row whatever the table's size). Unlike ``sd14-random`` the
+# tokenizers are not padded to the table (their families run no textual inversion, which would add ids after them).
+def sana_06b_configs() -> dict:
+    """Constructor configs of Sana 0.6B at 512 px (``Efficient-Large-Model/Sana_600M_512px_diffusers``):
+
+    * transformer: diffusers' ``scripts/convert_sana_to_diffusers.py`` (``model_kwargs["SanaMS_600M_P1_D28"]`` and its
+      ``transformer_kwargs``: 28 layers, 36 heads of 32, 16 cross-attention heads of 72, caption channels 2304, no
+      position embedding at 512 px, ``sample_size = 512 // 32``);
+    * autoencoder: ``get_ae_config("dc-ae-f32c32-sana-1.0")`` in diffusers' ``scripts/convert_dcae_to_diffusers.py``
+      (32x down-sampling, 32 latent channels, scaling 0.41407), the DC-AE the 600M 512 px folder ships;
+    * text encoder: Gemma-2 2B (Sana's ``gemma-2-2b-it``): the values of transformers' ``Gemma2Config`` defaults, which
+      are gemma-2-2b's (hidden 2304, 26 layers, 8 heads and 4 key-value heads of 256, MLP 9216, vocabulary 256,000);
+    * scheduler: the conversion script's default ``flow-dpm_solver`` (``DPMSolverMultistepScheduler(flow_shift=3.0,
+      use_flow_sigmas=True, prediction_type="flow_prediction")``), which the Sana loader reads as its sampler; training
+      uses ``FlowMatchEulerDiscreteScheduler`` read from that config, as diffusers' Sana script does (shift 1.0)."""
+    blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    return {
+        "transformer": dict(in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=28,
+                            num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,
+                            caption_channels=2304, mlp_ratio=2.5, attention_bias=False, sample_size=16, patch_size=1,
+                            norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None),
+        "vae": dict(latent_channels=32, encoder_block_types=blocks, decoder_block_types=blocks,
+                    encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                    decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)), decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                    encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+                    downsample_block_type="conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+                    decoder_act_fns="silu", scaling_factor=0.41407),
+        "text_encoder": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                             num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, vocab_size=256000),
+        "sampler": dict(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"),
+    }
+
+
+def build_sana_06b(seed: int, spec):
+    """``sana-0.6b-random`` with weights drawn from ``seed`` on the default device."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    from models.sana import Sana
+
+    cfg = sana_06b_configs()
+    tokenizer = tiny_gemma_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(**cfg["transformer"])
+    vae = AutoencoderDC(**cfg["vae"])
+    text_encoder = Gemma2Model(Gemma2Config(**cfg["text_encoder"], pad_token_id=0, bos_token_id=2, eos_token_id=1))
+    with torch.device("cpu"):
+        sampler = DPMSolverMultistepScheduler(**cfg["sampler"])
+        # what FlowMatchEulerDiscreteScheduler.from_pretrained reads from that folder: its step count, no shift (1.0)
+        noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=sampler.config.num_train_timesteps)
+        return Sana(vae, text_encoder, tokenizer, transformer, noise_scheduler, spec, sampler)
+
+
+def sd35_medium_configs() -> dict:
+    """Constructor configs of SD 3.5 medium (``stabilityai/stable-diffusion-3.5-medium``):
+
+    * transformer: ``SD3Transformer2DModel`` as diffusers' ``scripts/convert_sd3_to_diffusers.py`` builds it (sample 128,
+      patch 2, 16 channels, joint attention 4096, ``num_attention_heads = num_layers``), with what that script reads
+      from the 3.5 medium checkpoint, as its comments say: 24 layers, caption projection 1536 (24 x 64), dual attention
+      in blocks 0-12, RMS q/k norms, position embeddings up to 384 (the 24 layers and 1536 are our reading of the
+      checkpoint's shapes, not printed in diffusers);
+    * autoencoder: the same script's ``AutoencoderKL.from_config("stabilityai/stable-diffusion-xl-base-1.0", ...,
+      latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)``,
+      SDXL's VAE layout written out (128/256/512/512 channels, 2 layers per block);
+    * text encoders: CLIP ViT-L/14's text tower (768 wide, 12 layers, quick-GELU), OpenCLIP ViT-bigG/14's (1280 wide,
+      32 layers, 20 heads, MLP 5120, GELU), both with projections, and T5 v1.1 XXL's encoder (4096 wide, 24 layers, 64
+      heads, gated-GELU MLP 10240, vocabulary 32,128): the published configs of those models as the SD3 folders carry
+      them (from the models' papers and cards; the hub files themselves could not be read offline);
+    * scheduler: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``, SD 3.5's."""
+    clip = dict(max_position_embeddings=77, layer_norm_eps=1e-5, vocab_size=49408)
+    return {
+        "transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                            pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                            qk_norm="rms_norm"),
+        "vae": dict(sample_size=1024, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16,
+                    norm_num_groups=32, act_fn="silu", use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+                    scaling_factor=1.5305, shift_factor=0.0609),
+        "text_encoder": dict(clip, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                             projection_dim=768, hidden_act="quick_gelu"),
+        "text_encoder_2": dict(clip, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                               projection_dim=1280, hidden_act="gelu"),
+        "text_encoder_3": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                               relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+                               vocab_size=32128, is_encoder_decoder=False, use_cache=False),
+        "scheduler": dict(shift=3.0),
+    }
+
+
+def build_sd35_medium(seed: int, spec):
+    """``sd35-medium-random`` with weights drawn from ``seed`` on the default device."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from models.sd3 import SD3
+
+    cfg = sd35_medium_configs()
+    tokenizer, tokenizer_2, tokenizer_3 = load_tiny_tokenizer(), load_tiny_tokenizer(), tiny_t5_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**cfg["transformer"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"], **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **ids))
+    text_encoder_3 = T5EncoderModel(T5Config(**cfg["text_encoder_3"], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    with torch.device("cpu"):
+        scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
+        return SD3(vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3, transformer,
+                   scheduler, spec)
+
+
+sana_06b_random = StableDiffusionPreset("sana-0.6b-random", key=lambda seed: f"sana-0.6b-random-seed{seed}",
+                                        build=build_sana_06b, family="sana")
+sd35_medium_random = StableDiffusionPreset("sd35-medium-random", key=lambda seed: f"sd35-medium-random-seed{seed}",
+                                           build=build_sd35_medium, family="sd3")
+
+
+# ---- size presets (helper H2 writes its block above this line)
 
 
 def tiny_phantom_scheduler_config() -> dict:
