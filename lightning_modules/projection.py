@@ -141,10 +141,10 @@ class TextualProjection(DiffusionModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["projection_widths"] = [self.conditioning.in_features, self.conditioning.out_features]
 
-    def check_resumable(self, checkpoint: dict, datamodule=None, world_size: Optional[int] = None) -> None:
+    def check_resumable(self, checkpoint: dict, datamodule=None, world_size: Optional[int] = None, strategy=None) -> None:
         if "projection_widths" in checkpoint:
             self.conditioning.check_widths(*checkpoint["projection_widths"], where="the checkpoint")
-        super().check_resumable(checkpoint, datamodule, world_size)
+        super().check_resumable(checkpoint, datamodule, world_size, strategy)
 
     # ------------------------------------------------------------------ export
     def write_export(self, out_dir: Path) -> Path:

@@ -255,7 +255,7 @@ class TextualInversion(DiffusionModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["placeholder_tokens"] = [asdict(t) for t in self._tokens]
 
-    def check_resumable(self, checkpoint: dict, datamodule=None, world_size: Optional[int] = None) -> None:
+    def check_resumable(self, checkpoint: dict, datamodule=None, world_size: Optional[int] = None, strategy=None) -> None:
         saved = checkpoint.get("placeholder_tokens")
         if saved is not None:
             mine = [asdict(t) for t in self._tokens]
@@ -265,7 +265,7 @@ class TextualInversion(DiffusionModule):
                     f"the checkpoint holds tokens {shape(saved)} (token, vectors) but this configuration has {shape(mine)}; "
                     "resume with the configuration the run was started with, or start a new run"
                 )
-        super().check_resumable(checkpoint, datamodule, world_size)
+        super().check_resumable(checkpoint, datamodule, world_size, strategy)
 
 
 def _check_templates(templates: list[str]) -> list[str]:
