@@ -51,7 +51,7 @@ from core.cache import atomic_write, cache_key, cache_root
 from core.errors import UserError
 from datamodules.contract import ClassImages, ImageSet, Prepared
 from datamodules.prompts import FINDING_PROMPTS
-from datamodules.reports import extract_impression, report_path
+from datamodules.reports import DEID_SETTINGS, extract_impression, report_path, scrub_deid_markers
 from datamodules.sampling import ResumableSampler, batches_per_epoch, resume_position
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
@@ -312,6 +312,10 @@ class MIMICCXRDataModule(LightningDataModule):
         prompt_templates: finding -> prompt. An image takes the template of the first finding in
             ``findings`` it is positive for.
         reports_root: folder holding ``files/pXX/pSUBJECT/sSTUDY.txt`` (default: ``root``).
+        deid_markers: ``remove`` (default) drops MIMIC-CXR's de-identification markers (``___``) from report-derived
+            prompts and collapses the spaces left behind (:func:`datamodules.reports.scrub_deid_markers`; they are the
+            most memorized prompt tokens and name no finding); ``keep`` leaves the impressions as written. The count
+            removed is in ``data.json``. Template prompts are never changed.
         resolution: square training size; images are resized on the shorter side and centre-cropped.
         hflip_probability: horizontal flip probability (default 0: flips put the heart on the right).
         on_bad_image: ``fail`` (raise, naming the file) or ``skip`` (warn with the count and paths).
@@ -335,6 +339,7 @@ class MIMICCXRDataModule(LightningDataModule):
         prompt_source: Literal["template", "impression"] = "template",
         prompt_templates: dict[str, str] = DEFAULT_TEMPLATES,
         reports_root: Optional[str] = None,
+        deid_markers: Literal["remove", "keep"] = "remove",
         resolution: int = 512,
         batch_size: int = 1,
         val_batch_size: Optional[int] = None,
@@ -370,6 +375,10 @@ class MIMICCXRDataModule(LightningDataModule):
         self.prompt_source = prompt_source
         self.prompt_templates = dict(prompt_templates)
         self.reports_root = Path(reports_root).expanduser() if reports_root else self.root
+        if deid_markers not in DEID_SETTINGS:
+            raise MIMICDataError(f"deid_markers: {deid_markers!r}; expected one of {', '.join(DEID_SETTINGS)}")
+        self.deid_markers = deid_markers
+        self.deid_removed: dict[str, dict[str, int]] = {}  # part -> markers removed and prompts changed
         self.resolution = resolution
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -452,8 +461,8 @@ class MIMICCXRDataModule(LightningDataModule):
             raise MIMICDataError(
                 f"{self.root}: no frontal {self.train_split!r} images positive for {self.findings} (uncertain={self.uncertain})"
             )
-        for part in (train, val):
-            part["prompt"] = self._prompts(part)
+        for name, part in (("train", train), ("validation", val)):
+            part["prompt"] = self._prompts(part, name)
         return train.reset_index(drop=True), val.reset_index(drop=True)
 
     def _cap(self, df: pd.DataFrame, n: Optional[int]) -> pd.DataFrame:
@@ -462,10 +471,10 @@ class MIMICCXRDataModule(LightningDataModule):
             df = df.sample(n=n, random_state=self.seed).sort_values("dicom_id")
         return df
 
-    def _prompts(self, df: pd.DataFrame) -> list[str]:
+    def _prompts(self, df: pd.DataFrame, part: str = "train") -> list[str]:
         if self.prompt_source == "template":
             return [self.prompt_templates[f] for f in df["finding"]]
-        prompts = []
+        prompts, removed = [], {"markers": 0, "prompts": 0}
         for row in df.itertuples():
             path = report_path(self.reports_root, row.subject_id, row.study_id)
             if not path.exists():
@@ -473,7 +482,15 @@ class MIMICCXRDataModule(LightningDataModule):
             _, text = extract_impression(path.read_text(encoding="utf-8", errors="replace"))
             if not text:
                 raise MIMICDataError(f"{path}: no impression, findings or last paragraph to use as the prompt")
+            if self.deid_markers == "remove":
+                text, count = scrub_deid_markers(text)
+                removed["markers"] += count
+                removed["prompts"] += bool(count)
+                if not text:
+                    raise MIMICDataError(f"{path}: the prompt is nothing but de-identification markers (___); set "
+                                         "deid_markers: keep to train on it as written, or leave the study out")
             prompts.append(text)
+        self.deid_removed[part] = removed
         return prompts
 
     # ------------------------------------------------------------------ cache
@@ -543,10 +560,20 @@ class MIMICCXRDataModule(LightningDataModule):
             "train": self.train_records[["dicom_id", "subject_id", "study_id", "finding"]].to_dict("records"),
             "train_subjects": sorted(int(s) for s in self.train_records["subject_id"].unique()),
             "validation_dicom_ids": self.val_records["dicom_id"].tolist(),
+            "prompts": self._prompt_record(),
             "class_prompt": class_images.prompt if class_images else None,
             "num_class_images": class_images.count if class_images else 0,
             "class_images": str(class_images.directory) if class_images else None,
         }
+
+    def _prompt_record(self) -> dict:
+        """Where the prompts come from and what the de-identification scrub removed (counts only, no report text)."""
+        record = {"source": self.prompt_source}
+        if self.prompt_source == "impression":
+            record["deid_markers"] = self.deid_markers
+            if self.deid_markers == "remove":
+                record["deid_markers_removed"] = {part: dict(counts) for part, counts in self.deid_removed.items()}
+        return record
 
     def _selection(self) -> str:
         """How the training images were chosen, in words (for data.json)."""

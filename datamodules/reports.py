@@ -67,3 +67,26 @@ def report_path(reports_root: Path, subject_id: int, study_id: int) -> Path:
     """``files/pXX/pSUBJECT/sSTUDY.txt`` below ``reports_root`` (the folder holding ``files/``)."""
     sid = str(int(subject_id))
     return Path(reports_root) / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{int(study_id)}.txt"
+
+
+# MIMIC-CXR's de-identification replaces names, dates, times, ages and places with three underscores ("___"); the
+# markers are the most memorized prompt tokens of models fine-tuned on its reports ("Devil is in the Prompts", arXiv
+# 2502.07516), and they carry no finding. A run of three or more underscores is one marker.
+DEID_MARKER_RE = re.compile(r"_{3,}")
+DEID_SETTINGS = ("remove", "keep")
+
+
+def scrub_deid_markers(text: str) -> tuple[str, int]:
+    """``(text without MIMIC-CXR's ___ markers, how many were removed)``: each marker goes, the spaces left behind
+    collapse to one, a space left before punctuation goes (``"Dr. ___, by"`` → ``"Dr., by"``), and so does punctuation
+    left with nothing before it at the start. Text without markers is returned unchanged."""
+    count = len(DEID_MARKER_RE.findall(text))
+    if not count:
+        return text, 0
+    out = DEID_MARKER_RE.sub(" ", text)
+    out = re.sub(r"[ \t]+([,.;:!?)])", r"\1", out)   # " ," left behind -> ","
+    out = re.sub(r"\(\s*\)", " ", out)                 # "( )" left empty
+    out = re.sub(r"([,;:])(\s*[,;:.])+", r"\1", out)   # ", ," or ", ." runs -> the first mark
+    out = " ".join(out.split())
+    out = re.sub(r"^[\s,;:.]+", "", out)
+    return out, count

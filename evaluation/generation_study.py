@@ -99,6 +99,7 @@ class StudyConfig:
     report_classes: Optional[list[str]] = None  # default: the classifier's findings and "No Finding"
     n_reports_per_class: int = 10
     images_per_report: int = 1
+    deid_markers: str = "remove"  # MIMIC-CXR's ___ markers out of the impressions (datamodules.reports.scrub_deid_markers)
 
     def validate(self) -> None:
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the classifier knows, and No Finding)")
     g.add_argument("--n_reports_per_class", type=int, default=10)
     g.add_argument("--images_per_report", type=int, default=1)
+    g.add_argument("--deid_markers", choices=("remove", "keep"), default="remove",
+                   help="remove (default): MIMIC-CXR's de-identification markers (___) are dropped from the impressions, as "
+                        "the training datamodule does; keep: the impressions as written")
     return p
 
 

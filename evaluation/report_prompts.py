@@ -36,6 +36,7 @@ from core import provenance
 from core.errors import UserError
 from datamodules.mimic_cxr import CHEXPERT_CLASSES, SPLIT_CSV, MIMICDataError, read_csv_checked
 from datamodules.report_corpus import ReportCorpusError, load_corpus
+from datamodules.reports import scrub_deid_markers
 from evaluation.sources import Strategy, choose_samplers, load_strategies, steps_text, study_device
 from metrics.classifiers import CHEXPERT_TO_XRV, classifier_targets, finding_probabilities, load_classifier
 from metrics.scores import auroc, auroc_with_ci, bootstrap_ci
@@ -63,8 +64,10 @@ def check_classes(classes: Sequence[str], scorable: Sequence[str], classifier_na
     return list(classes)
 
 
-def split_impressions(mimic_root: str, reports_root: str, labels_csv: str, split: str) -> pd.DataFrame:
-    """Impressions of the reports of ``split`` studies, one row per study with its 14 CheXpert labels."""
+def split_impressions(mimic_root: str, reports_root: str, labels_csv: str, split: str, deid_markers: str = "remove") -> pd.DataFrame:
+    """Impressions of the reports of ``split`` studies, one row per study with its 14 CheXpert labels; with
+    ``deid_markers="remove"`` MIMIC-CXR's ``___`` markers are dropped from the text (``deid_removed``: how many; an
+    impression that is nothing but markers is left out), as the training datamodule does."""
     try:
         splits = read_csv_checked(Path(mimic_root), SPLIT_CSV)
     except MIMICDataError as err:
@@ -72,7 +75,14 @@ def split_impressions(mimic_root: str, reports_root: str, labels_csv: str, split
     studies = set(splits["study_id"]) if split == "all" else set(splits.loc[splits["split"] == split, "study_id"])
     corpus = load_corpus(reports_root, labels_csv, uncertain="negative", progress=True)
     table = corpus.table
-    return table[table["study_id"].isin(studies) & (table["section"] == "impression")].reset_index(drop=True)
+    table = table[table["study_id"].isin(studies) & (table["section"] == "impression")].reset_index(drop=True)
+    if deid_markers == "remove":
+        scrubbed = [scrub_deid_markers(text) for text in table["text"]]
+        table = table.assign(text=[s for s, _ in scrubbed], deid_removed=[n for _, n in scrubbed])
+        table = table[table["text"].str.len() > 0].reset_index(drop=True)
+    else:
+        table = table.assign(deid_removed=0)
+    return table
 
 
 def draw_reports(table: pd.DataFrame, classes: Sequence[str], n_per_class: int, seed: int, where: str) -> pd.DataFrame:
@@ -156,7 +166,7 @@ def run_report_study(cfg, log: Callable[[str], None] = print) -> Path:
     reports_root = cfg.reports_root or cfg.mimic_root
     labels_csv = cfg.report_labels or str(Path(cfg.mimic_root) / "mimic-cxr-2.0.0-chexpert.csv.gz")
     try:
-        impressions = split_impressions(cfg.mimic_root, reports_root, labels_csv, cfg.split)
+        impressions = split_impressions(cfg.mimic_root, reports_root, labels_csv, cfg.split, cfg.deid_markers)
         drawn = draw_reports(impressions, classes, cfg.n_reports_per_class, cfg.seed,
                              f"{reports_root} ({cfg.split!r} split, IMPRESSION sections)")
     except ReportCorpusError as err:
@@ -186,6 +196,7 @@ def run_report_study(cfg, log: Callable[[str], None] = print) -> Path:
         "study/generation-reports", {k: v for k, v in asdict(cfg).items()},
         {"strategies": [{"name": s.name, "source": s.source, "sampler": s.sampler, "guidance": cfg.guidance,
                          "family": s.generator.sd.family} for s in strategies], "study_ids": drawn["study_id"].tolist(),
+         "deid_markers_removed": int(drawn["deid_removed"].sum()),
          "seconds": round(time.time() - started, 1)}, packages=("torch", "diffusers", "transformers", "torchxrayvision")))
     log(f"wrote {out / 'report_results.md'}")
     return out
@@ -215,6 +226,10 @@ def write_report_outputs(cfg, out: Path, drawn: pd.DataFrame, table: pd.DataFram
             r = table[(table.strategy == name) & (table.finding == f)].iloc[0]
             cells.append("n/a" if pd.isna(r.auroc) else f"{r.auroc:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    removed = int(drawn["deid_removed"].sum()) if "deid_removed" in drawn else 0
+    lines += ["", (f"De-identification markers (`___`): {removed} removed from {int((drawn['deid_removed'] > 0).sum())} of the "
+                   f"{len(drawn)} impressions (--deid_markers remove), as the training datamodule does."
+                   if cfg.deid_markers == "remove" else "De-identification markers (`___`): kept (--deid_markers keep).")]
     lines += ["", "## Long prompts", "", "| strategy | text encoder | window (tokens) | impressions over it | handling |",
               "|---|---|---:|---:|---|"]
     lines += [f"| {w.strategy} | {w.encoder} | {w.window} | {w.too_long} of {len(drawn)} | {w.handling} |"

@@ -32,7 +32,8 @@ from core.errors import UserError
 from datamodules.contract import TrainingData
 
 # manifest entries that may change without changing what is trained on (paths, prior-preservation images made at fit)
-NOT_IDENTITY = ("root", "files", "class_prompt", "num_class_images", "class_images", "train_subjects")
+# "prompts" (their source and the de-identification scrub) is descriptive, as the prompts themselves are not compared
+NOT_IDENTITY = ("root", "files", "class_prompt", "num_class_images", "class_images", "train_subjects", "prompts")
 
 
 class CheckpointReadError(UserError, RuntimeError):
