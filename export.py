@@ -1,4 +1,4 @@
-"""Export a trained run: ``python export.py runs/<name> OUT_DIR [--ckpt last] [--merge] [--push_to_hub REPO]``.
+"""Export a trained run: ``python export.py runs/<name> OUT_DIR [--ckpt last|best] [--merge] [--push_to_hub REPO]``.
 
 Every export is a folder that plain diffusers loads, plus ``export.json`` naming its kind, strategy, base model and
 which weights it holds (the trained ones or their EMA), and a ``README.md`` model card (the Hugging Face Hub's format:
@@ -114,7 +114,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run folder written by train.py (runs/<name>)")
     parser.add_argument("out_dir", help="folder to write the export to")
-    parser.add_argument("--ckpt", default="last", help="'last' or a checkpoint file name/path")
+    parser.add_argument("--ckpt", default="last", help="'last', 'best' (the BestCheckpoint's choice under its copy-rate "
+                        "limit, see the run's best.json) or a checkpoint file name/path")
     parser.add_argument("--merge", action="store_true", help="LoRA runs: a full pipeline with the adapters merged")
     parser.add_argument("--push_to_hub", metavar="REPO", default=None, help="upload the export to this Hub repository")
     parser.add_argument("--public", action="store_true", help="with --push_to_hub: a public repository (default: private)")
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
 
     from core.run_folder import RunFolder
     from lightning_modules.runs import RunLoadError, load_checkpoint_file, load_run
-    from models.exports import read_manifest
+    from models.exports import read_manifest, update_manifest
     from models.model_card import write_model_card
 
     try:
@@ -139,7 +140,14 @@ def main(argv=None) -> None:
         sys.exit(f"{PROG}: error: {err}")
     steps = load_checkpoint_file(path).get("global_step")
     data = run.data() if run.data_file.is_file() else None
-    write_model_card(out, read_manifest(out), data, steps, run_results(run))
+    results = run_results(run)
+    if args.ckpt == "best":  # the BestCheckpoint's choice: its rule and step in export.json and the model card
+        choice = json.loads((run.path / "best.json").read_text())
+        update_manifest(out, checkpoint_selection={k: choice[k] for k in ("rule", "chosen_step", "chosen", "copy_rate_limit")})
+        chosen = choice["chosen"]
+        results["checkpoint chosen"] = (f"step {chosen['step']}: {choice['rule']} ({choice['metric']} {chosen['value']:.4g}, "
+                                        f"copy rate {chosen['copy_rate']:.3f})")
+    write_model_card(out, read_manifest(out), data, steps, results)
     print(f"exported {path} -> {out}")
     if args.push_to_hub:
         try:

@@ -105,6 +105,7 @@ class MemorizationMonitor(Callback):
         self._space: Optional[SimilaritySpace] = None
         self._train: Optional[torch.Tensor] = None
         self._last_step = -1
+        self.last_check: Optional[dict] = None  # the latest check: step, copy_rate, copies, n
 
     # ------------------------------------------------------------------ setup: training features, calibration
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -163,6 +164,7 @@ class MemorizationMonitor(Callback):
         self._last_step = step
         copies, count, total = self._check(trainer, pl_module)
         rate, mean = copies / max(count, 1), total / max(count, 1)
+        self.last_check = {"step": step, "copy_rate": rate, "copies": copies, "n": count}  # read by BestCheckpoint
         metrics = {"memorization/copy_rate": rate, "memorization/mean_train_similarity": mean,
                    "memorization/threshold": float(self.threshold)}
         stop = self.stop_above is not None and rate > self.stop_above

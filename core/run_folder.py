@@ -207,13 +207,22 @@ class RunFolder:
         return path
 
     def checkpoint(self, ckpt: Optional[str] = "last") -> Path:
-        """An existing checkpoint of this run, for loading its weights: ``last`` or a file name or path."""
+        """An existing checkpoint of this run, for loading its weights: ``last``, ``best`` (``checkpoints/best.ckpt``, kept by
+        ``BestCheckpoint``) or a file name or path."""
         if not self.path.is_dir():
             raise RunFolderError(f"{self.path}: no such run folder")
         if ckpt in (None, "last"):
             if not self.last_checkpoint.is_file():
                 raise RunFolderError(f"{self.path}: no checkpoint ({self.last_checkpoint} is missing); train the run first")
             return self.last_checkpoint
+        if ckpt == "best":
+            best = self.checkpoints / "best.ckpt"
+            if not best.is_file():
+                why = ("no validation met its copy-rate limit (see best.json)" if (self.path / "best.json").is_file()
+                       else "the run has no BestCheckpoint callback")
+                raise RunFolderError(f"{self.path}: no best.ckpt: {why}; export --ckpt last, or train with a "
+                                     "callbacks.best_checkpoint.BestCheckpoint")
+            return best
         path = Path(ckpt)
         if not path.is_file():
             path = self.checkpoints / ckpt
