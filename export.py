@@ -141,8 +141,11 @@ def main(argv=None) -> None:
     steps = load_checkpoint_file(path).get("global_step")
     data = run.data() if run.data_file.is_file() else None
     results = run_results(run)
-    if args.ckpt == "best":  # the BestCheckpoint's choice: its rule and step in export.json and the model card
-        choice = json.loads((run.path / "best.json").read_text())
+    record = run.path / "best.json"
+    if args.ckpt == "best" and not record.is_file():
+        print(f"{PROG}: warning: {record} is missing, so the export cannot say by which rule best.ckpt was chosen", file=sys.stderr)
+    elif args.ckpt == "best":  # the BestCheckpoint's choice: its rule and step in export.json and the model card
+        choice = json.loads(record.read_text())
         update_manifest(out, checkpoint_selection={k: choice[k] for k in ("rule", "chosen_step", "chosen", "copy_rate_limit")})
         chosen = choice["chosen"]
         results["checkpoint chosen"] = (f"step {chosen['step']}: {choice['rule']} ({choice['metric']} {chosen['value']:.4g}, "
